@@ -1,0 +1,121 @@
+"""Command line: scalecert {export, inspect, certify} and the scalecert-export entry point."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from .errors import ScaleCertError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        return _guard(lambda: super(_Group, self).invoke(ctx))
+
+
+def _guard(call):
+    """One clear line and a non-zero exit for bad input; a traceback only with SCALECERT_DEBUG=1."""
+    try:
+        return call()
+    except ScaleCertError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+        raise
+    except Exception as exc:  # noqa: BLE001
+        if os.environ.get("SCALECERT_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        click.echo(f"error: internal failure ({type(exc).__name__}: {first}); rerun with SCALECERT_DEBUG=1 "
+                   "for the traceback", err=True)
+        sys.exit(3)
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="scalecert")
+def main():
+    """Certified detection of adversarial patches (ScaleCert), compiled to ONNX bundles."""
+
+
+def _export_options(f):
+    options = [
+        click.argument("model", required=False),
+        click.option("--arch", help="built-in architecture for a state_dict checkpoint (see --list-archs)"),
+        click.option("--pretrained", is_flag=True, help="use the weights shipped for --arch (efficientnet-lite0)"),
+        click.option("--input-size", help="CxHxW, e.g. 3x224x224 (default: from --arch or the model)"),
+        click.option("--patch", default="2%", show_default=True, help="patch size: N, HxW or P% of the input area"),
+        click.option("--layer", default="auto", show_default=True, help="superficial layer: auto, an ONNX tensor or a module path"),
+        click.option("--prune-rate", default="auto", show_default=True, help="fraction of feature positions gated off, or auto"),
+        click.option("--stride", default="auto", show_default=True, help="occluding stride in feature positions, or auto"),
+        click.option("--window-budget", default=100, show_default=True, help="most windows per image for --stride auto"),
+        click.option("--max-growth", default=2.0, show_default=True, help="--layer auto: window share / patch share bound"),
+        click.option("--calib", type=str, help="calibration images (folder) for SIN importances and threshold"),
+        click.option("--calib-limit", default=128, show_default=True, help="calibration images used at most"),
+        click.option("--prune-tolerance", default=0.01, show_default=True, help="--prune-rate auto: accuracy loss allowed"),
+        click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
+        click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True),
+        click.option("--classes", help="text file with one class name per line"),
+        click.option("--trust-pickle", is_flag=True, help="allow unpickling a whole nn.Module (runs code from the file)"),
+        click.option("-o", "--output", help="bundle directory (default: MODEL stem + .scalecert)"),
+        click.option("--force", is_flag=True, help="replace an existing bundle"),
+        click.option("--list-archs", is_flag=True, help="list built-in architectures and exit"),
+        click.option("--quiet", is_flag=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, stride, window_budget, max_growth,
+               calib, calib_limit, prune_tolerance, channel_prune, phi, classes, trust_pickle, output, force,
+               list_archs, quiet):
+    if list_archs:
+        from .exporter.archs import REGISTRY
+
+        for name, spec in REGISTRY.items():
+            click.echo(f"{name:20s} {'x'.join(map(str, spec.preprocess.input_size)):10s} {spec.description}")
+        return
+    from .exporter import ExportOptions, export_bundle
+    from .exporter.loading import parse_input_size
+
+    opts = ExportOptions(model=model, output=output, arch=arch, pretrained=pretrained,
+                         input_size=parse_input_size(input_size) if input_size else None, patch=patch, layer=layer,
+                         prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
+                         calib=calib, calib_limit=calib_limit, prune_tolerance=prune_tolerance,
+                         channel_prune=channel_prune, phi=phi, classes=classes, trust_pickle=trust_pickle, force=force)
+    path = export_bundle(opts)
+    if not quiet:
+        for line in opts.log:
+            click.echo(line)
+        click.echo(f"wrote {path}")
+
+
+@main.command("export")
+@_export_options
+def export_cmd(**kwargs):
+    """Export MODEL to a ScaleCert bundle."""
+    _do_export(**kwargs)
+
+
+@click.command("scalecert-export")
+@_export_options
+def export_main(**kwargs):
+    """Export MODEL to a ScaleCert bundle (same as `scalecert export`)."""
+    _guard(lambda: _do_export(**kwargs))
+
+
+@main.command()
+@click.argument("bundle")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def inspect(bundle, as_json):
+    """Summarise a bundle: layer, receptive field, footprint, windows, pruning, sizes."""
+    from . import manifest as manifest_io
+    from .inspect import summary, render
+
+    info = summary(manifest_io.read(bundle))
+    click.echo(json.dumps(info, indent=2) if as_json else render(info))

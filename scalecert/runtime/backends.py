@@ -1,0 +1,73 @@
+"""Inference backends as small runners: activate / infer / deactivate, usable as context managers."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..errors import ScaleCertError
+
+
+class Runner:
+    name = "runner"
+
+    def activate(self) -> None:
+        raise NotImplementedError
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+
+def ort_providers(device: str = "cpu") -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in available:
+            raise ScaleCertError("ONNX Runtime has no CUDA execution provider here (install onnxruntime-gpu on a GPU machine)")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+class OrtRunner(Runner):
+    """ONNX Runtime session over one ONNX file. Threads default to every core for one session
+    (intra-op parallelism; windows arrive in batches, so inter-op parallelism buys nothing)."""
+
+    name = "ort"
+
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None):
+        self.path, self.device, self.threads = path, device, threads
+        self.session = None
+
+    def activate(self) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(self.path, options, providers=ort_providers(self.device))
+        except ScaleCertError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise ScaleCertError(f"{self.path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feeds):
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+    def deactivate(self) -> None:
+        self.session = None
