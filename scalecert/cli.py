@@ -119,3 +119,57 @@ def inspect(bundle, as_json):
 
     info = summary(manifest_io.read(bundle))
     click.echo(json.dumps(info, indent=2) if as_json else render(info))
+
+
+@main.command()
+@click.argument("bundle")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--backend", default="auto", show_default=True, help="auto, ort, ort-cuda or trt")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line per image")
+@click.option("--batch", default=64, show_default=True, help="windows per suffix call")
+@click.option("--early-exit", is_flag=True, help="stop at the first disagreeing window (deployment)")
+@click.option("--png-dir", help="write a PNG per image: input, gate map, disagreeing windows")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+def certify(bundle, images, backend, as_json, batch, early_exit, png_dir, threads):
+    """Certify IMAGES against BUNDLE: a label no patch could force, or an alert."""
+    from .runtime import Certifier
+
+    if png_dir:
+        os.makedirs(png_dir, exist_ok=True)
+    failed = 0
+    rows = []
+    with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads) as cert:
+        for path in images:
+            try:
+                pixels = cert.prepare(path)
+                result = cert.certify(pixels, name=path)
+            except ScaleCertError as exc:
+                failed += 1
+                if as_json:
+                    click.echo(json.dumps({"image": path, "status": "error", "error": str(exc)}))
+                else:
+                    click.echo(f"error: {exc}", err=True)
+                continue
+            if png_dir:
+                from .visualize import save_png
+
+                stem = os.path.splitext(os.path.basename(path))[0]
+                save_png(os.path.join(png_dir, stem + ".png"), pixels, result, cert.manifest)
+            if as_json:
+                click.echo(json.dumps(result.to_json()))
+            else:
+                rows.append(result)
+    if rows:
+        click.echo(_table(rows))
+    if failed:
+        click.echo(f"{failed} of {len(images)} images could not be processed", err=True)
+        sys.exit(1)
+
+
+def _table(results) -> str:
+    header = ("image", "status", "label", "class", "windows run", "ms")
+    lines = [(os.path.basename(r.image), r.status, str(r.label), (r.class_name or "-")[:28],
+              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for r in results]
+    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])

@@ -211,7 +211,7 @@ def export_bundle(opts: ExportOptions) -> str:
                 threshold = sin.threshold_for_rate(score, rate)
         elif opts.prune_rate == "auto":
             opts.say("--prune-rate auto chose 0 (no --calib images to measure its accuracy cost)")
-        sin_info.update({"prune_rate": rate, "threshold": threshold, "prune_rate_auto": auto_table,
+        sin_info.update({"prune_rate": rate, "threshold": threshold, "alpha": [float(a) for a in alpha], "prune_rate_auto": auto_table,
                          "channel_prune": float(opts.channel_prune), "dead_channels": np.flatnonzero(~live).tolist(),
                          "dead_channels_removed": bool(removable and not live.all()),
                          "dead_channels_note": why, "calibration_images": len(calib_x) if calib_x is not None else 0})

@@ -1,0 +1,172 @@
+"""Window-batched certification of images against a bundle (no torch)."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import manifest as manifest_io
+from ..errors import ScaleCertError
+from . import decision, geometry
+from .backends import OrtRunner, ort_providers
+from .preprocess import load_image, normalize, resize_to_input
+
+EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
+
+
+@dataclass
+class Result:
+    image: str
+    status: str  # "certified" | "alert"
+    label: int
+    class_name: str | None
+    windows_total: int
+    windows_evaluated: int
+    latency_ms: float
+    prefix_ms: float
+    suffix_ms: float
+    kept_fraction: float
+    base_margin: float
+    alert_windows: list = field(default_factory=list)  # feature-space [y0, x0, y1, x1)
+    window_labels: np.ndarray | None = None  # per window of the family (evaluation mode)
+    gate: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("window_labels", "gate", "class_name")}
+        out["class"] = self.class_name
+        out["latency_ms"] = round(self.latency_ms, 3)
+        out["prefix_ms"], out["suffix_ms"] = round(self.prefix_ms, 3), round(self.suffix_ms, 3)
+        out["base_margin"] = float(self.base_margin)
+        if self.status != "alert":
+            out.pop("alert_windows")
+        return out
+
+
+def _pick_backend(backend: str) -> str:
+    if backend == "auto":
+        try:
+            ort_providers("cuda")
+            return "ort-cuda"
+        except ScaleCertError:
+            return "ort-cpu"
+    if backend in ("ort", "ort-cpu"):
+        return "ort-cpu"
+    if backend == "ort-cuda":
+        return backend
+    if backend == "trt":
+        raise ScaleCertError("the TensorRT backend needs the `tensorrt` extra and an NVIDIA GPU; "
+                             "use --backend ort here")
+    raise ScaleCertError(f"unknown backend {backend!r} (auto, ort, ort-cuda, trt)")
+
+
+class Certifier:
+    def __init__(self, bundle_dir: str, manifest: dict, backend: str, batch: int, early_exit: bool, threads):
+        self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.backend = backend
+        self.batch, self.early_exit = max(1, int(batch)), early_exit
+        self.input_spec = manifest["input"]
+        c, fh, fw = manifest["layer"]["shape"]
+        self.feature_hw = (fh, fw)
+        w = manifest["windows"]
+        self.windows = geometry.window_family(tuple(w["footprint"]), w["stride"], self.feature_hw)
+        if len(self.windows) != w["count"]:
+            raise ScaleCertError(f"{bundle_dir}: window family mismatch ({len(self.windows)} vs {w['count']}); re-export")
+        self.masks = geometry.window_masks(self.windows, self.feature_hw)
+        self.delta = float(manifest["margin"].get(backend + "-fp32", manifest["margin"].get("ort-cpu-fp32", 0.0)))
+        self.classes = manifest.get("classes")
+        device = "cuda" if backend == "ort-cuda" else "cpu"
+        self.prefix = OrtRunner(os.path.join(bundle_dir, "prefix.onnx"), device, threads)
+        self.suffix = OrtRunner(os.path.join(bundle_dir, "suffix.onnx"), device, threads)
+        self.prefix.activate()
+        self.suffix.activate()
+
+    @classmethod
+    def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, early_exit: bool = False,
+             threads: int | None = None) -> "Certifier":
+        manifest = manifest_io.read(bundle_dir, verify=True)
+        return cls(bundle_dir, manifest, _pick_backend(backend), batch, early_exit, threads)
+
+    def close(self) -> None:
+        self.prefix.deactivate()
+        self.suffix.deactivate()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- inputs ---------------------------------------------------------------------------
+    def prepare(self, image) -> np.ndarray:
+        """Path or uint8 array -> uint8 HxWx3 at network size (resized per the manifest if needed)."""
+        if isinstance(image, (str, os.PathLike)):
+            return load_image(os.fspath(image), self.input_spec)
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ScaleCertError(f"expected a uint8 HxWx3 array, got {array.dtype} {array.shape}")
+        _, h, w = self.input_spec["input_size"]
+        if array.shape[:2] != (h, w):
+            from PIL import Image
+
+            array = resize_to_input(Image.fromarray(array), self.input_spec)
+        return array
+
+    # -- inference ------------------------------------------------------------------------
+    def features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        out = self.prefix.infer({"image": normalize(pixels, self.input_spec)})
+        return out["features"], out["gate"]
+
+    def window_logits(self, features: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        return self.suffix.infer({"features": features, "windows": windows})["logits"]
+
+    def certify(self, image, name: str | None = None) -> Result:
+        start = time.perf_counter()
+        pixels = self.prepare(image)
+        features, gate = self.features(pixels)
+        after_prefix = time.perf_counter()
+        distinct = geometry.distinct_windows(self.windows, self.masks, gate[0])
+        reps = distinct.representatives
+        rep_labels = np.empty(len(reps), np.int64)
+        rep_margins = np.empty(len(reps), np.float32)
+        evaluated, base_label, base_margin = 0, None, None
+        queue = np.concatenate([EMPTY_WINDOW, reps])
+        for lo in range(0, len(queue), self.batch):
+            logits = self.window_logits(features, queue[lo:lo + self.batch])
+            labels, margins = decision.top2_margin(logits)
+            if lo == 0:
+                base_label, base_margin = int(labels[0]), float(margins[0])
+                labels, margins, offset = labels[1:], margins[1:], 0
+            else:
+                offset = lo - 1
+            rep_labels[offset:offset + len(labels)] = labels
+            rep_margins[offset:offset + len(labels)] = margins
+            evaluated = offset + len(labels)
+            if self.early_exit and ((labels != base_label) | (margins < self.delta)).any():
+                rep_labels[evaluated:] = -1  # not evaluated: counts as disagreeing, never as agreeing
+                rep_margins[evaluated:] = -np.inf
+                break
+        window_labels = decision.expand_groups(distinct.group_of_window, rep_labels, base_label)
+        window_margins = decision.expand_groups(distinct.group_of_window, rep_margins, np.float32(base_margin))
+        verdict = decision.decide(base_label, base_margin, window_labels, window_margins, self.delta)
+        if self.early_exit and not verdict.certified:
+            bad = verdict.alert_windows[window_labels[verdict.alert_windows] != -1]
+            verdict = decision.Decision(False, verdict.label, bad)
+        end = time.perf_counter()
+        return Result(
+            image=name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<array>"),
+            status="certified" if verdict.certified else "alert",
+            label=verdict.label,
+            class_name=self.classes[verdict.label] if self.classes else None,
+            windows_total=len(self.windows),
+            windows_evaluated=int(evaluated),
+            latency_ms=(end - start) * 1e3,
+            prefix_ms=(after_prefix - start) * 1e3,
+            suffix_ms=(end - after_prefix) * 1e3,
+            kept_fraction=float(gate.mean()),
+            base_margin=base_margin,
+            alert_windows=self.windows[verdict.alert_windows].tolist(),
+            window_labels=window_labels,
+            gate=gate[0],
+        )
