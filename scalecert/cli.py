@@ -173,3 +173,33 @@ def _table(results) -> str:
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
+
+
+@main.command()
+@click.option("--out", default="scalecert-demo", show_default=True, help="folder for the bundle, photos and PNGs")
+@click.option("--patch", default="2%", show_default=True)
+@click.option("--fresh", is_flag=True, help="re-export even if the bundle exists")
+def demo(out, patch, fresh):
+    """Export pretrained EfficientNet-Lite0 (pip-shipped weights) and certify scikit-image photos."""
+    from .demo import bundle_is_current, write_photos
+    from .exporter import ExportOptions, export_bundle
+
+    bundle = os.path.join(out, "efficientnet-lite0.scalecert")
+    os.makedirs(out, exist_ok=True)
+    if fresh or not bundle_is_current(bundle):
+        click.echo(f"exporting EfficientNet-Lite0 with a {patch} patch -> {bundle}")
+        opts = ExportOptions(model=None, arch="efficientnet-lite0", pretrained=True, patch=patch,
+                             output=bundle, force=True)
+        export_bundle(opts)
+        for line in opts.log:
+            click.echo("  " + line)
+    from . import manifest as manifest_io
+    from .inspect import render, summary
+
+    click.echo(render(summary(manifest_io.read(bundle))))
+    click.echo("")
+    photos = write_photos(os.path.join(out, "images"))
+    ctx = click.get_current_context()
+    ctx.invoke(certify, bundle=bundle, images=tuple(photos), backend="auto", as_json=False, batch=64,
+               early_exit=False, png_dir=os.path.join(out, "png"), threads=None)
+    click.echo(f"\nPNGs (image, gate map, disagreeing windows) in {os.path.join(out, 'png')}")

@@ -217,6 +217,9 @@ def export_bundle(opts: ExportOptions) -> str:
                          "dead_channels_note": why, "calibration_images": len(calib_x) if calib_x is not None else 0})
         prefix = build_prefix(model, layer, alpha, threshold, opts.phi, remove_dead=removable)
         _save(prefix, os.path.join(work, "prefix.onnx"))
+        margin = _measure_margin(work, input_spec, calib_x, windows)
+        opts.say(f"numeric margin: largest logit spread across batch compositions {margin['spread']:g} "
+                 f"-> delta {margin['ort-cpu-fp32']:g} (ONNX Runtime CPU, fp32)")
 
         full_stats = graph_stats(model)
         prefix_stats, suffix_stats = graph_stats(with_shapes(prefix)), graph_stats(with_shapes(suffix))
@@ -237,7 +240,8 @@ def export_bundle(opts: ExportOptions) -> str:
                         "size": [int(windows[0, 2] - windows[0, 0]), int(windows[0, 3] - windows[0, 1])],
                         "count": len(windows), "budget": opts.window_budget if opts.stride == "auto" else None},
             "sin": sin_info,
-            "margin": {"ort-cpu-fp32": 0.0},
+            "margin": {"ort-cpu-fp32": margin["ort-cpu-fp32"]},
+            "margin_measurement": margin,
             "tensors": {"prefix": {"inputs": ["image"], "outputs": ["features", "gate"]},
                         "suffix": {"inputs": ["features", "windows"], "outputs": ["logits"]}},
             "stats": {"full": full_stats, "prefix": prefix_stats, "suffix": suffix_stats},
@@ -250,6 +254,25 @@ def export_bundle(opts: ExportOptions) -> str:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return output
+
+
+def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray) -> dict:
+    from ..calibration.margin import SAFETY, delta_from_spread, measure_logit_spread
+
+    if calib_x is not None:
+        image = calib_x[:1]
+    else:
+        _, h, w = input_spec["input_size"]
+        pixels = np.random.default_rng(0).integers(0, 256, (1, h, w, 3), dtype=np.uint8)
+        from ..runtime.preprocess import normalize
+
+        image = normalize(pixels, input_spec)
+    with OrtRunner(os.path.join(work, "prefix.onnx")) as prefix, OrtRunner(os.path.join(work, "suffix.onnx")) as suffix:
+        features = prefix.infer({"image": image})["features"]
+        sample = np.concatenate([np.zeros((1, 4), np.int64), windows[:63]])
+        spread = measure_logit_spread(lambda f, w: suffix.infer({"features": f, "windows": w})["logits"], features, sample)
+    return {"ort-cpu-fp32": delta_from_spread(spread), "spread": spread, "safety": SAFETY,
+            "windows_sampled": len(sample), "batch_sizes": [1, 2, 7, 16, 64]}
 
 
 def _move_into_place(work: str, output: str) -> None:
