@@ -142,6 +142,11 @@ def export_bundle(opts: ExportOptions) -> str:
     num_classes = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape else None
     num_classes = num_classes if isinstance(num_classes, int) else None
     classes = _read_classes(opts.classes, num_classes)
+    if classes is None and loaded.arch is not None:
+        from .archs import REGISTRY, class_names
+
+        default = class_names(REGISTRY[loaded.arch].classes)
+        classes = default if default is not None and len(default) == num_classes else None
     opts.say(f"layer {layer.name} ({layer.scope or 'root'}): features {layer.shape}, receptive field "
              f"{rf.size()}, window {window_hw}, stride {stride}, {len(windows)} windows")
 

