@@ -58,6 +58,7 @@ def _export_options(f):
         click.option("--calib-limit", default=128, show_default=True, help="calibration images used at most"),
         click.option("--prune-tolerance", default=0.01, show_default=True, help="--prune-rate auto: accuracy loss allowed"),
         click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
+        click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
         click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True),
         click.option("--classes", help="text file with one class name per line"),
         click.option("--trust-pickle", is_flag=True, help="allow unpickling a whole nn.Module (runs code from the file)"),
@@ -72,7 +73,7 @@ def _export_options(f):
 
 
 def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, stride, window_budget, max_growth,
-               calib, calib_limit, prune_tolerance, channel_prune, phi, classes, trust_pickle, output, force,
+               calib, calib_limit, prune_tolerance, channel_prune, keep_dead_channels, phi, classes, trust_pickle, output, force,
                list_archs, quiet):
     if list_archs:
         from .exporter.archs import REGISTRY
@@ -87,7 +88,7 @@ def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, st
                          input_size=parse_input_size(input_size) if input_size else None, patch=patch, layer=layer,
                          prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
                          calib=calib, calib_limit=calib_limit, prune_tolerance=prune_tolerance,
-                         channel_prune=channel_prune, phi=phi, classes=classes, trust_pickle=trust_pickle, force=force)
+                         channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi, classes=classes, trust_pickle=trust_pickle, force=force)
     path = export_bundle(opts)
     if not quiet:
         for line in opts.log:

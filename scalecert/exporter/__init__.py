@@ -39,6 +39,7 @@ class ExportOptions:
     calib_limit: int = 128
     prune_tolerance: float = 0.01
     channel_prune: float = 0.0
+    remove_dead_channels: bool = True
     phi: str = "abs"
     classes: str | None = None
     trust_pickle: bool = False
@@ -177,6 +178,8 @@ def export_bundle(opts: ExportOptions) -> str:
             sin_info["importance"] = "uniform (no calibration data)"
         live = alpha > 0
         removable, why = dead_channel_plan(model, layer, alpha)
+        if removable and not opts.remove_dead_channels:
+            removable, why = False, "kept by request (--keep-dead-channels)"
         kept_channels = int(live.sum()) if removable else channels
         suffix = build_suffix(model, layer, kept_channels)
         if removable:
@@ -228,6 +231,15 @@ def export_bundle(opts: ExportOptions) -> str:
 
         full_stats = graph_stats(model)
         prefix_stats, suffix_stats = graph_stats(with_shapes(prefix)), graph_stats(with_shapes(suffix))
+        if sin_info["dead_channels_removed"]:
+            dense_prefix = graph_stats(with_shapes(build_prefix(model, layer, np.ones(channels, np.float32), -1.0, opts.phi, False)))
+            dense_suffix = graph_stats(with_shapes(build_suffix(model, layer, channels)))
+            sin_info["removal_savings"] = {
+                "prefix_params": dense_prefix["params"] - prefix_stats["params"],
+                "prefix_macs": dense_prefix["macs"] - prefix_stats["macs"],
+                "suffix_params": dense_suffix["params"] - suffix_stats["params"],
+                "suffix_macs_per_window": dense_suffix["macs"] - suffix_stats["macs"]}
+            opts.say(f"removed {int((~live).sum())} dead channels: {sin_info['removal_savings']}")
         manifest = {
             "schema_version": manifest_io.SCHEMA_VERSION,
             "created": started.isoformat(timespec="seconds"),

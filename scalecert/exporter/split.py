@@ -114,10 +114,17 @@ def _const(graph: ir.Graph, name: str, array) -> ir.Value:
     return value
 
 
+def _drop_unused_initializers(graph: ir.Graph) -> None:
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
+
+
 def _finish(model: ir.Model) -> ir.Model:
     from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
     RemoveUnusedNodesPass()(model)
+    _drop_unused_initializers(model.graph)
     TopologicalSortPass()(model)
     return model
 
@@ -288,3 +295,4 @@ def slice_suffix_inputs(suffix: ir.Model, keep: np.ndarray) -> None:
     masked = _value(suffix.graph, "occluded_features")
     for node, _ in masked.uses():
         node.replace_input_with(1, _slice_const(suffix.graph, node.inputs[1], keep, 1))
+    _drop_unused_initializers(suffix.graph)
