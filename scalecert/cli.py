@@ -204,3 +204,70 @@ def demo(out, patch, fresh):
     ctx.invoke(certify, bundle=bundle, images=tuple(photos), backend="auto", as_json=False, batch=64,
                early_exit=False, png_dir=os.path.join(out, "png"), threads=None)
     click.echo(f"\nPNGs (image, gate map, disagreeing windows) in {os.path.join(out, 'png')}")
+
+
+def _floats(text):
+    return [float(v) for v in text.split(",")] if text else None
+
+
+def _ints(text):
+    return [int(v) for v in text.split(",")] if text else None
+
+
+@main.command()
+@click.argument("bundle")
+@click.option("--data", required=True, help="ImageFolder tree, or a flat folder with --labels")
+@click.option("--labels", "labels_csv", help="CSV file,index (default: labels.csv beside the images)")
+@click.option("--limit", type=int, help="at most N images")
+@click.option("--seed", type=int, help="shuffle with this seed before --limit")
+@click.option("--prune-rate", "prune_rates", help="comma-separated pruning rates to sweep (bundle's by default)")
+@click.option("--stride", "strides", help="comma-separated occluding strides to sweep (bundle's by default)")
+@click.option("--baseline", is_flag=True, help="also run the PyTorch-eager pixel-masking baseline")
+@click.option("--baseline-engine", type=click.Choice(["torch", "ort", "both"]), default="torch", show_default=True)
+@click.option("--masks", default=6, show_default=True, help="baseline masks per axis (6 -> 36 masks)")
+@click.option("--model", help="model file for the baseline (default: the bundle's source)")
+@click.option("--arch", help="--arch for --model")
+@click.option("--batch", default=64, show_default=True, help="windows per suffix call")
+@click.option("--threads", type=int, help="threads for every engine (default: all cores)")
+@click.option("--report", "report_path", help="write the JSON report here")
+@click.option("--plot", "plot_path", help="write a PNG: certified accuracy vs latency / windows, histogram")
+@click.option("--json", "as_json", is_flag=True, help="print the report as JSON (no progress bar)")
+def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, baseline, baseline_engine, masks, model, arch,
+          batch, threads, report_path, plot_path, as_json):
+    """Benchmark BUNDLE on labelled images: accuracy, certified accuracy, false alerts, latency."""
+    from .bench import plot, run_bench
+
+    try:
+        rates, stride_list = _floats(prune_rates), _ints(strides)
+    except ValueError:
+        raise ScaleCertError("--prune-rate and --stride take comma-separated numbers, e.g. 0,0.3,0.5") from None
+    engines = () if not baseline else (("torch", "ort") if baseline_engine == "both" else (baseline_engine,))
+    report = run_bench(bundle, data, labels_csv, limit, seed, rates, stride_list, engines, masks, model, arch, batch,
+                       threads, quiet=as_json)
+    if report_path:
+        with open(report_path, "w") as f:
+            json.dump(report, f, indent=2)
+    if plot_path:
+        plot(report, plot_path)
+    if as_json:
+        click.echo(json.dumps(report))
+    else:
+        click.echo(_bench_table(report))
+
+
+def _bench_table(report) -> str:
+    header = ("config", "clean", "certified", "false alerts", "windows run", "median ms", "p95 ms", "x torch", "x ort")
+    rows = []
+    for i, c in enumerate(report["configs"]):
+        ratio = report["ratios"].get(str(i), {})
+        rows.append((f"prune {c['prune_rate']} stride {c['stride']} ({c['windows_total']} win)",
+                     f"{c['clean_accuracy']:.1%}", f"{c['certified_accuracy']:.1%}", f"{c['false_alert_rate']:.1%}",
+                     f"{c['windows_evaluated_mean']:.1f}", f"{c['latency_ms_median']:.1f}", f"{c['latency_ms_p95']:.1f}",
+                     *(f"{ratio[k]['median_of_per_image_ratios']:.2f}" if k in ratio else "-" for k in ("vs_torch", "vs_ort"))))
+    for engine, b in report["baseline"].items():
+        rows.append((f"baseline {engine} ({b['masks']} masks)", f"{b['clean_accuracy']:.1%}", f"{b['certified_accuracy']:.1%}",
+                     f"{b['false_alert_rate']:.1%}", str(b["masks"]), f"{b['latency_ms_median']:.1f}",
+                     f"{b['latency_ms_p95']:.1f}", "-", "-"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])

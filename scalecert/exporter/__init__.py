@@ -134,7 +134,7 @@ def export_bundle(opts: ExportOptions) -> str:
 
     model, program = to_onnx(loaded)
     layers = list_layers(model)
-    layer = choose_layer(layers, opts.layer, patch_hw, (image_h, image_w), opts.max_growth)
+    layer = choose_layer(layers, opts.layer, patch_hw, (image_h, image_w), opts.max_growth, model=model)
     rf: RF = layer.rf
     feature_hw = layer.shape[1:]
     window_hw = geometry.window_size(patch_hw, (image_h, image_w), (rf.y, rf.x), feature_hw)
@@ -190,6 +190,8 @@ def export_bundle(opts: ExportOptions) -> str:
         rate, threshold, auto_table = 0.0, -1.0, None
         if calib_items is not None:
             score = sin.scores(features, alpha, opts.phi)
+            # thresholds for every rate 0.00 .. 0.99, so `scalecert bench` can sweep rates without re-export
+            sin_info["threshold_by_rate"] = [sin.threshold_for_rate(score, r / 100) for r in range(100)]
             suffix_feats = features[:, live] if removable else features * live.reshape(1, -1, 1, 1)
 
             def accuracy_at(tau):
@@ -243,7 +245,8 @@ def export_bundle(opts: ExportOptions) -> str:
         manifest = {
             "schema_version": manifest_io.SCHEMA_VERSION,
             "created": started.isoformat(timespec="seconds"),
-            "source": {"file": os.path.basename(loaded.source), "sha256": manifest_io.sha256(loaded.source),
+            "source": {"file": os.path.basename(loaded.source), "path": os.path.abspath(loaded.source),
+                       "sha256": manifest_io.sha256(loaded.source), "pretrained": opts.pretrained,
                        "kind": loaded.kind, "arch": loaded.arch},
             "input": input_spec,
             "num_classes": num_classes,

@@ -70,7 +70,23 @@ def _layer_ratio(layer: Layer, patch_hw, image_hw) -> float:
     return feature_frac / patch_frac
 
 
-def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth: float = 2.0) -> Layer:
+def _not_a_feature_map(model: ir.Model, spec: str) -> str | None:
+    """Why the tensor or module `spec`, absent from list_layers (not a 4-D map), cannot be the layer;
+    None when the graph has no such tensor or module."""
+    graph = model.graph
+    values = [graph.inputs[0]] + [out for node in graph for out in node.outputs]
+    named = [v for v in values if v.name == spec]
+    named = named or [v for v in values if _scope(v.producer()) == spec or _scope(v.producer()).startswith(spec + ".")]
+    if not named:
+        return None
+    rf = receptive_fields(graph).get(named[-1])
+    if isinstance(rf, NonLocal):
+        return rf.reason
+    return f"{named[-1].name} is not a spatial (N, C, H, W) feature map of the image"
+
+
+def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth: float = 2.0,
+                 model: ir.Model | None = None) -> Layer:
     """`auto`: the deepest usable layer whose window covers at most `max_growth` times the share of
     the feature map that the patch covers of the image. Deeper layers share more computation across
     windows (a cheaper suffix), but their footprints grow relative to the map, so each window hides
@@ -85,6 +101,10 @@ def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth:
         by_name = by_name[-1:]  # a module path means that module's output
     if not by_name:
         usable = [l.name for l in layers if l.usable]
+        reason = _not_a_feature_map(model, spec) if model is not None else None
+        if reason is not None:  # e.g. a pooled or flattened tensor, or the classifier head
+            raise ScaleCertError(f"--layer {spec!r} is not local: {reason}; the certificate needs a local prefix "
+                                 f"(local cut layers: {', '.join(usable[:30])})")
         raise ScaleCertError(f"--layer {spec!r}: no such tensor or module; local cut layers: {', '.join(usable[:30])}")
     layer = by_name[-1]
     if isinstance(layer.rf, NonLocal):

@@ -1,0 +1,488 @@
+"""Soundness by attack: patch every position of certified images and run the REAL runtime.
+
+Claim under test (DESIGN.md section 1): if the runtime certifies image ``x`` with label ``y``, then
+for any ``x'`` equal to ``x`` outside one axis-aligned ``ph x pw`` patch (the bundle's
+``threat_model.patch``, network-input pixels, uint8 values), the runtime outputs ``y`` or ALERT on
+``x'``. A *violation* is an attacked image certified with a label other than ``y``.
+
+For each certified image the harness places a patch at EVERY top-left position
+(``(H-ph+1) * (W-pw+1)``, 784 for a 5x5 patch on 32x32) with these contents:
+
+``noise``    uniform random uint8 values.
+``extreme``  saturated values; variants ``zeros`` (all 0), ``ones`` (all 255), ``checker`` (0/255
+             checkerboard), ``channel`` (each pixel and channel independently 0 or 255).
+``donor``    pixels cut from an image of another class; variants ``same`` (the same location in the
+             donor) and ``shift`` (a random location in the donor).
+``pgd``      a gradient-optimised patch: sign-gradient ascent in [0, 255] pixel space through the
+             plain-PyTorch reference (prefix, static SIN gate, suffix) on the un-occluded features
+             AND on the ``pgd_views`` windows *of the attacked certifier's family* that overlap the
+             patch footprint most (the windows that, in a sound system, hide the patch), maximising
+             ``min(z_t - max_{j != t} z_j, kappa)`` averaged over those views for a target ``t != y``
+             (the clean runner-up by default). This is the attack that would exploit a footprint
+             computed too small, a gap in the window family or a non-local prefix op.
+
+By default a content with variants gives each position ONE variant, cycling with the position
+index (so every variant covers a quarter or half of the positions and every position is hit by
+every content); ``all_variants=True`` gives every position every variant.
+
+PGD is about 10-50x dearer per position than a runtime certification, so it runs at a subset of
+positions: ``pgd_positions`` is ``"all"`` or an int N (N positions drawn at random per image, seeded).
+CI (tests/test_soundness.py) uses a few dozen PGD positions per image; benchmark mode
+(``python benchmarks/attack.py --pgd-positions all``) attacks all of them, and the recorded
+benchmark run says which it used.
+
+Every attacked image goes through ``Certifier.certify_batch`` (prefix batched over images; each
+image's windows through the suffix, exactly the deployed code path). Early exit, when the
+certifier has it on, only shortens alerts: an image is certified only after every window agreed.
+
+Command line (benchmark mode)::
+
+    python benchmarks/attack.py --bundle B --model M --arch A --data DIR --images 40 \\
+        --contents noise,extreme,donor,pgd --pgd-positions all --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import numpy as np
+
+CONTENTS = ("noise", "extreme", "donor", "pgd")
+VARIANTS = {
+    "noise": ("uniform",),
+    "extreme": ("zeros", "ones", "checker", "channel"),
+    "donor": ("same", "shift"),
+    "pgd": ("pgd",),
+}
+COUNT_KEYS = ("attacked", "certified_same", "alert", "violations", "base_flipped")
+
+
+# -- geometry ----------------------------------------------------------------------------------
+def patch_size(certifier) -> tuple[int, int]:
+    ph, pw = certifier.manifest["threat_model"]["patch"]
+    return int(ph), int(pw)
+
+
+def image_size(certifier) -> tuple[int, int]:
+    _, h, w = certifier.manifest["input"]["input_size"]
+    return int(h), int(w)
+
+
+def all_positions(image_hw, patch_hw) -> np.ndarray:
+    """(n, 2) int64 top-left (y, x) of every patch placement, row-major."""
+    (h, w), (ph, pw) = image_hw, patch_hw
+    ys, xs = np.meshgrid(np.arange(h - ph + 1), np.arange(w - pw + 1), indexing="ij")
+    return np.stack([ys.ravel(), xs.ravel()], axis=1).astype(np.int64)
+
+
+def paste(pixels: np.ndarray, positions: np.ndarray, patches: np.ndarray) -> np.ndarray:
+    """One uint8 image (H,W,3) and n patches (n,ph,pw,3) -> n attacked copies (n,H,W,3)."""
+    out = np.repeat(pixels[None], len(positions), axis=0)
+    ph, pw = patches.shape[1:3]
+    for k, (y, x) in enumerate(positions):
+        out[k, y:y + ph, x:x + pw] = patches[k]
+    return out
+
+
+def footprint_of(certifier, position) -> tuple[int, int, int, int]:
+    """Feature-space footprint of the patch at `position`, as the bundle's receptive field says."""
+    from scalecert.runtime import geometry
+
+    rf = certifier.manifest["layer"]["receptive_field"]
+    return geometry.footprint(tuple(int(v) for v in position), patch_size(certifier),
+                              (tuple(rf["y"]), tuple(rf["x"])), certifier.feature_hw)
+
+
+def overlap_windows(windows: np.ndarray, rect, k: int) -> np.ndarray:
+    """Indices of the k windows with the largest overlap with rect (ties: family order)."""
+    y0, x0, y1, x1 = rect
+    dy = np.clip(np.minimum(windows[:, 2], y1) - np.maximum(windows[:, 0], y0), 0, None)
+    dx = np.clip(np.minimum(windows[:, 3], x1) - np.maximum(windows[:, 1], x0), 0, None)
+    return np.argsort(-(dy * dx), kind="stable")[:k]
+
+
+# -- contents ----------------------------------------------------------------------------------
+def noise_patches(rng, n: int, patch_hw) -> np.ndarray:
+    return rng.integers(0, 256, size=(n, *patch_hw, 3), dtype=np.uint8)
+
+
+def extreme_patches(rng, variants, patch_hw) -> np.ndarray:
+    ph, pw = patch_hw
+    out = np.empty((len(variants), ph, pw, 3), np.uint8)
+    checker = ((np.add.outer(np.arange(ph), np.arange(pw)) % 2) * 255).astype(np.uint8)[..., None]
+    for k, v in enumerate(variants):
+        if v == "zeros":
+            out[k] = 0
+        elif v == "ones":
+            out[k] = 255
+        elif v == "checker":
+            out[k] = checker if k % 2 == 0 else 255 - checker
+        elif v == "channel":
+            out[k] = rng.integers(0, 2, size=(ph, pw, 3), dtype=np.uint8) * 255
+        else:
+            raise ValueError(f"unknown extreme variant {v!r}")
+    return out
+
+
+def donor_patches(rng, donors: np.ndarray, positions, variants, patch_hw) -> np.ndarray:
+    """Patches cut from donor images (n_donors,H,W,3): at the same location or a random one."""
+    ph, pw = patch_hw
+    h, w = donors.shape[1:3]
+    out = np.empty((len(positions), ph, pw, 3), np.uint8)
+    picks = rng.integers(0, len(donors), size=len(positions))
+    for k, ((y, x), v) in enumerate(zip(positions, variants)):
+        if v == "shift":
+            y, x = rng.integers(0, h - ph + 1), rng.integers(0, w - pw + 1)
+        out[k] = donors[picks[k], y:y + ph, x:x + pw]
+    return out
+
+
+def pgd_patches(reference, pixels: np.ndarray, target: int, positions: np.ndarray, windows: np.ndarray,
+                footprints, patch_hw, steps: int = 10, views: int = 2, batch: int = 64, kappa: float = 10.0,
+                rng=None) -> np.ndarray:
+    """Sign-gradient ascent on the patch at each position (see the module docstring).
+
+    Objective per position: mean over views of min(z_t - max_{j!=t} z_j, kappa); the views are the
+    un-occluded gated features and the `views` windows (rows of `windows`, the attacked certifier's
+    family) overlapping that position's footprint most. Steps decay linearly from 64 to 4 pixel
+    levels; the best iterate (by objective, after rounding to uint8) is returned.
+    """
+    torch = reference.torch
+    rng = rng if rng is not None else np.random.default_rng(0)
+    ph, pw = patch_hw
+    fh, fw = reference.feature_hw
+    base = torch.from_numpy(np.ascontiguousarray(pixels)).float().permute(2, 0, 1)  # 3,H,W in 0..255
+    out = np.empty((len(positions), ph, pw, 3), np.uint8)
+    sel = np.stack([overlap_windows(windows, fp, views) for fp in footprints]) if views else None
+    for lo in range(0, len(positions), batch):
+        pos = positions[lo:lo + batch]
+        n = len(pos)
+        keep = None
+        if views:
+            w = windows[sel[lo:lo + n]]  # n, views, 4
+            rows, cols = np.arange(fh), np.arange(fw)
+            inside = ((rows[None, None, :, None] >= w[:, :, 0, None, None]) & (rows[None, None, :, None] < w[:, :, 2, None, None])
+                      & (cols[None, None, None, :] >= w[:, :, 1, None, None]) & (cols[None, None, None, :] < w[:, :, 3, None, None]))
+            keep = torch.from_numpy(~inside).float().unsqueeze(2)  # n, views, 1, fh, fw
+        delta = torch.from_numpy(rng.uniform(0, 255, size=(n, 3, ph, pw)).astype(np.float32))
+        best = delta.round().clone()
+        best_obj = torch.full((n,), -float("inf"))
+        for step in range(steps + 1):
+            delta = delta.detach().round() if step == steps else delta.detach()  # last: score the rounded patch
+            delta.requires_grad_(step < steps)
+            x = base.expand(n, -1, -1, -1).clone()
+            for k, (y, xx) in enumerate(pos):
+                x[k, :, y:y + ph, xx:xx + pw] = delta[k]
+            xn = (x / 255.0 - reference.mean) / reference.std
+            with torch.set_grad_enabled(step < steps):
+                s = reference.gated(reference.superficial(xn))
+                stack = [s]
+                if keep is not None:
+                    stack.append((s.unsqueeze(1) * keep).reshape(n * views, *s.shape[1:]))
+                z = reference.suffix(torch.cat(stack))
+                zt = z[:, target]
+                others = z.clone()
+                others[:, target] = -float("inf")
+                margin = torch.clamp(zt - others.max(1).values, max=kappa)
+                per_view = torch.cat([margin[:n, None], margin[n:].reshape(n, views)], 1) if views else margin[:, None]
+                obj = per_view.mean(1)
+            with torch.no_grad():
+                improved = obj.detach() > best_obj
+                best_obj = torch.where(improved, obj.detach(), best_obj)
+                best[improved] = delta.detach().round()[improved]
+            if step == steps:
+                break
+            (grad,) = torch.autograd.grad(obj.sum(), delta)
+            size = 4.0 + 60.0 * (1 - step / max(1, steps - 1))
+            delta = (delta.detach() + size * grad.sign()).clamp(0, 255)
+        out[lo:lo + n] = best.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return out
+
+
+# -- bookkeeping -------------------------------------------------------------------------------
+class Tally:
+    """Counts per content and variant, per image, and the first violations in full."""
+
+    def __init__(self, keep_violations: int = 50):
+        self.content = defaultdict(lambda: dict.fromkeys(COUNT_KEYS, 0))
+        self.variant = defaultdict(lambda: dict.fromkeys(COUNT_KEYS, 0))
+        self.images = []
+        self.violations = []
+        self.keep = keep_violations
+
+    def add(self, image: str, label: int, content: str, variants, positions, patches, results) -> dict:
+        row = dict.fromkeys(COUNT_KEYS, 0)
+        for v, pos, patch, res in zip(variants, positions, patches, results):
+            certified = res.status == "certified"
+            c = {"attacked": 1, "certified_same": int(certified and res.label == label), "alert": int(not certified),
+                 "violations": int(certified and res.label != label), "base_flipped": int(res.label != label)}
+            for target in (row, self.content[content], self.variant[f"{content}:{v}"]):
+                for key in COUNT_KEYS:
+                    target[key] += c[key]
+            if c["violations"] and len(self.violations) < self.keep:
+                self.violations.append({"image": image, "label": int(label), "content": content, "variant": v,
+                                        "position": [int(pos[0]), int(pos[1])], "certified_label": int(res.label),
+                                        "patch": np.asarray(patch).tolist()})
+        return row
+
+    def totals(self) -> dict:
+        return {key: sum(c[key] for c in self.content.values()) for key in COUNT_KEYS}
+
+    def as_dict(self) -> dict:
+        return {"total": self.totals(), "per_content": dict(self.content), "per_variant": dict(self.variant),
+                "images": self.images, "violations_detail": self.violations}
+
+
+def _variants_for(content: str, n: int, offset: int, all_variants: bool) -> list[list[str]]:
+    """Rounds of per-position variants: one round cycling through them, or one round per variant."""
+    names = VARIANTS[content]
+    if all_variants:
+        return [[v] * n for v in names]
+    return [[names[(k + offset) % len(names)] for k in range(n)]]
+
+
+# -- attacks -----------------------------------------------------------------------------------
+def attack_image(certifier, pixels: np.ndarray, label: int, *, contents=("noise", "extreme", "donor"),
+                 reference=None, donors: np.ndarray | None = None, pgd_positions="all", pgd_steps: int = 10,
+                 pgd_views: int = 2, pgd_target: int | None = None, all_variants: bool = False,
+                 rng=None, tally: Tally | None = None, name: str = "<array>", index: int = 0,
+                 chunk: int = 1024) -> dict:
+    """Attack one certified uint8 image at every patch position; returns this image's counts.
+
+    `label` is the label the runtime certified. `donors` (n,H,W,3) uint8 holds images of other
+    classes (needed for "donor"); `reference` (a TorchReference) is needed for "pgd".
+    """
+    rng = rng if rng is not None else np.random.default_rng(index)
+    tally = tally if tally is not None else Tally()
+    patch_hw = patch_size(certifier)
+    positions = all_positions(image_size(certifier), patch_hw)
+    row = {"image": name, "label": int(label), **dict.fromkeys(COUNT_KEYS, 0), "seconds": {}}
+    for content in contents:
+        start = time.perf_counter()
+        if content == "pgd":
+            if reference is None:
+                raise ValueError("pgd needs a TorchReference")
+            pos = positions
+            if pgd_positions != "all" and int(pgd_positions) < len(positions):
+                pos = positions[np.sort(rng.choice(len(positions), int(pgd_positions), replace=False))]
+            target = pgd_target
+            if target is None:  # the clean runner-up under the reference
+                with reference.torch.no_grad():
+                    z = reference.suffix(reference.gated(reference.superficial(reference.normalize(pixels[None]))))[0]
+                order = [int(c) for c in z.argsort(descending=True) if int(c) != label]
+                target = order[0]
+            rounds = [(pos, ["pgd"] * len(pos))]
+        else:
+            if content == "donor" and (donors is None or len(donors) == 0):
+                raise ValueError("donor needs donor images of another class")
+            rounds = [(positions, vs) for vs in _variants_for(content, len(positions), index, all_variants)]
+        for pos, variants in rounds:
+            for lo in range(0, len(pos), chunk):
+                p, v = pos[lo:lo + chunk], variants[lo:lo + chunk]
+                if content == "noise":
+                    patches = noise_patches(rng, len(p), patch_hw)
+                elif content == "extreme":
+                    patches = extreme_patches(rng, v, patch_hw)
+                elif content == "donor":
+                    patches = donor_patches(rng, donors, p, v, patch_hw)
+                elif content == "pgd":
+                    fps = [footprint_of(certifier, q) for q in p]
+                    patches = pgd_patches(reference, pixels, target, p, certifier.windows, fps, patch_hw,
+                                          steps=pgd_steps, views=pgd_views, rng=rng)
+                else:
+                    raise ValueError(f"unknown content {content!r} (known: {', '.join(CONTENTS)})")
+                results = certifier.certify_batch(paste(pixels, p, patches))
+                counts = tally.add(name, label, content, v, p, patches, results)
+                for key in COUNT_KEYS:
+                    row[key] += counts[key]
+        row["seconds"][content] = round(time.perf_counter() - start, 2)
+    tally.images.append(row)
+    return row
+
+
+def certified_subset(certifier, pixels: np.ndarray) -> list:
+    """Runtime results for a batch of clean images (certify_batch)."""
+    return certifier.certify_batch(pixels)
+
+
+def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max_images: int | None = None,
+                  contents=("noise", "extreme", "donor"), reference=None, donor_pool=None, donor_labels=None,
+                  pgd_positions="all", pgd_steps: int = 10, pgd_views: int = 2, all_variants: bool = False,
+                  seed: int = 0, progress: bool = False, log=None) -> dict:
+    """Certify `pixels` (n,H,W,3 uint8), attack up to `max_images` of the certified ones.
+
+    Donor patches come from `donor_pool` (default: `pixels` itself) restricted to images whose
+    class (`donor_labels`, default `labels`, default the runtime's base labels) differs from the
+    certified label. Returns a JSON-able dict: totals, per content, per variant, per image,
+    violations (first 50 with their patches), and how many images were scanned / certified.
+    """
+    start = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    names = names if names is not None else [f"<array {i}>" for i in range(len(pixels))]
+    clean = certifier.certify_batch(pixels, names)
+    base_labels = np.array([r.label for r in clean])
+    certified = [i for i, r in enumerate(clean) if r.status == "certified"]
+    chosen = certified[:max_images] if max_images is not None else certified
+    if donor_pool is None:
+        donor_pool = pixels
+        donor_labels = np.asarray(labels) if labels is not None else base_labels
+    elif donor_labels is None:
+        donor_labels = np.array([r.label for r in certifier.certify_batch(donor_pool)])
+    donor_labels = np.asarray(donor_labels)
+    tally = Tally()
+    iterator = chosen
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            iterator = tqdm(chosen, desc="certified images", unit="img")
+        except ImportError:
+            pass
+    for n, i in enumerate(iterator):
+        y = int(clean[i].label)
+        cls = int(labels[i]) if labels is not None else y
+        donors = None
+        if "donor" in contents:
+            donors = donor_pool[(donor_labels != cls) & (donor_labels != y)]
+            if len(donors) == 0:  # a pool of one class: any other image still makes a foreign patch
+                donors = donor_pool[np.any(donor_pool != pixels[i], axis=(1, 2, 3))]
+        row = attack_image(certifier, pixels[i], y, contents=contents, reference=reference, donors=donors,
+                           pgd_positions=pgd_positions, pgd_steps=pgd_steps, pgd_views=pgd_views,
+                           all_variants=all_variants, rng=np.random.default_rng(rng.integers(2**32)),
+                           tally=tally, name=names[i], index=n)
+        if log is not None:
+            log(f"{names[i]}: label {y}, {row['attacked']} attacked, {row['certified_same']} certified same, "
+                f"{row['alert']} alerts ({row['base_flipped']} base flips), {row['violations']} VIOLATIONS "
+                f"{row['seconds']}")
+    out = tally.as_dict()
+    out.update({
+        "images_scanned": len(pixels),
+        "images_certified": len(certified),
+        "images_attacked": len(chosen),
+        "patch": list(patch_size(certifier)),
+        "positions_per_image": int(len(all_positions(image_size(certifier), patch_size(certifier)))),
+        "windows": int(len(certifier.windows)),
+        "contents": list(contents),
+        "all_variants": all_variants,
+        "pgd": {"positions_per_image": pgd_positions, "steps": pgd_steps, "views": pgd_views} if "pgd" in contents else None,
+        "backend": certifier.backend,
+        "early_exit": bool(certifier.early_exit),
+        "seconds": round(time.perf_counter() - start, 1),
+    })
+    return out
+
+
+# -- command line ------------------------------------------------------------------------------
+def _image_files(data: str) -> tuple[list[str], list[int], list[str]]:
+    """DIR/class/*.ext -> files interleaved over classes (so the first N cover every class), labels."""
+    classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)))
+    if classes:
+        per = [sorted(f for f in glob.glob(os.path.join(data, c, "*")) if os.path.isfile(f)) for c in classes]
+        files, labels = [], []
+        for k in range(max(len(p) for p in per)):
+            for ci, p in enumerate(per):
+                if k < len(p):
+                    files.append(p[k])
+                    labels.append(ci)
+        return files, labels, classes
+    files = sorted(f for f in glob.glob(os.path.join(data, "*")) if os.path.isfile(f))
+    return files, None, []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--model", help="model file (for the PyTorch reference used by pgd)")
+    parser.add_argument("--arch", help="--arch of the model, as given to scalecert-export")
+    parser.add_argument("--input-size", help="CxHxW for .pt2/.pt models without a fixed size")
+    parser.add_argument("--data", required=True, help="DIR/class/*.jpg (class = label) or DIR/*.jpg")
+    parser.add_argument("--images", type=int, default=40, help="certified images to attack")
+    parser.add_argument("--scan", type=int, default=None, help="clean images to scan for certified ones "
+                        "(default: 4x --images, more if too few certify)")
+    parser.add_argument("--contents", default="noise,extreme,donor,pgd")
+    parser.add_argument("--pgd-positions", default="all", help="'all' or N random positions per image")
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    parser.add_argument("--pgd-views", type=int, default=2, help="windows overlapping the patch most, "
+                        "attacked together with the un-occluded features")
+    parser.add_argument("--all-variants", action="store_true", help="every variant at every position")
+    parser.add_argument("--backend", default="ort")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=True,
+                        help="stop at the first disagreeing window (deployment mode; certified outcomes "
+                        "are identical, alerts are cheaper)")
+    parser.add_argument("--donors", type=int, default=200, help="donor images scanned beside the targets")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", help="write the counts here as JSON")
+    args = parser.parse_args(argv)
+
+    from scalecert.runtime import Certifier
+
+    contents = [c.strip() for c in args.contents.split(",") if c.strip()]
+    unknown = sorted(set(contents) - set(CONTENTS))
+    if unknown:
+        parser.error(f"unknown content(s) {unknown}; known: {', '.join(CONTENTS)}")
+    pgd_positions = args.pgd_positions if args.pgd_positions == "all" else int(args.pgd_positions)
+    certifier = Certifier.load(args.bundle, backend=args.backend, early_exit=args.early_exit, threads=args.threads)
+    reference = None
+    if "pgd" in contents:
+        if not args.model:
+            parser.error("pgd needs --model (and --arch) for the PyTorch reference")
+        from scalecert.exporter.loading import load_model, parse_input_size
+        from scalecert.reference import TorchReference
+
+        size = parse_input_size(args.input_size) if args.input_size else None
+        reference = TorchReference(load_model(args.model, arch=args.arch, input_size=size), args.bundle)
+
+    files, labels, classes = _image_files(args.data)
+    scan = args.scan or 4 * args.images
+    say = (lambda m: print(m, file=sys.stderr, flush=True))
+    pixels = np.stack([certifier.prepare(f) for f in files[:scan]])
+    names = [os.path.relpath(f, args.data) for f in files[:scan]]
+    lab = np.asarray(labels[:scan]) if labels is not None else None
+    # donors: images after the scanned ones (never the targets themselves), else the scanned ones
+    donor_files, donor_labels = files[scan:scan + args.donors], labels[scan:scan + args.donors] if labels else None
+    if not donor_files:
+        donor_files, donor_labels = files[:scan], labels[:scan] if labels else None
+    donor_pool = np.stack([certifier.prepare(f) for f in donor_files])
+    if donor_labels is None:
+        donor_labels = [r.label for r in certifier.certify_batch(donor_pool)]
+    donor_labels = np.asarray(donor_labels)
+    say(f"bundle {args.bundle}: patch {certifier.manifest['threat_model']['patch']}, {len(certifier.windows)} windows, "
+        f"backend {certifier.backend}, early exit {certifier.early_exit}; scanning {len(pixels)} images for "
+        f"{args.images} certified; contents {contents}; pgd positions {pgd_positions}")
+    out = attack_images(certifier, pixels, labels=lab, names=names, max_images=args.images, contents=contents,
+                        reference=reference, donor_pool=donor_pool, donor_labels=donor_labels,
+                        pgd_positions=pgd_positions, pgd_steps=args.pgd_steps, pgd_views=args.pgd_views,
+                        all_variants=args.all_variants, seed=args.seed, progress=True, log=say)
+    out["command"] = " ".join(["python", "benchmarks/attack.py", *(argv if argv is not None else sys.argv[1:])])
+    out["bundle"] = os.path.abspath(args.bundle)
+    out["classes"] = classes
+    t = out["total"]
+    print(f"certified images attacked: {out['images_attacked']} (of {out['images_certified']} certified among "
+          f"{out['images_scanned']} scanned), positions per image {out['positions_per_image']}")
+    for content, c in out["per_content"].items():
+        print(f"  {content:8s} attacked {c['attacked']:7d}  certified-same {c['certified_same']:7d}  "
+              f"alert {c['alert']:7d} (base flipped {c['base_flipped']:6d})  violations {c['violations']}")
+    print(f"  {'TOTAL':8s} attacked {t['attacked']:7d}  certified-same {t['certified_same']:7d}  "
+          f"alert {t['alert']:7d} (base flipped {t['base_flipped']:6d})  violations {t['violations']}")
+    print(f"  {out['seconds']} s")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(out, fh, indent=1)
+        print(f"wrote {args.out}")
+    if out["images_attacked"] < args.images:
+        print(f"warning: only {out['images_attacked']} certified images among {len(pixels)} scanned "
+              "(raise --scan)", file=sys.stderr)
+    return 1 if t["violations"] else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.exit(main())
