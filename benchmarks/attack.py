@@ -247,40 +247,61 @@ def _variants_for(content: str, n: int, offset: int, all_variants: bool) -> list
 
 
 # -- attacks -----------------------------------------------------------------------------------
+def _pgd_subset(rng, positions: np.ndarray, pgd_positions) -> np.ndarray:
+    if isinstance(pgd_positions, str):
+        if pgd_positions != "all":
+            raise ValueError(f"pgd_positions {pgd_positions!r}: 'all', an int or an (n, 2) array")
+        return positions
+    chosen = np.asarray(pgd_positions)
+    if chosen.ndim == 2:  # explicit top-left positions
+        return chosen.astype(np.int64)
+    n = int(chosen)
+    if n >= len(positions):
+        return positions
+    return positions[np.sort(rng.choice(len(positions), n, replace=False))]
+
+
 def attack_image(certifier, pixels: np.ndarray, label: int, *, contents=("noise", "extreme", "donor"),
                  reference=None, donors: np.ndarray | None = None, pgd_positions="all", pgd_steps: int = 10,
                  pgd_views: int = 2, pgd_target: int | None = None, all_variants: bool = False,
-                 rng=None, tally: Tally | None = None, name: str = "<array>", index: int = 0,
+                 mix: bool = False, rng=None, tally: Tally | None = None, name: str = "<array>", index: int = 0,
                  chunk: int = 1024) -> dict:
     """Attack one certified uint8 image at every patch position; returns this image's counts.
 
     `label` is the label the runtime certified. `donors` (n,H,W,3) uint8 holds images of other
     classes (needed for "donor"); `reference` (a TorchReference) is needed for "pgd".
+    `pgd_positions`: "all", an int N (N random positions) or an explicit (n, 2) array of top-left
+    positions. `mix=True` (the cheap CI mode) gives each position ONE of the non-pgd contents,
+    cycling with the position index, instead of every content at every position: all positions
+    are still attacked, and every content covers 1/len(contents) of them.
     """
     rng = rng if rng is not None else np.random.default_rng(index)
     tally = tally if tally is not None else Tally()
     patch_hw = patch_size(certifier)
     positions = all_positions(image_size(certifier), patch_hw)
+    plain = [c for c in contents if c != "pgd"]
     row = {"image": name, "label": int(label), **dict.fromkeys(COUNT_KEYS, 0), "seconds": {}}
     for content in contents:
         start = time.perf_counter()
+        if content not in CONTENTS:
+            raise ValueError(f"unknown content {content!r} (known: {', '.join(CONTENTS)})")
         if content == "pgd":
             if reference is None:
                 raise ValueError("pgd needs a TorchReference")
-            pos = positions
-            if pgd_positions != "all" and int(pgd_positions) < len(positions):
-                pos = positions[np.sort(rng.choice(len(positions), int(pgd_positions), replace=False))]
+            pos = _pgd_subset(rng, positions, pgd_positions)
             target = pgd_target
             if target is None:  # the clean runner-up under the reference
                 with reference.torch.no_grad():
                     z = reference.suffix(reference.gated(reference.superficial(reference.normalize(pixels[None]))))[0]
-                order = [int(c) for c in z.argsort(descending=True) if int(c) != label]
-                target = order[0]
+                target = next(int(c) for c in z.argsort(descending=True) if int(c) != label)
             rounds = [(pos, ["pgd"] * len(pos))]
         else:
             if content == "donor" and (donors is None or len(donors) == 0):
                 raise ValueError("donor needs donor images of another class")
-            rounds = [(positions, vs) for vs in _variants_for(content, len(positions), index, all_variants)]
+            pos = positions
+            if mix and len(plain) > 1:
+                pos = positions[(np.arange(len(positions)) + index) % len(plain) == plain.index(content)]
+            rounds = [(pos, vs) for vs in _variants_for(content, len(pos), index, all_variants)]
         for pos, variants in rounds:
             for lo in range(0, len(pos), chunk):
                 p, v = pos[lo:lo + chunk], variants[lo:lo + chunk]
@@ -290,12 +311,10 @@ def attack_image(certifier, pixels: np.ndarray, label: int, *, contents=("noise"
                     patches = extreme_patches(rng, v, patch_hw)
                 elif content == "donor":
                     patches = donor_patches(rng, donors, p, v, patch_hw)
-                elif content == "pgd":
+                else:
                     fps = [footprint_of(certifier, q) for q in p]
                     patches = pgd_patches(reference, pixels, target, p, certifier.windows, fps, patch_hw,
                                           steps=pgd_steps, views=pgd_views, rng=rng)
-                else:
-                    raise ValueError(f"unknown content {content!r} (known: {', '.join(CONTENTS)})")
                 results = certifier.certify_batch(paste(pixels, p, patches))
                 counts = tally.add(name, label, content, v, p, patches, results)
                 for key in COUNT_KEYS:
@@ -313,7 +332,7 @@ def certified_subset(certifier, pixels: np.ndarray) -> list:
 def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max_images: int | None = None,
                   contents=("noise", "extreme", "donor"), reference=None, donor_pool=None, donor_labels=None,
                   pgd_positions="all", pgd_steps: int = 10, pgd_views: int = 2, all_variants: bool = False,
-                  seed: int = 0, progress: bool = False, log=None) -> dict:
+                  mix: bool = False, seed: int = 0, progress: bool = False, log=None) -> dict:
     """Certify `pixels` (n,H,W,3 uint8), attack up to `max_images` of the certified ones.
 
     Donor patches come from `donor_pool` (default: `pixels` itself) restricted to images whose
@@ -353,7 +372,7 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
                 donors = donor_pool[np.any(donor_pool != pixels[i], axis=(1, 2, 3))]
         row = attack_image(certifier, pixels[i], y, contents=contents, reference=reference, donors=donors,
                            pgd_positions=pgd_positions, pgd_steps=pgd_steps, pgd_views=pgd_views,
-                           all_variants=all_variants, rng=np.random.default_rng(rng.integers(2**32)),
+                           all_variants=all_variants, mix=mix, rng=np.random.default_rng(rng.integers(2**32)),
                            tally=tally, name=names[i], index=n)
         if log is not None:
             log(f"{names[i]}: label {y}, {row['attacked']} attacked, {row['certified_same']} certified same, "
@@ -369,7 +388,8 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
         "windows": int(len(certifier.windows)),
         "contents": list(contents),
         "all_variants": all_variants,
-        "pgd": {"positions_per_image": pgd_positions, "steps": pgd_steps, "views": pgd_views} if "pgd" in contents else None,
+        "mix": mix,
+        "pgd": {"positions_per_image": pgd_positions if isinstance(pgd_positions, (int, str)) else len(pgd_positions), "steps": pgd_steps, "views": pgd_views} if "pgd" in contents else None,
         "backend": certifier.backend,
         "early_exit": bool(certifier.early_exit),
         "seconds": round(time.perf_counter() - start, 1),

@@ -1,18 +1,28 @@
 """Bad input through the real `scalecert-export` CLI: one `error:` line on stderr, a non-zero
 exit, no traceback and nothing left behind (no bundle, no `.scalecert-*` work directory). Also
 the model formats that must work: .onnx, TorchScript, torch.export .pt2, a trusted pickle, and
-`scalecert inspect --json` on what they produce."""
+`scalecert inspect --json` on what they produce.
+
+Every case is a separate `scalecert-export` process, as a user runs it; they start together in
+session fixtures (a few at a time) because most of each one's time is interpreter and torch
+start-up, and the tests then check what each left behind.
+"""
 from __future__ import annotations
 
 import json
 import os
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import pytest
 
 from conftest import run_cli
 from scalecert import manifest as manifest_io
 
+HELPER_MODULE = "scalecert_test_helper_net"
 HELPER = textwrap.dedent("""
     import torch.nn as nn
 
@@ -30,11 +40,12 @@ HELPER = textwrap.dedent("""
 
 INSPECT_KEYS = ("layer", "feature_shape", "receptive_field", "footprint", "window_size", "occluding_stride",
                 "windows_per_image", "prune_rate", "prefix", "suffix")
+WORKERS = max(2, min(4, 2 * (os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
 def files(tmp_path_factory, tiny_checkpoint):
-    """Model files of every kind, good and bad, made once."""
+    """Model files of every kind, good and bad, made once; plus PyTorch reference logits."""
     import sys
     import warnings
 
@@ -46,14 +57,17 @@ def files(tmp_path_factory, tiny_checkpoint):
     root = tmp_path_factory.mktemp("export-errors")
     helper_dir = root / "helper"
     helper_dir.mkdir()
-    (helper_dir / "scalecert_test_helper_net.py").write_text(HELPER)
+    (helper_dir / f"{HELPER_MODULE}.py").write_text(HELPER)
     sys.path.insert(0, str(helper_dir))
     try:
-        from scalecert_test_helper_net import SmallNet
+        SmallNet = __import__(HELPER_MODULE).SmallNet
     finally:
         sys.path.remove(str(helper_dir))
     torch.manual_seed(0)
     net = SmallNet().eval()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        net.body[1].running_mean.uniform_(-0.5, 0.5)
+        net.body[1].running_var.uniform_(0.5, 2.0)
     seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
                         nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).eval()
     example = torch.rand(1, 3, 32, 32)
@@ -66,6 +80,7 @@ def files(tmp_path_factory, tiny_checkpoint):
     torch.save(net, path("pickled_custom.pt"))
     torch.save(seq, path("pickled_seq.pt"))
     torch.jit.script(net).save(path("script.pt"))
+    # torch.export's usual form: a fixed batch of one, as traced from one example image
     torch.export.save(torch.export.export(net, (example,)), path("program.pt2"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -80,47 +95,226 @@ def files(tmp_path_factory, tiny_checkpoint):
     with open(path("pickle_garbage.pt"), "wb") as f:
         f.write(b"\x80\x02garbage" * 50)  # a pickle header, then nonsense
     open(path("empty.pt"), "wb").close()
+    with open(path("bad.onnx"), "wb") as f:
+        f.write(b"\x08\x07 this is no protobuf" * 10)
     torch.manual_seed(1)
     torch.save(REGISTRY["resnet32-cifar"].build().state_dict(), path("r32_state.pt"))
     state = REGISTRY["resnet20-cifar"].build().state_dict()
-    state["linear.weight"] = torch.zeros(100, 64)
-    state["linear.bias"] = torch.zeros(100)
+    state["linear.weight"], state["linear.bias"] = torch.zeros(100, 64), torch.zeros(100)
     torch.save(state, path("r20_100classes.pt"))
     torch.save({"weights": [1, 2, 3]}, path("not_a_state.pt"))
+    torch.manual_seed(2)
+    torch.save(REGISTRY["vit-patch8-64"].build().state_dict(), path("vit.pt"))
+    probe = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        paths["reference"] = {"probe": probe.numpy(), "net": net(probe).numpy(), "seq": seq(probe).numpy()}
     return paths
 
 
-def _listing(folder) -> set:
-    return set(os.listdir(folder))
+# --- running cases concurrently -----------------------------------------------------------------------
 
 
-def fails(tmp_path, *args, needles=(), output=None, **kwargs) -> str:
-    """Run scalecert-export, expect a clean failure, return its one stderr line."""
-    parent = tmp_path / "out"
-    parent.mkdir(exist_ok=True)
-    output = str(output or parent / "model.scalecert")
-    before = _listing(parent)
-    proc = run_cli("scalecert-export", *map(str, args), "-o", output, "--quiet", **kwargs)
+@dataclass
+class Case:
+    args: Callable  # (files, case_dir) -> argument list
+    needles: tuple = ()
+    env: bool = False  # put the helper module on PYTHONPATH
+    setup: Callable | None = None  # (case_dir) -> None, before the run
+    output: Callable | None = None  # (case_dir) -> output path; default case_dir/out/model.scalecert
+
+
+@dataclass
+class Ran:
+    proc: object
+    output: str
+    parent: str
+    before: set
+    after: set
+    case_dir: object = field(default=None)
+
+
+def _run_all(cases: dict, files, tmp_path_factory, extra=()) -> dict:
+    jobs = {}
+    for name, case in cases.items():
+        case_dir = tmp_path_factory.mktemp("case-" + name.replace("/", "-"))
+        (case_dir / "out").mkdir()
+        if case.setup:
+            case.setup(case_dir)
+        output = str(case.output(case_dir) if case.output else case_dir / "out" / "model.scalecert")
+        env = dict(os.environ, PYTHONPATH=files["helper_dir"]) if case.env else None
+        argv = [str(a) for a in case.args(files, case_dir)] + ["-o", output, *extra]
+        parent = os.path.dirname(output)
+        jobs[name] = (argv, env, output, parent, set(os.listdir(parent)) if os.path.isdir(parent) else set(), case_dir)
+
+    def one(item):
+        name, (argv, env, output, parent, before, case_dir) = item
+        proc = run_cli("scalecert-export", *argv, env=env)
+        after = set(os.listdir(parent)) if os.path.isdir(parent) else set()
+        return name, Ran(proc, output, parent, before, after, case_dir)
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return dict(pool.map(one, jobs.items()))
+
+
+def _make_calib_dirs(case_dir):
+    (case_dir / "empty").mkdir()
+    (case_dir / "no_images" / "sub").mkdir(parents=True)
+    (case_dir / "no_images" / "notes.txt").write_text("not an image")
+    (case_dir / "no_images" / "sub" / "data.csv").write_text("a,b\n")
+    (case_dir / "broken").mkdir()
+    (case_dir / "broken" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+
+
+def _existing_bundle(case_dir):
+    old = case_dir / "out" / "model.scalecert"
+    old.mkdir()
+    (old / "keep.txt").write_text("old bundle")
+
+
+def _existing_file(case_dir):
+    (case_dir / "out" / "model.scalecert").write_text("x")
+
+
+R20 = ("--arch", "resnet20-cifar", "--patch", "5")
+
+FAILURES = {
+    # model files
+    "missing-file": Case(lambda f, d: [d / "nope.pt", "--arch", "resnet20-cifar"], ("nope.pt", "no such file")),
+    "missing-onnx": Case(lambda f, d: [d / "nope.onnx"], ("no such file",)),
+    "model-is-a-directory": Case(lambda f, d: [d, "--arch", "resnet20-cifar"], ("is a directory",)),
+    "no-model": Case(lambda f, d: [], ("no model file given",)),
+    "empty-file": Case(lambda f, d: [f["empty.pt"], "--arch", "resnet20-cifar"], ("empty file",)),
+    "garbage/arch": Case(lambda f, d: [f["garbage.pt"], "--arch", "resnet20-cifar"], ("garbage.pt",)),
+    "garbage": Case(lambda f, d: [f["garbage.pt"]], ("garbage.pt",)),
+    "pickle-garbage/arch": Case(lambda f, d: [f["pickle_garbage.pt"], "--arch", "resnet20-cifar"],
+                                ("pickle_garbage.pt",)),
+    "truncated/arch": Case(lambda f, d: [f["truncated.pt"], "--arch", "resnet20-cifar"],
+                           ("truncated.pt", "cannot read checkpoint")),
+    "truncated": Case(lambda f, d: [f["truncated.pt"]], ("truncated.pt", "not a model file PyTorch can read")),
+    "bad-onnx": Case(lambda f, d: [f["bad.onnx"]], ("bad.onnx", "not a valid ONNX model")),
+    "not-a-state-dict": Case(lambda f, d: [f["not_a_state.pt"], "--arch", "resnet20-cifar"],
+                             ("expected a state_dict",)),
+    "state-dict-without-arch": Case(lambda f, d: [f["tiny"]], ("state_dict", "--arch")),
+    # checkpoints that do not fit the architecture
+    "missing-keys": Case(lambda f, d: [f["tiny"], "--arch", "resnet32-cifar"],
+                         ("does not fit --arch resnet32-cifar", "missing keys", "layer1.3.")),
+    "unexpected-keys": Case(lambda f, d: [f["r32_state.pt"], "--arch", "resnet20-cifar"],
+                            ("does not fit --arch resnet20-cifar", "unexpected keys", "layer1.3.")),
+    "shape-mismatch": Case(lambda f, d: [f["r20_100classes.pt"], "--arch", "resnet20-cifar"],
+                           ("shape mismatch", "linear.weight")),
+    # pickles
+    "pickle-untrusted": Case(lambda f, d: [f["pickled_custom.pt"], "--input-size", "3x32x32"],
+                             ("pickled", "runs arbitrary code", "--trust-pickle"), env=True),
+    "pickle-untrusted-seq": Case(lambda f, d: [f["pickled_seq.pt"], "--input-size", "3x32x32"],
+                                 ("pickled", "runs arbitrary code", "--trust-pickle")),
+    "pickle-class-missing": Case(lambda f, d: [f["pickled_custom.pt"], "--trust-pickle", "--input-size", "3x32x32"],
+                                 ("cannot unpickle", HELPER_MODULE)),
+    # options
+    "unknown-arch": Case(lambda f, d: [f["tiny"], "--arch", "resnet21-cifar"],
+                         ("unknown --arch 'resnet21-cifar'", "resnet20-cifar")),
+    "pretrained-without-weights": Case(lambda f, d: ["--arch", "resnet20-cifar", "--pretrained"],
+                                       ("--pretrained needs --arch with shipped weights",)),
+    "patch-abc": Case(lambda f, d: [f["model.onnx"], "--patch", "abc"], ("--patch 'abc'", "expected N, HxW or P%")),
+    "patch-zero": Case(lambda f, d: [f["model.onnx"], "--patch", "0"], ("--patch", "positive")),
+    "patch-5x": Case(lambda f, d: [f["model.onnx"], "--patch", "5x"], ("--patch", "expected")),
+    "patch-0%": Case(lambda f, d: [f["model.onnx"], "--patch", "0%"], ("--patch", "expected")),
+    "patch-too-large": Case(lambda f, d: [f["model.onnx"], "--patch", "33"], ("does not fit the 32x32 input",)),
+    "patch-too-wide": Case(lambda f, d: [f["tiny"], *R20[:2], "--patch", "5x40"], ("does not fit the 32x32 input",)),
+    "input-size": Case(lambda f, d: [f["model.onnx"], "--input-size", "3x32"], ("--input-size",)),
+    "prune-rate-range": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--prune-rate", "1.5"], ("--prune-rate",)),
+    "prune-rate-needs-calib": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--prune-rate", "0.3"],
+                                   ("needs --calib",)),
+    "stride-zero": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--stride", "0"], ("--stride",)),
+    # superficial layers that cannot carry a certificate
+    "layer-vit-flattened": Case(lambda f, d: [f["vit.pt"], "--arch", "vit-patch8-64", "--patch", "8", "--layer", "view"],
+                                ("--layer 'view' is not local", "Reshape")),
+    "layer-resnet-mean": Case(lambda f, d: [f["tiny"], *R20, "--layer", "mean"], ("is not local", "ReduceMean")),
+    "layer-resnet-linear": Case(lambda f, d: [f["tiny"], *R20, "--layer", "linear"], ("is not local", "ReduceMean")),
+    "layer-inside-block": Case(lambda f, d: [f["tiny"], *R20, "--layer", "layer1.0.bn1"],
+                               ("is not a cut point", "getitem_3")),
+    "layer-unknown": Case(lambda f, d: [f["tiny"], *R20, "--layer", "no_such_tensor"],
+                          ("no such tensor or module", "relu_4")),
+    # calibration data
+    "calib-empty": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--calib", d / "empty"], ("no images found",),
+                        setup=_make_calib_dirs),
+    "calib-no-images": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--calib", d / "no_images"],
+                            ("no images found",), setup=_make_calib_dirs),
+    "calib-absent": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--calib", d / "absent"],
+                         ("no such directory",)),
+    # fails after the work directory exists: it must be removed
+    "calib-undecodable": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--prune-rate", "0.3", "--calib",
+                                            d / "broken"], ("a.png", "cannot decode image"), setup=_make_calib_dirs),
+    # output paths
+    "output-exists": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("already exists", "--force"),
+                          setup=_existing_bundle),
+    "output-is-a-file": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("already exists",),
+                             setup=_existing_file),
+    "output-parent-missing": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("cannot write there",),
+                                  output=lambda d: d / "no" / "such" / "b"),
+}
+
+SUCCESSES = {
+    "onnx": Case(lambda f, d: [f["model.onnx"], "--patch", "5"]),
+    "torchscript": Case(lambda f, d: [f["script.pt"], "--input-size", "3x32x32", "--patch", "5"]),
+    "exported": Case(lambda f, d: [f["program.pt2"], "--patch", "5"]),
+    "pickle-trusted": Case(lambda f, d: [f["pickled_custom.pt"], "--trust-pickle", "--input-size", "3x32x32",
+                                         "--patch", "5"], env=True),
+    "force": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--force"], setup=_existing_bundle),
+}
+
+
+@pytest.fixture(scope="session")
+def failures(files, tmp_path_factory):
+    return _run_all(FAILURES, files, tmp_path_factory, extra=("--quiet",))
+
+
+@pytest.fixture(scope="session")
+def successes(files, tmp_path_factory):
+    return _run_all(SUCCESSES, files, tmp_path_factory)
+
+
+# --- failures --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(FAILURES))
+def test_bad_input_fails_cleanly(failures, name):
+    ran = failures[name]
+    proc = ran.proc
     assert proc.returncode != 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
-    for needle in needles:
+    for needle in FAILURES[name].needles:
         assert needle in lines[0], lines[0]
-    assert _listing(parent) == before, f"left behind: {_listing(parent) - before}"
-    assert not any(n.startswith(".scalecert-") for n in os.listdir(parent))
-    return lines[0]
+    assert ran.after == ran.before, f"left behind: {ran.after - ran.before}"
+    if os.path.isdir(ran.parent):
+        assert not [n for n in os.listdir(ran.parent) if n.startswith(".scalecert-")]
+    if name not in ("output-exists", "output-is-a-file"):
+        assert not os.path.exists(ran.output)
 
 
-def succeeds(tmp_path, *args, output=None, **kwargs) -> str:
-    output = str(output or tmp_path / "ok.scalecert")
-    proc = run_cli("scalecert-export", *map(str, args), "-o", output, **kwargs)
+def test_failures_say_what_is_wrong(failures):
+    assert "unexpected keys" not in failures["missing-keys"].proc.stderr
+    assert "missing keys" not in failures["unexpected-keys"].proc.stderr
+    assert not [name for name, r in failures.items() if "\x1b" in r.proc.stderr], "terminal colour codes"
+    # the refused output is left exactly as it was
+    old = failures["output-exists"].case_dir / "out" / "model.scalecert"
+    assert sorted(os.listdir(old)) == ["keep.txt"] and (old / "keep.txt").read_text() == "old bundle"
+    assert (failures["output-is-a-file"].case_dir / "out" / "model.scalecert").read_text() == "x"
+
+
+# --- formats that must work ----------------------------------------------------------------------------
+
+
+def _ok(successes, name) -> tuple[str, dict]:
+    ran = successes[name]
+    proc = ran.proc
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
-    assert f"wrote {output}" in proc.stdout
-    manifest_io.read(output, verify=True)  # every hash checks out
-    assert not any(n.startswith(".scalecert-") for n in os.listdir(os.path.dirname(output)))
-    return output
+    assert f"wrote {ran.output}" in proc.stdout
+    m = manifest_io.read(ran.output, verify=True)  # every hash checks out
+    assert set(os.listdir(ran.parent)) == ran.before | {os.path.basename(ran.output)}  # no work dirs left
+    return ran.output, m
 
 
 def inspect_json(bundle: str) -> dict:
@@ -132,143 +326,24 @@ def inspect_json(bundle: str) -> dict:
     return info
 
 
-# --- model files ---------------------------------------------------------------------------------
+def _dense_logits(bundle: str, x: np.ndarray) -> np.ndarray:
+    from scalecert.runtime.backends import OrtRunner
+
+    with OrtRunner(os.path.join(bundle, "prefix.onnx")) as prefix, \
+            OrtRunner(os.path.join(bundle, "suffix.onnx")) as suffix:
+        features = prefix.infer({"image": x})["features"]
+        return np.concatenate([suffix.infer({"features": f[None], "windows": np.zeros((1, 4), np.int64)})["logits"]
+                               for f in features])
 
 
-def test_missing_model_file(tmp_path):
-    fails(tmp_path, tmp_path / "nope.pt", "--arch", "resnet20-cifar", needles=("nope.pt", "no such file"))
-    fails(tmp_path, tmp_path / "nope.onnx", needles=("no such file",))
-    fails(tmp_path, tmp_path, "--arch", "resnet20-cifar", needles=("is a directory",))
-    fails(tmp_path, needles=("no model file given",))
+def test_force_replaces_an_existing_bundle(successes):
+    bundle, _ = _ok(successes, "force")
+    assert not os.path.exists(os.path.join(bundle, "keep.txt"))
+    assert {"manifest.json", "prefix.onnx", "suffix.onnx"} <= set(os.listdir(bundle))
 
 
-def test_corrupt_checkpoints(tmp_path, files):
-    for name in ("garbage.pt", "pickle_garbage.pt"):
-        fails(tmp_path, files[name], "--arch", "resnet20-cifar", needles=(name,))
-        fails(tmp_path, files[name], needles=(name,))
-    fails(tmp_path, files["truncated.pt"], "--arch", "resnet20-cifar", needles=("truncated.pt", "cannot read checkpoint"))
-    fails(tmp_path, files["truncated.pt"], needles=("truncated.pt",))
-    fails(tmp_path, files["empty.pt"], "--arch", "resnet20-cifar", needles=("empty file",))
-    fails(tmp_path, files["not_a_state.pt"], "--arch", "resnet20-cifar", needles=("expected a state_dict",))
-    bad_onnx = tmp_path / "bad.onnx"
-    bad_onnx.write_bytes(b"\x08\x07 this is no protobuf" * 10)
-    fails(tmp_path, bad_onnx, needles=("not a valid ONNX model",))
-
-
-def test_checkpoint_that_does_not_fit_the_arch(tmp_path, files):
-    line = fails(tmp_path, files["tiny"], "--arch", "resnet32-cifar",
-                 needles=("does not fit --arch resnet32-cifar", "missing keys", "layer1.3."))
-    assert "unexpected keys" not in line
-    fails(tmp_path, files["r32_state.pt"], "--arch", "resnet20-cifar",
-          needles=("does not fit --arch resnet20-cifar", "unexpected keys", "layer1.3."))
-    fails(tmp_path, files["r20_100classes.pt"], "--arch", "resnet20-cifar",
-          needles=("shape mismatch", "linear.weight"))
-    fails(tmp_path, files["tiny"], needles=("state_dict", "--arch"))  # which architecture?
-
-
-def test_pickled_module_needs_trust(tmp_path, files):
-    env = dict(os.environ, PYTHONPATH=files["helper_dir"])
-    for name in ("pickled_custom.pt", "pickled_seq.pt"):
-        fails(tmp_path, files[name], "--input-size", "3x32x32",
-              needles=("pickled", "runs arbitrary code", "--trust-pickle"), env=env)
-    # trusted, but the class it names cannot be imported: still one clean line
-    fails(tmp_path, files["pickled_custom.pt"], "--trust-pickle", "--input-size", "3x32x32",
-          needles=("cannot unpickle", "scalecert_test_helper_net"))
-    bundle = succeeds(tmp_path, files["pickled_custom.pt"], "--trust-pickle", "--input-size", "3x32x32",
-                      "--patch", "5", env=env)
-    m = manifest_io.read(bundle)
-    assert m["source"]["kind"] == "torch" and m["input"]["input_size"] == [3, 32, 32]
-
-
-# --- bad options -------------------------------------------------------------------------------------
-
-
-def test_unknown_arch(tmp_path, files):
-    fails(tmp_path, files["tiny"], "--arch", "resnet21-cifar", needles=("unknown --arch 'resnet21-cifar'", "resnet20-cifar"))
-    fails(tmp_path, "--arch", "resnet20-cifar", "--pretrained", needles=("--pretrained needs --arch with shipped weights",))
-
-
-@pytest.mark.parametrize("spec, needle", [("abc", "expected N, HxW or P%"), ("0", "positive"), ("5x", "expected"),
-                                          ("0%", "expected"), ("33", "does not fit the 32x32 input"),
-                                          ("5x40", "does not fit the 32x32 input")])
-def test_bad_patch(tmp_path, files, spec, needle):
-    fails(tmp_path, files["model.onnx"], "--patch", spec, needles=("--patch", needle))
-
-
-def test_bad_numbers(tmp_path, files):
-    fails(tmp_path, files["model.onnx"], "--input-size", "3x32", needles=("--input-size",))
-    fails(tmp_path, files["model.onnx"], "--patch", "5", "--prune-rate", "1.5", needles=("--prune-rate",))
-    fails(tmp_path, files["model.onnx"], "--patch", "5", "--prune-rate", "0.3", needles=("needs --calib",))
-    fails(tmp_path, files["model.onnx"], "--patch", "5", "--stride", "0", needles=("--stride",))
-
-
-def test_non_local_layer(tmp_path, files):
-    # after the ViT's flatten (a Reshape to tokens) and inside its attention
-    from scalecert.exporter.archs import REGISTRY
-
-    import torch
-
-    torch.manual_seed(0)
-    vit = tmp_path / "vit.pt"
-    torch.save(REGISTRY["vit-patch8-64"].build().state_dict(), vit)
-    fails(tmp_path, vit, "--arch", "vit-patch8-64", "--patch", "8", "--layer", "view",
-          needles=("--layer 'view' is not local", "Reshape"))
-    # ResNet-20's global average pool and the classifier after it
-    fails(tmp_path, files["tiny"], "--arch", "resnet20-cifar", "--patch", "5", "--layer", "mean",
-          needles=("is not local", "ReduceMean"))
-    fails(tmp_path, files["tiny"], "--arch", "resnet20-cifar", "--patch", "5", "--layer", "linear",
-          needles=("is not local", "ReduceMean"))
-
-
-def test_non_cut_layer(tmp_path, files):
-    fails(tmp_path, files["tiny"], "--arch", "resnet20-cifar", "--patch", "5", "--layer", "layer1.0.bn1",
-          needles=("is not a cut point", "getitem_3"))
-    fails(tmp_path, files["tiny"], "--arch", "resnet20-cifar", "--patch", "5", "--layer", "no_such_tensor",
-          needles=("no such tensor or module", "relu_4"))
-
-
-def test_calibration_dirs(tmp_path, files):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    fails(tmp_path, files["model.onnx"], "--patch", "5", "--calib", empty, needles=("no images found",))
-    no_images = tmp_path / "no_images"
-    (no_images / "sub").mkdir(parents=True)
-    (no_images / "notes.txt").write_text("not an image")
-    (no_images / "sub" / "data.csv").write_text("a,b\n")
-    fails(tmp_path, files["model.onnx"], "--patch", "5", "--calib", no_images, needles=("no images found",))
-    fails(tmp_path, files["model.onnx"], "--patch", "5", "--calib", tmp_path / "absent", needles=("no such directory",))
-    # an image that does not decode fails after the work directory exists: it must be removed
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
-    fails(tmp_path, files["model.onnx"], "--patch", "5", "--prune-rate", "0.3", "--calib", broken,
-          needles=("a.png", "cannot decode image"))
-
-
-def test_existing_output_needs_force(tmp_path, files):
-    out = tmp_path / "out" / "model.scalecert"
-    out.mkdir(parents=True)
-    (out / "keep.txt").write_text("old bundle")
-    fails(tmp_path, files["model.onnx"], "--patch", "5", output=out, needles=("already exists", "--force"))
-    assert (out / "keep.txt").read_text() == "old bundle"
-    as_file = tmp_path / "out" / "file.scalecert"
-    as_file.write_text("x")
-    fails(tmp_path, files["model.onnx"], "--patch", "5", output=as_file, needles=("already exists",))
-    fails(tmp_path, files["model.onnx"], "--patch", "5", output=tmp_path / "no" / "such" / "dir" / "b",
-          needles=("cannot write there",))
-    # --force replaces it, and what replaces it verifies
-    succeeds(tmp_path, files["model.onnx"], "--patch", "5", "--force", output=out)
-    assert not (out / "keep.txt").exists()
-    assert sorted(os.listdir(tmp_path / "out")) == ["file.scalecert", "model.scalecert"]
-    assert {"manifest.json", "prefix.onnx", "suffix.onnx"} <= set(os.listdir(out))
-
-
-# --- formats that must work ---------------------------------------------------------------------------
-
-
-def test_onnx_input_and_inspect(tmp_path, files):
-    bundle = succeeds(tmp_path, files["model.onnx"], "--patch", "5")
-    m = manifest_io.read(bundle)
+def test_onnx_input_and_inspect(successes, files):
+    bundle, m = _ok(successes, "onnx")
     assert m["source"]["kind"] == "onnx" and m["input"]["input_size"] == [3, 32, 32]
     proc = run_cli("scalecert", "inspect", bundle)
     assert proc.returncode == 0 and "model.onnx" in proc.stdout and "5x5 pixels" in proc.stdout, proc.stdout
@@ -276,13 +351,20 @@ def test_onnx_input_and_inspect(tmp_path, files):
     assert info["source"] == "model.onnx" and info["patch"] == [5, 5]
     assert info["layer"] == m["layer"]["name"] and info["prune_rate"] == 0
     assert info["windows_per_image"] == m["windows"]["count"] >= 1
-    assert len(info["feature_shape"]) == 3 and len(info["receptive_field"]) == 2
+    assert info["feature_shape"] == [m["layer"]["channels_kept"], *m["layer"]["shape"][1:]]
+    assert info["receptive_field"] == m["layer"]["receptive_field"]["size"]
+    assert info["footprint"] == m["windows"]["footprint"] and info["window_size"] == m["windows"]["size"]
+    assert info["prefix"]["macs"] > 0 and info["suffix"]["params"] > 0
+    ref = files["reference"]
+    assert np.abs(_dense_logits(bundle, ref["probe"]) - ref["seq"]).max() <= 1e-4
 
 
-@pytest.mark.parametrize("name, kind", [("script.pt", "torchscript"), ("program.pt2", "exported")])
-def test_torchscript_and_exported_program_inputs(tmp_path, files, name, kind):
-    bundle = succeeds(tmp_path, files[name], "--input-size", "3x32x32", "--patch", "5")
-    m = manifest_io.read(bundle)
-    assert m["source"]["kind"] == kind and m["num_classes"] == 10
+@pytest.mark.parametrize("name, kind", [("torchscript", "torchscript"), ("exported", "exported"),
+                                        ("pickle-trusted", "torch")])
+def test_torch_formats_produce_bundles(successes, files, name, kind):
+    bundle, m = _ok(successes, name)
+    assert m["source"]["kind"] == kind and m["num_classes"] == 10 and m["input"]["input_size"] == [3, 32, 32]
     info = inspect_json(bundle)
     assert info["feature_shape"][1:] == m["layer"]["shape"][1:]
+    ref = files["reference"]  # the same network in three containers; a batch of 3 through the bundle
+    assert np.abs(_dense_logits(bundle, ref["probe"]) - ref["net"]).max() <= 1e-4

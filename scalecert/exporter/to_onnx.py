@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import warnings
 
 import onnx
@@ -20,6 +21,12 @@ def _quiet():
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     stack = contextlib.ExitStack()
     stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+    # a failing torch.export prints graph dumps to stderr and logs through the `torch` logger; the
+    # user gets one error line instead (SCALECERT_DEBUG=1 re-raises with the traceback)
+    stack.enter_context(contextlib.redirect_stderr(io.StringIO()))
+    torch_logger = logging.getLogger("torch")
+    stack.callback(torch_logger.setLevel, torch_logger.level)
+    torch_logger.setLevel(logging.CRITICAL)
     stack.enter_context(warnings.catch_warnings())
     warnings.simplefilter("ignore")
     return stack
@@ -30,7 +37,9 @@ def _torch_to_proto(loaded: LoadedModel):
     import torch
 
     example = torch.rand(2, *loaded.preprocess.input_size)
-    module = loaded.model.module() if loaded.kind == "exported" else loaded.model
+    # without its shape guards: a program exported with a fixed batch (torch.export's default) can be
+    # re-traced with a dynamic one; shapes baked into its graph still fail loudly at the re-trace
+    module = loaded.model.module(check_guards=False) if loaded.kind == "exported" else loaded.model
     try:
         with _quiet():
             if loaded.kind == "torchscript":  # the dynamo exporter cannot trace ScriptModules
@@ -45,7 +54,8 @@ def _torch_to_proto(loaded: LoadedModel):
             program.optimize()
             return program.model_proto, program.exported_program
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
+        first = text.splitlines()[0][:160] if text else type(exc).__name__
         raise ScaleCertError(f"{loaded.source}: torch -> ONNX export failed: {first}") from None
 
 

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Standard CPU benchmark (not CI): scalecert configurations against the pixel-masking baseline
+# (PyTorch eager and ONNX Runtime) on real data, one run per model; writes benchmarks/RESULTS.md.
+#   SHARED=../shared benchmarks/cpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SHARED=${SHARED:-../shared}
+OUT=${OUT:-benchmarks/results}
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$OUT"
+
+scalecert-export "$SHARED/models/resnet20-cifar10.th" --arch resnet20-cifar --patch 5 \
+  --calib "$SHARED/data/cifar10-train" --calib-limit 500 --prune-rate 0 -o "$WORK/r20" --quiet
+scalecert bench "$WORK/r20" --data "$SHARED/data/cifar10-test" --limit 1000 \
+  --prune-rate 0,0.1,0.3 --stride 3,5 --baseline --baseline-engine both \
+  --report "$OUT/cpu_resnet20.json" --plot "$OUT/cpu_resnet20.png"
+
+scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 \
+  --calib "$SHARED/data/imagenet-sample/images" --calib-limit 128 --prune-rate 0 -o "$WORK/eff" --quiet
+scalecert bench "$WORK/eff" --data "$SHARED/data/imagenet-sample/images" --labels "$SHARED/data/imagenet-sample/labels.csv" \
+  --limit 50 --seed 0 --prune-rate 0,0.1,0.3 --stride 5,8 --baseline --baseline-engine both \
+  --report "$OUT/cpu_effnet.json" --plot "$OUT/cpu_effnet.png"
+
+python benchmarks/results_md.py "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" > benchmarks/RESULTS.md
+echo "wrote benchmarks/RESULTS.md"

@@ -1,0 +1,281 @@
+"""Soundness by attack through the real runtime (benchmarks/attack.py is the harness).
+
+A certified image patched anywhere (every one of the (H-ph+1)*(W-pw+1) top-left positions) with
+random, saturated, foreign (donor) or gradient-optimised (PGD, at a subset of positions here; the
+benchmark mode runs it at more) contents must come back as an alert or with the certified label:
+a *violation* (certified with another label) is a security bug. A negative control shows the
+same harness does find violations when the window family is deliberately made unsound, so the
+zero counts below are not vacuous.
+
+Sizes are kept for a 2-core CI box: "mix" mode gives each position one of the cheap contents
+(cycling), so every position is attacked and every content covers a share of the positions.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, cifar_files, export, skimage_photos
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import attack  # noqa: E402
+
+POSITIONS_5x5_32 = (32 - 5 + 1) ** 2  # 784
+
+
+def _report(tag: str, out: dict) -> None:
+    t = out["total"]
+    print(f"\n[{tag}] {out['images_attacked']} certified images attacked ({out['images_certified']} certified of "
+          f"{out['images_scanned']} scanned), {t['attacked']} attacked images: {t['certified_same']} certified "
+          f"same label, {t['alert']} alerts ({t['base_flipped']} base predictions flipped), "
+          f"{t['violations']} violations; {out['seconds']} s")
+    for content, c in out["per_content"].items():
+        print(f"    {content:8s} {c}")
+
+
+def _assert_sound(out: dict, min_images: int, min_attacked: int) -> None:
+    t = out["total"]
+    assert out["images_attacked"] >= min_images, f"too few certified images to attack: {out['images_attacked']}"
+    assert t["attacked"] >= min_attacked, t
+    assert t["attacked"] == t["certified_same"] + t["alert"] + t["violations"]
+    assert t["violations"] == 0, out["violations_detail"][:3]
+    # every certified image was attacked at every position (pgd positions come on top)
+    plain = sum(c["attacked"] for name, c in out["per_content"].items() if name != "pgd")
+    assert plain >= out["images_attacked"] * out["positions_per_image"]
+
+
+# -- a tiny CNN, trained for a few seconds, shipped as a torch.export archive ---------------------
+def _tiny_module():
+    import torch.nn as nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+            self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+            self.c3 = nn.Conv2d(32, 32, 3, stride=2, padding=1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self.c1(x).relu()
+            x = self.c2(x).relu()
+            x = self.c3(x).relu()
+            return self.fc(x.mean((2, 3)))
+
+    return Tiny()
+
+
+def _crops(photos: dict, n_per: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random 32x32 views of the scikit-image photos (downscaled crops), labelled by photo."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for label, photo in enumerate(photos.values()):
+        h, w = photo.shape[:2]
+        for _ in range(n_per):
+            side = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
+            y, x = rng.integers(0, h - side), rng.integers(0, w - side)
+            crop = Image.fromarray(np.ascontiguousarray(photo[y:y + side, x:x + side, :3]))
+            images.append(np.asarray(crop.resize((32, 32), Image.BILINEAR), np.uint8))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels)
+
+
+def _read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    images = np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32)), np.uint8) for f in files])
+    classes = sorted(os.listdir(os.path.dirname(os.path.dirname(files[0]))))
+    return images, np.asarray([classes.index(os.path.basename(os.path.dirname(f))) for f in files])
+
+
+def _train_data():
+    if os.path.isdir(CIFAR_TRAIN):
+        import glob
+
+        files = []
+        for cls in sorted(os.listdir(CIFAR_TRAIN)):
+            files += sorted(glob.glob(os.path.join(CIFAR_TRAIN, cls, "*.jpg")))[:80]
+        return _read(files)
+    return _crops(skimage_photos(), 120, seed=1)
+
+
+def _target_data():
+    """CIFAR-10 test images when ../shared has them, else photo crops (the test never skips)."""
+    if os.path.isdir(CIFAR_TEST):
+        files = cifar_files(6)
+        images, labels = _read(files)
+        return images, labels, [os.path.relpath(f, CIFAR_TEST) for f in files]
+    images, labels = _crops(skimage_photos(), 15, seed=2)
+    return images, labels, [f"crop{i}" for i in range(len(images))]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(bundle, TorchReference, images, labels, names) for a tiny CNN trained for ~300 steps."""
+    import torch
+
+    from scalecert.exporter.loading import load_model
+    from scalecert.reference import TorchReference
+
+    torch.manual_seed(0)
+    model = _tiny_module()
+    x, y = _train_data()
+    mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    xs = (torch.from_numpy(x).float().permute(0, 3, 1, 2) / 255 - mean) / std
+    ys = torch.from_numpy(y).long()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(xs), (128,), generator=gen)
+        loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    path = str(tmp_path_factory.mktemp("tinycnn") / "tiny.pt2")
+    batch = torch.export.Dim("batch")
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},)), path)
+    bundle = export(tmp_path_factory, "tinycnn-bundle", path, "--input-size", "3x32x32", "--patch", "5",
+                    "--layer", "auto")
+    reference = TorchReference(load_model(path, input_size=(3, 32, 32)), bundle)
+    images, labels, names = _target_data()
+    return bundle, reference, images, labels, names
+
+
+def _load(bundle, cls=None, **kw):
+    from scalecert.runtime import Certifier
+
+    return (cls or Certifier).load(bundle, backend="ort", **kw)
+
+
+# -- (i) tiny CNN, every position, noise + extreme + donor, PGD at a subset ----------------------
+def test_tiny_cnn_attacked_everywhere_never_certified_wrong(tiny):
+    bundle, reference, images, labels, names = tiny
+    certifier = _load(bundle, early_exit=True)
+    assert attack.patch_size(certifier) == (5, 5)
+    out = attack.attack_images(certifier, images, labels=labels, names=names, max_images=4,
+                               contents=("noise", "extreme", "donor", "pgd"), reference=reference,
+                               pgd_positions=48, pgd_steps=10, pgd_views=2, seed=0)
+    _report("tiny", out)
+    assert out["positions_per_image"] == POSITIONS_5x5_32
+    _assert_sound(out, min_images=2, min_attacked=2 * 3 * POSITIONS_5x5_32)
+    assert out["total"]["alert"] > 0, "no attack raised an alert: the attacks are too weak to mean anything"
+    assert out["total"]["certified_same"] > 0
+    assert out["per_content"]["pgd"]["base_flipped"] > 0, "PGD never moved the base prediction"
+
+
+# -- (ii) pretrained ResNet-20, dense gates ------------------------------------------------------
+def _cifar_targets(per_class: int):
+    files = cifar_files(per_class)
+    images, labels = _read(files)
+    return images, labels, [os.path.relpath(f, CIFAR_TEST) for f in files]
+
+
+@pytest.fixture(scope="module")
+def r20_model():
+    from scalecert.exporter.loading import load_model
+
+    return load_model(R20, arch="resnet20-cifar")
+
+
+def test_resnet20_attacked_everywhere_never_certified_wrong(r20_bundle, r20_model):
+    from scalecert.reference import TorchReference
+
+    certifier = _load(r20_bundle)  # the default path: no early exit
+    reference = TorchReference(r20_model, r20_bundle)
+    images, labels, names = _cifar_targets(2)
+    out = attack.attack_images(certifier, images, labels=labels, names=names, max_images=3, mix=True,
+                               contents=("noise", "extreme", "donor", "pgd"), reference=reference,
+                               pgd_positions=16, pgd_steps=8, pgd_views=2, seed=1)
+    _report("resnet20", out)
+    _assert_sound(out, min_images=2, min_attacked=2 * POSITIONS_5x5_32)
+    assert out["total"]["alert"] > 0
+
+
+# -- (iii) pretrained ResNet-20 with 30% of positions gated off by static thresholds -------------
+def test_resnet20_pruned_gates_attacked_everywhere_never_certified_wrong(r20_pruned_bundle, r20_model):
+    from scalecert.reference import TorchReference
+
+    certifier = _load(r20_pruned_bundle, early_exit=True)
+    assert certifier.manifest["sin"]["prune_rate"] > 0
+    reference = TorchReference(r20_model, r20_pruned_bundle)
+    images, labels, names = _cifar_targets(2)
+    out = attack.attack_images(certifier, images, labels=labels, names=names, max_images=2, mix=True,
+                               contents=("noise", "extreme", "donor", "pgd"), reference=reference,
+                               pgd_positions=12, pgd_steps=8, pgd_views=2, seed=2)
+    _report("resnet20-pruned", out)
+    _assert_sound(out, min_images=1, min_attacked=POSITIONS_5x5_32)
+
+
+# -- (iv) negative control: deliberately unsound window families are caught ----------------------
+from scalecert.runtime import Certifier  # noqa: E402
+from scalecert.runtime import geometry  # noqa: E402
+
+
+class _SubsetCertifier(Certifier):
+    """A Certifier whose window family is cut down after loading (the manifest check passes)."""
+
+    def keep(self, windows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.windows = self.windows[self.keep(self.windows)]
+        self.masks = geometry.window_masks(self.windows, self.feature_hw)
+
+
+class _NoWindows(_SubsetCertifier):
+    """No occlusion at all: certifies whatever the base prediction is."""
+
+    def keep(self, windows):
+        return np.zeros(len(windows), bool)
+
+
+class _HoleInTheMiddle(_SubsetCertifier):
+    """Drops every window that meets the central 6x6 feature positions: a patch there is never
+    hidden by any window (the 'gap in the window family' bug of DESIGN.md)."""
+
+    def keep(self, windows):
+        return ~((windows[:, 0] < 19) & (windows[:, 2] > 13) & (windows[:, 1] < 19) & (windows[:, 3] > 13))
+
+
+def test_negative_control_harness_finds_violations_in_unsound_certifiers(tiny):
+    """The same harness reports violations > 0 once the certifier is unsound, so 0 above means
+    something. Without any window, any base flip (noise/extreme/donor/PGD) is a violation. With a
+    hole in the window family, only patches inside the hole can win, and only by flipping every
+    remaining window at once: PGD at the hole's positions does it (the tiny CNN averages its last
+    feature map, so a saturated 5x5 patch moves every window's logits)."""
+    bundle, reference, images, labels, names = tiny
+    nothing = _load(bundle, cls=_NoWindows, early_exit=True)
+    assert len(nothing.windows) == 0
+    out = attack.attack_images(nothing, images, labels=labels, names=names, max_images=2, mix=True,
+                               contents=("noise", "extreme", "donor", "pgd"), reference=reference,
+                               pgd_positions=24, pgd_steps=10, pgd_views=0, seed=3)
+    _report("negative: no windows", out)
+    assert out["total"]["violations"] > 0
+    assert out["total"]["violations"] == out["total"]["base_flipped"]  # no window: every flip is certified
+
+    holed = _load(bundle, cls=_HoleInTheMiddle, early_exit=True)
+    assert 0 < len(holed.windows) < len(_load(bundle).windows)
+    centre = np.array([(y, x) for y in range(12, 17) for x in range(12, 17)])  # footprints inside the hole
+    out = attack.attack_images(holed, images, labels=labels, names=names, max_images=2,
+                               contents=("pgd",), reference=reference, pgd_positions=centre,
+                               pgd_steps=20, pgd_views=2, seed=4)
+    _report("negative: hole in the window family", out)
+    assert out["total"]["violations"] > 0, "PGD found no violation through a gap in the window family"
+    for v in out["violations_detail"]:
+        assert 12 <= v["position"][0] <= 16 and 12 <= v["position"][1] <= 16
+
+    # the real certifier on the same images and positions: the same PGD finds nothing
+    sound = _load(bundle, early_exit=True)
+    out = attack.attack_images(sound, images, labels=labels, names=names, max_images=2,
+                               contents=("pgd",), reference=reference, pgd_positions=centre,
+                               pgd_steps=20, pgd_views=2, seed=4)
+    _report("control: sound family, same attack", out)
+    assert out["total"]["violations"] == 0
