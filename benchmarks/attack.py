@@ -230,6 +230,15 @@ class Tally:
                                         "patch": np.asarray(patch).tolist()})
         return row
 
+    def merge(self, other: dict) -> None:
+        """Add the counts of another Tally's as_dict() (a worker's)."""
+        for src, dst in ((other["per_content"], self.content), (other["per_variant"], self.variant)):
+            for key, counts in src.items():
+                for k in COUNT_KEYS:
+                    dst[key][k] += counts[k]
+        self.images.extend(other["images"])
+        self.violations.extend(other["violations_detail"][:max(0, self.keep - len(self.violations))])
+
     def totals(self) -> dict:
         return {key: sum(c[key] for c in self.content.values()) for key in COUNT_KEYS}
 
@@ -332,13 +341,18 @@ def certified_subset(certifier, pixels: np.ndarray) -> list:
 def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max_images: int | None = None,
                   contents=("noise", "extreme", "donor"), reference=None, donor_pool=None, donor_labels=None,
                   pgd_positions="all", pgd_steps: int = 10, pgd_views: int = 2, all_variants: bool = False,
-                  mix: bool = False, seed: int = 0, progress: bool = False, log=None) -> dict:
+                  mix: bool = False, seed: int = 0, progress: bool = False, log=None, workers: int = 1,
+                  worker_spec: dict | None = None) -> dict:
     """Certify `pixels` (n,H,W,3 uint8), attack up to `max_images` of the certified ones.
 
     Donor patches come from `donor_pool` (default: `pixels` itself) restricted to images whose
     class (`donor_labels`, default `labels`, default the runtime's base labels) differs from the
     certified label. Returns a JSON-able dict: totals, per content, per variant, per image,
     violations (first 50 with their patches), and how many images were scanned / certified.
+
+    `workers > 1` with `worker_spec` (dict: bundle, backend, early_exit, model, arch, input_size)
+    attacks images in that many spawned processes, each with its own single-threaded Certifier
+    (and TorchReference when `model` is set); the counts are the same, only faster on several cores.
     """
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -354,15 +368,8 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
         donor_labels = np.array([r.label for r in certifier.certify_batch(donor_pool)])
     donor_labels = np.asarray(donor_labels)
     tally = Tally()
-    iterator = chosen
-    if progress:
-        try:
-            from tqdm import tqdm
-
-            iterator = tqdm(chosen, desc="certified images", unit="img")
-        except ImportError:
-            pass
-    for n, i in enumerate(iterator):
+    jobs = []
+    for n, i in enumerate(chosen):
         y = int(clean[i].label)
         cls = int(labels[i]) if labels is not None else y
         donors = None
@@ -370,14 +377,44 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
             donors = donor_pool[(donor_labels != cls) & (donor_labels != y)]
             if len(donors) == 0:  # a pool of one class: any other image still makes a foreign patch
                 donors = donor_pool[np.any(donor_pool != pixels[i], axis=(1, 2, 3))]
-        row = attack_image(certifier, pixels[i], y, contents=contents, reference=reference, donors=donors,
-                           pgd_positions=pgd_positions, pgd_steps=pgd_steps, pgd_views=pgd_views,
-                           all_variants=all_variants, mix=mix, rng=np.random.default_rng(rng.integers(2**32)),
-                           tally=tally, name=names[i], index=n)
+        jobs.append(dict(pixels=pixels[i], label=y, contents=contents, donors=donors, pgd_positions=pgd_positions,
+                         pgd_steps=pgd_steps, pgd_views=pgd_views, all_variants=all_variants, mix=mix,
+                         rng=np.random.default_rng(rng.integers(2**32)), name=names[i], index=n))
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(jobs), desc="certified images", unit="img")
+        except ImportError:
+            pass
+
+    def done(part: dict) -> None:
+        tally.merge(part)
+        row = part["images"][0]
         if log is not None:
-            log(f"{names[i]}: label {y}, {row['attacked']} attacked, {row['certified_same']} certified same, "
-                f"{row['alert']} alerts ({row['base_flipped']} base flips), {row['violations']} VIOLATIONS "
+            log(f"{row['image']}: label {row['label']}, {row['attacked']} attacked, {row['certified_same']} certified "
+                f"same, {row['alert']} alerts ({row['base_flipped']} base flips), {row['violations']} VIOLATIONS "
                 f"{row['seconds']}")
+        if bar is not None:
+            bar.update(1)
+
+    if workers > 1 and worker_spec is not None and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(worker_spec,)) as pool:
+            for future in as_completed([pool.submit(_worker_image, job) for job in jobs]):
+                done(future.result())
+        tally.images.sort(key=lambda r: names.index(r["image"]))
+    else:
+        for job in jobs:
+            part = Tally()
+            attack_image(certifier, reference=reference, tally=part, **job)
+            done(part.as_dict())
+    if bar is not None:
+        bar.close()
     out = tally.as_dict()
     out.update({
         "images_scanned": len(pixels),
@@ -392,9 +429,36 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
         "pgd": {"positions_per_image": pgd_positions if isinstance(pgd_positions, (int, str)) else len(pgd_positions), "steps": pgd_steps, "views": pgd_views} if "pgd" in contents else None,
         "backend": certifier.backend,
         "early_exit": bool(certifier.early_exit),
+        "workers": workers if worker_spec is not None else 1,
         "seconds": round(time.perf_counter() - start, 1),
     })
     return out
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(spec: dict) -> None:
+    from scalecert.runtime import Certifier
+
+    _WORKER["certifier"] = Certifier.load(spec["bundle"], backend=spec.get("backend", "ort"),
+                                          early_exit=spec.get("early_exit", False), threads=spec.get("threads", 1))
+    _WORKER["reference"] = None
+    if spec.get("model"):
+        import torch
+
+        from scalecert.exporter.loading import load_model
+        from scalecert.reference import TorchReference
+
+        torch.set_num_threads(spec.get("threads", 1))
+        loaded = load_model(spec["model"], arch=spec.get("arch"), input_size=spec.get("input_size"))
+        _WORKER["reference"] = TorchReference(loaded, spec["bundle"])
+
+
+def _worker_image(job: dict) -> dict:
+    tally = Tally()
+    attack_image(_WORKER["certifier"], reference=_WORKER["reference"], tally=tally, **job)
+    return tally.as_dict()
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -432,7 +496,10 @@ def main(argv=None) -> int:
                         "attacked together with the un-occluded features")
     parser.add_argument("--all-variants", action="store_true", help="every variant at every position")
     parser.add_argument("--backend", default="ort")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores; "
+                        "1 per worker with --workers)")
+    parser.add_argument("--workers", type=int, default=1, help="attack images in this many processes "
+                        "(single-threaded each: no thread spinning on a shared box)")
     parser.add_argument("--early-exit", action=argparse.BooleanOptionalAction, default=True,
                         help="stop at the first disagreeing window (deployment mode; certified outcomes "
                         "are identical, alerts are cheaper)")
@@ -441,6 +508,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the counts here as JSON")
     args = parser.parse_args(argv)
 
+    from scalecert.exporter.loading import load_model, parse_input_size
     from scalecert.runtime import Certifier
 
     contents = [c.strip() for c in args.contents.split(",") if c.strip()]
@@ -453,12 +521,16 @@ def main(argv=None) -> int:
     if "pgd" in contents:
         if not args.model:
             parser.error("pgd needs --model (and --arch) for the PyTorch reference")
-        from scalecert.exporter.loading import load_model, parse_input_size
         from scalecert.reference import TorchReference
 
         size = parse_input_size(args.input_size) if args.input_size else None
         reference = TorchReference(load_model(args.model, arch=args.arch, input_size=size), args.bundle)
 
+    spec = None
+    if args.workers > 1:
+        spec = {"bundle": args.bundle, "backend": args.backend, "early_exit": args.early_exit,
+                "threads": args.threads or 1, "model": args.model if "pgd" in contents else None,
+                "arch": args.arch, "input_size": parse_input_size(args.input_size) if args.input_size else None}
     files, labels, classes = _image_files(args.data)
     scan = args.scan or 4 * args.images
     say = (lambda m: print(m, file=sys.stderr, flush=True))
@@ -479,7 +551,8 @@ def main(argv=None) -> int:
     out = attack_images(certifier, pixels, labels=lab, names=names, max_images=args.images, contents=contents,
                         reference=reference, donor_pool=donor_pool, donor_labels=donor_labels,
                         pgd_positions=pgd_positions, pgd_steps=args.pgd_steps, pgd_views=args.pgd_views,
-                        all_variants=args.all_variants, seed=args.seed, progress=True, log=say)
+                        all_variants=args.all_variants, seed=args.seed, progress=True, log=say,
+                        workers=args.workers, worker_spec=spec)
     out["command"] = " ".join(["python", "benchmarks/attack.py", *(argv if argv is not None else sys.argv[1:])])
     out["bundle"] = os.path.abspath(args.bundle)
     out["classes"] = classes

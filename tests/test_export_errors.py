@@ -36,6 +36,14 @@ HELPER = textwrap.dedent("""
 
         def forward(self, x):
             return self.head(self.body(x).mean((2, 3)))
+
+
+    class Untraceable(SmallNet):
+        def forward(self, x):  # data-dependent control flow: torch.export cannot trace it
+            y = self.body(x)
+            if y.sum() > 0:
+                y = y * 2
+            return self.head(y.mean((2, 3)))
 """)
 
 INSPECT_KEYS = ("layer", "feature_shape", "receptive_field", "footprint", "window_size", "occluding_stride",
@@ -60,11 +68,11 @@ def files(tmp_path_factory, tiny_checkpoint):
     (helper_dir / f"{HELPER_MODULE}.py").write_text(HELPER)
     sys.path.insert(0, str(helper_dir))
     try:
-        SmallNet = __import__(HELPER_MODULE).SmallNet
+        helper = __import__(HELPER_MODULE)
     finally:
         sys.path.remove(str(helper_dir))
     torch.manual_seed(0)
-    net = SmallNet().eval()
+    net = helper.SmallNet().eval()
     with torch.no_grad():  # non-trivial BatchNorm statistics
         net.body[1].running_mean.uniform_(-0.5, 0.5)
         net.body[1].running_var.uniform_(0.5, 2.0)
@@ -78,6 +86,7 @@ def files(tmp_path_factory, tiny_checkpoint):
         return paths[name]
 
     torch.save(net, path("pickled_custom.pt"))
+    torch.save(helper.Untraceable().eval(), path("untraceable.pt"))
     torch.save(seq, path("pickled_seq.pt"))
     torch.jit.script(net).save(path("script.pt"))
     # torch.export's usual form: a fixed batch of one, as traced from one example image
@@ -148,7 +157,7 @@ def _run_all(cases: dict, files, tmp_path_factory, extra=()) -> dict:
 
     def one(item):
         name, (argv, env, output, parent, before, case_dir) = item
-        proc = run_cli("scalecert-export", *argv, env=env)
+        proc = run_cli("scalecert-export", *argv, env=env, timeout=480)
         after = set(os.listdir(parent)) if os.path.isdir(parent) else set()
         return name, Ran(proc, output, parent, before, after, case_dir)
 
@@ -171,26 +180,18 @@ def _existing_bundle(case_dir):
     (old / "keep.txt").write_text("old bundle")
 
 
-def _existing_file(case_dir):
-    (case_dir / "out" / "model.scalecert").write_text("x")
-
-
 R20 = ("--arch", "resnet20-cifar", "--patch", "5")
 
 FAILURES = {
     # model files
     "missing-file": Case(lambda f, d: [d / "nope.pt", "--arch", "resnet20-cifar"], ("nope.pt", "no such file")),
-    "missing-onnx": Case(lambda f, d: [d / "nope.onnx"], ("no such file",)),
-    "model-is-a-directory": Case(lambda f, d: [d, "--arch", "resnet20-cifar"], ("is a directory",)),
-    "no-model": Case(lambda f, d: [], ("no model file given",)),
     "empty-file": Case(lambda f, d: [f["empty.pt"], "--arch", "resnet20-cifar"], ("empty file",)),
     "garbage/arch": Case(lambda f, d: [f["garbage.pt"], "--arch", "resnet20-cifar"], ("garbage.pt",)),
-    "garbage": Case(lambda f, d: [f["garbage.pt"]], ("garbage.pt",)),
     "pickle-garbage/arch": Case(lambda f, d: [f["pickle_garbage.pt"], "--arch", "resnet20-cifar"],
                                 ("pickle_garbage.pt",)),
     "truncated/arch": Case(lambda f, d: [f["truncated.pt"], "--arch", "resnet20-cifar"],
-                           ("truncated.pt", "cannot read checkpoint")),
-    "truncated": Case(lambda f, d: [f["truncated.pt"]], ("truncated.pt", "not a model file PyTorch can read")),
+                           ("truncated.pt", "corrupt or truncated")),
+    "truncated": Case(lambda f, d: [f["truncated.pt"]], ("truncated.pt", "corrupt or truncated")),
     "bad-onnx": Case(lambda f, d: [f["bad.onnx"]], ("bad.onnx", "not a valid ONNX model")),
     "not-a-state-dict": Case(lambda f, d: [f["not_a_state.pt"], "--arch", "resnet20-cifar"],
                              ("expected a state_dict",)),
@@ -209,22 +210,15 @@ FAILURES = {
                                  ("pickled", "runs arbitrary code", "--trust-pickle")),
     "pickle-class-missing": Case(lambda f, d: [f["pickled_custom.pt"], "--trust-pickle", "--input-size", "3x32x32"],
                                  ("cannot unpickle", HELPER_MODULE)),
+    "untraceable": Case(lambda f, d: [f["untraceable.pt"], "--trust-pickle", "--input-size", "3x32x32"],
+                        ("untraceable.pt", "torch -> ONNX export failed"), env=True),  # no graph dumps on stderr
     # options
     "unknown-arch": Case(lambda f, d: [f["tiny"], "--arch", "resnet21-cifar"],
                          ("unknown --arch 'resnet21-cifar'", "resnet20-cifar")),
-    "pretrained-without-weights": Case(lambda f, d: ["--arch", "resnet20-cifar", "--pretrained"],
-                                       ("--pretrained needs --arch with shipped weights",)),
     "patch-abc": Case(lambda f, d: [f["model.onnx"], "--patch", "abc"], ("--patch 'abc'", "expected N, HxW or P%")),
-    "patch-zero": Case(lambda f, d: [f["model.onnx"], "--patch", "0"], ("--patch", "positive")),
-    "patch-5x": Case(lambda f, d: [f["model.onnx"], "--patch", "5x"], ("--patch", "expected")),
-    "patch-0%": Case(lambda f, d: [f["model.onnx"], "--patch", "0%"], ("--patch", "expected")),
     "patch-too-large": Case(lambda f, d: [f["model.onnx"], "--patch", "33"], ("does not fit the 32x32 input",)),
-    "patch-too-wide": Case(lambda f, d: [f["tiny"], *R20[:2], "--patch", "5x40"], ("does not fit the 32x32 input",)),
-    "input-size": Case(lambda f, d: [f["model.onnx"], "--input-size", "3x32"], ("--input-size",)),
-    "prune-rate-range": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--prune-rate", "1.5"], ("--prune-rate",)),
     "prune-rate-needs-calib": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--prune-rate", "0.3"],
                                    ("needs --calib",)),
-    "stride-zero": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--stride", "0"], ("--stride",)),
     # superficial layers that cannot carry a certificate
     "layer-vit-flattened": Case(lambda f, d: [f["vit.pt"], "--arch", "vit-patch8-64", "--patch", "8", "--layer", "view"],
                                 ("--layer 'view' is not local", "Reshape")),
@@ -247,8 +241,6 @@ FAILURES = {
     # output paths
     "output-exists": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("already exists", "--force"),
                           setup=_existing_bundle),
-    "output-is-a-file": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("already exists",),
-                             setup=_existing_file),
     "output-parent-missing": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("cannot write there",),
                                   output=lambda d: d / "no" / "such" / "b"),
 }
@@ -289,7 +281,7 @@ def test_bad_input_fails_cleanly(failures, name):
     assert ran.after == ran.before, f"left behind: {ran.after - ran.before}"
     if os.path.isdir(ran.parent):
         assert not [n for n in os.listdir(ran.parent) if n.startswith(".scalecert-")]
-    if name not in ("output-exists", "output-is-a-file"):
+    if name != "output-exists":
         assert not os.path.exists(ran.output)
 
 
@@ -300,7 +292,6 @@ def test_failures_say_what_is_wrong(failures):
     # the refused output is left exactly as it was
     old = failures["output-exists"].case_dir / "out" / "model.scalecert"
     assert sorted(os.listdir(old)) == ["keep.txt"] and (old / "keep.txt").read_text() == "old bundle"
-    assert (failures["output-is-a-file"].case_dir / "out" / "model.scalecert").read_text() == "x"
 
 
 # --- formats that must work ----------------------------------------------------------------------------

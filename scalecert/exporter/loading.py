@@ -50,19 +50,52 @@ def _strip_prefix(state: dict) -> dict:
     return state
 
 
-def _load_checkpoint(path: str, arch: str):
+class _PickledObjects(Exception):
+    pass
+
+
+def _safe_load(path: str):
+    """torch.load with weights_only=True: tensors and containers only, never code."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
+        text = str(exc)
+        if "Unsupported global" in text or "GLOBAL" in text:
+            raise _PickledObjects from None
+        lines = [l.strip() for l in text.splitlines() if l.strip()]
+        marker = next((i for i, l in enumerate(lines) if "WeightsUnpickler error" in l), None)
+        first = (lines[marker + 1] if marker is not None and marker + 1 < len(lines)
+                 else lines[0] if lines else type(exc).__name__)[:160]
+        raise ScaleCertError(f"{path}: corrupt or truncated checkpoint, PyTorch cannot read it ({first})") from None
+
+
+def _unpickle(path: str):
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ScaleCertError(f"{path}: cannot unpickle ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+PICKLE_REFUSED = ("holds pickled Python objects; refusing to unpickle it because that runs arbitrary code "
+                  "from the file. Pass --trust-pickle only if you trust its source, or save a state_dict")
+
+
+def _load_checkpoint(path: str, arch: str, trust_pickle: bool = False):
     import torch
 
     spec = REGISTRY[arch]
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for bad files
-        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            raise ScaleCertError(
-                f"{path}: not a plain state_dict checkpoint (it holds pickled objects; "
-                "loading it with --trust-pickle would run code from the file)"
-            ) from None
-        raise ScaleCertError(f"{path}: cannot read checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        data = _safe_load(path)
+    except _PickledObjects:
+        if not trust_pickle:
+            raise ScaleCertError(f"{path}: {PICKLE_REFUSED}") from None
+        data = _unpickle(path)
+        if isinstance(data, torch.nn.Module):
+            return data.eval()
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):
@@ -132,7 +165,7 @@ def load_model(path: str, arch: str | None = None, input_size: tuple[int, int, i
             raise ScaleCertError(f"{path}: cannot read TorchScript archive ({type(exc).__name__})") from None
         return LoadedModel("torchscript", module, _default_preprocess(input_size or (3, 224, 224)), arch, path)
     if arch is not None:
-        model = _load_checkpoint(path, arch)
+        model = _load_checkpoint(path, arch, trust_pickle)
         return LoadedModel("torch", model, with_size(REGISTRY[arch].preprocess), arch, path)
     return _load_pickled_module(path, input_size, trust_pickle)
 
@@ -140,22 +173,14 @@ def load_model(path: str, arch: str | None = None, input_size: tuple[int, int, i
 def _load_pickled_module(path, input_size, trust_pickle) -> LoadedModel:
     import torch
 
-    if not trust_pickle:
-        try:
-            torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-                raise ScaleCertError(
-                    f"{path}: holds a pickled object; refusing to unpickle it because that runs arbitrary "
-                    "code from the file. Pass --trust-pickle only if you trust its source, or export a "
-                    "state_dict and use --arch"
-                ) from None
-            raise ScaleCertError(f"{path}: not a model file PyTorch can read ({type(exc).__name__})") from None
-        raise ScaleCertError(f"{path}: a state_dict checkpoint; pass --arch NAME to say which architecture it fits")
     try:
-        module = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ScaleCertError(f"{path}: cannot unpickle ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        _safe_load(path)
+    except _PickledObjects:
+        if not trust_pickle:
+            raise ScaleCertError(f"{path}: {PICKLE_REFUSED} and use --arch") from None
+        module = _unpickle(path)
+    else:
+        raise ScaleCertError(f"{path}: a state_dict checkpoint; pass --arch NAME to say which architecture it fits")
     if not isinstance(module, torch.nn.Module):
         raise ScaleCertError(f"{path}: unpickled a {type(module).__name__}, not an nn.Module")
     return LoadedModel("torch", module.eval(), _default_preprocess(input_size or (3, 224, 224)), None, path)

@@ -66,6 +66,16 @@ def _make_batch_dynamic(proto: onnx.ModelProto) -> None:
             dims[0].dim_param = "batch"
 
 
+def _optimize(model: ir.Model) -> None:
+    """Constant folding and dead-code removal on one IR (onnxscript's optimizer, if installed)."""
+    try:
+        import onnxscript.optimizer
+    except ImportError:
+        return
+    with _quiet():
+        onnxscript.optimizer.optimize(model)
+
+
 def to_onnx(loaded: LoadedModel):
     """-> (onnx-ir model, ExportedProgram or None)."""
     program = None
@@ -80,6 +90,8 @@ def to_onnx(loaded: LoadedModel):
     except Exception as exc:  # noqa: BLE001
         raise ScaleCertError(f"{loaded.source}: ONNX shape inference failed: {str(exc).splitlines()[0][:160]}") from None
     model = ir.from_proto(proto)
+    if program is None:  # the dynamo path already folded constants and fused Conv+BN
+        _optimize(model)
     image, logits = model.graph.inputs[0], model.graph.outputs[0]
     image.name, logits.name = "image", "logits"
     c, h, w = loaded.preprocess.input_size
@@ -88,4 +100,7 @@ def to_onnx(loaded: LoadedModel):
         if all(isinstance(d, int) for d in fixed) and tuple(fixed) != (c, h, w):
             raise ScaleCertError(f"model input is {tuple(fixed)}, but --input-size says {(c, h, w)}")
     image.shape = ir.Shape(["batch", c, h, w])
+    if logits.shape is not None and len(logits.shape) != 2:
+        raise ScaleCertError(f"{loaded.source}: the model outputs shape {list(logits.shape)}; expected "
+                             "(batch, classes) logits")
     return model, program
