@@ -158,6 +158,7 @@ def pgd_patches(reference, pixels: np.ndarray, target: int, positions: np.ndarra
     fh, fw = reference.feature_hw
     base = torch.from_numpy(np.ascontiguousarray(pixels)).float().permute(2, 0, 1)  # 3,H,W in 0..255
     out = np.empty((len(positions), ph, pw, 3), np.uint8)
+    views = min(int(views), len(windows))
     sel = np.stack([overlap_windows(windows, fp, views) for fp in footprints]) if views else None
     for lo in range(0, len(positions), batch):
         pos = positions[lo:lo + batch]
@@ -342,7 +343,7 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
                   contents=("noise", "extreme", "donor"), reference=None, donor_pool=None, donor_labels=None,
                   pgd_positions="all", pgd_steps: int = 10, pgd_views: int = 2, all_variants: bool = False,
                   mix: bool = False, seed: int = 0, progress: bool = False, log=None, workers: int = 1,
-                  worker_spec: dict | None = None) -> dict:
+                  worker_spec: dict | None = None, checkpoint=None) -> dict:
     """Certify `pixels` (n,H,W,3 uint8), attack up to `max_images` of the certified ones.
 
     Donor patches come from `donor_pool` (default: `pixels` itself) restricted to images whose
@@ -353,6 +354,8 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
     `workers > 1` with `worker_spec` (dict: bundle, backend, early_exit, model, arch, input_size)
     attacks images in that many spawned processes, each with its own single-threaded Certifier
     (and TorchReference when `model` is set); the counts are the same, only faster on several cores.
+    `checkpoint(partial_dict)` is called after every image (the CLI writes it to --out, so a run
+    stopped early still leaves its counts).
     """
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -398,6 +401,8 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
                 f"{row['seconds']}")
         if bar is not None:
             bar.update(1)
+        if checkpoint is not None:
+            checkpoint({**tally.as_dict(), "partial": True, "images_done": len(tally.images)})
 
     if workers > 1 and worker_spec is not None and len(jobs) > 1:
         import multiprocessing
@@ -534,6 +539,14 @@ def main(argv=None) -> int:
     files, labels, classes = _image_files(args.data)
     scan = args.scan or 4 * args.images
     say = (lambda m: print(m, file=sys.stderr, flush=True))
+
+    def write(data: dict) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(data, fh, indent=1)
+        os.replace(tmp, args.out)
+
     pixels = np.stack([certifier.prepare(f) for f in files[:scan]])
     names = [os.path.relpath(f, args.data) for f in files[:scan]]
     lab = np.asarray(labels[:scan]) if labels is not None else None
@@ -552,7 +565,7 @@ def main(argv=None) -> int:
                         reference=reference, donor_pool=donor_pool, donor_labels=donor_labels,
                         pgd_positions=pgd_positions, pgd_steps=args.pgd_steps, pgd_views=args.pgd_views,
                         all_variants=args.all_variants, seed=args.seed, progress=True, log=say,
-                        workers=args.workers, worker_spec=spec)
+                        workers=args.workers, worker_spec=spec, checkpoint=write if args.out else None)
     out["command"] = " ".join(["python", "benchmarks/attack.py", *(argv if argv is not None else sys.argv[1:])])
     out["bundle"] = os.path.abspath(args.bundle)
     out["classes"] = classes
@@ -566,9 +579,7 @@ def main(argv=None) -> int:
           f"alert {t['alert']:7d} (base flipped {t['base_flipped']:6d})  violations {t['violations']}")
     print(f"  {out['seconds']} s")
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
-            json.dump(out, fh, indent=1)
+        write(out)
         print(f"wrote {args.out}")
     if out["images_attacked"] < args.images:
         print(f"warning: only {out['images_attacked']} certified images among {len(pixels)} scanned "
