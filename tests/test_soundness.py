@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, cifar_files, export, skimage_photos
+from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, cifar_files, export, need, skimage_photos
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import attack  # noqa: E402
@@ -69,19 +69,24 @@ def _tiny_module():
 
 
 def _crops(photos: dict, n_per: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random 32x32 views of the scikit-image photos (downscaled crops), labelled by photo."""
+    """Random 32x32 views of the scikit-image photos (downscaled crops). Label: 2 * photo + mirrored,
+    so pairs of classes differ only by orientation and the classifier keeps thin margins that a
+    patch can move (photo identity alone is too easy: nothing would ever flip)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     images, labels = [], []
     for label, photo in enumerate(photos.values()):
         h, w = photo.shape[:2]
-        for _ in range(n_per):
+        for k in range(n_per):
             side = int(rng.integers(min(h, w) // 4, min(h, w) // 2))
             y, x = rng.integers(0, h - side), rng.integers(0, w - side)
-            crop = Image.fromarray(np.ascontiguousarray(photo[y:y + side, x:x + side, :3]))
-            images.append(np.asarray(crop.resize((32, 32), Image.BILINEAR), np.uint8))
-            labels.append(label)
+            crop = np.ascontiguousarray(photo[y:y + side, x:x + side, :3])
+            mirrored = k % 2
+            if mirrored:
+                crop = np.ascontiguousarray(crop[:, ::-1])
+            images.append(np.asarray(Image.fromarray(crop).resize((32, 32), Image.BILINEAR), np.uint8))
+            labels.append(2 * label + mirrored)
     return np.stack(images), np.asarray(labels)
 
 
@@ -94,14 +99,15 @@ def _read(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _train_data():
+    """(images, labels, training steps): CIFAR-10 train when present, else photo crops."""
     if os.path.isdir(CIFAR_TRAIN):
         import glob
 
         files = []
         for cls in sorted(os.listdir(CIFAR_TRAIN)):
             files += sorted(glob.glob(os.path.join(CIFAR_TRAIN, cls, "*.jpg")))[:80]
-        return _read(files)
-    return _crops(skimage_photos(), 120, seed=1)
+        return (*_read(files), 300)
+    return (*_crops(skimage_photos(), 120, seed=1), 300)
 
 
 def _target_data():
@@ -124,14 +130,14 @@ def tiny(tmp_path_factory):
 
     torch.manual_seed(0)
     model = _tiny_module()
-    x, y = _train_data()
+    x, y, steps = _train_data()
     mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
     xs = (torch.from_numpy(x).float().permute(0, 3, 1, 2) / 255 - mean) / std
     ys = torch.from_numpy(y).long()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    for _ in range(steps):
         idx = torch.randint(0, len(xs), (128,), generator=gen)
         loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
         opt.zero_grad()
@@ -148,6 +154,13 @@ def tiny(tmp_path_factory):
     return bundle, reference, images, labels, names
 
 
+def _thinnest(certifier, images, labels, names, n):
+    """The n certified images with the thinnest base margins (the ones patches can move at all)."""
+    clean = certifier.certify_batch(images)
+    chosen = sorted((i for i, r in enumerate(clean) if r.status == "certified"), key=lambda i: clean[i].base_margin)[:n]
+    return images[chosen], labels[chosen], [names[i] for i in chosen]
+
+
 def _load(bundle, cls=None, **kw):
     from scalecert.runtime import Certifier
 
@@ -159,7 +172,9 @@ def test_tiny_cnn_attacked_everywhere_never_certified_wrong(tiny):
     bundle, reference, images, labels, names = tiny
     certifier = _load(bundle, early_exit=True)
     assert attack.patch_size(certifier) == (5, 5)
-    out = attack.attack_images(certifier, images, labels=labels, names=names, max_images=3,
+    thin = _thinnest(certifier, images, labels, names, 3)
+    out = attack.attack_images(certifier, thin[0], labels=thin[1], names=thin[2],
+                               donor_pool=images, donor_labels=labels,
                                contents=("noise", "extreme", "donor", "pgd"), reference=reference,
                                pgd_positions=32, pgd_steps=10, pgd_views=2, seed=0)
     _report("tiny", out)
@@ -254,7 +269,9 @@ def test_negative_control_harness_finds_violations_in_unsound_certifiers(tiny):
     bundle, reference, images, labels, names = tiny
     nothing = _load(bundle, cls=_NoWindows, early_exit=True)
     assert len(nothing.windows) == 0
-    out = attack.attack_images(nothing, images, labels=labels, names=names, max_images=2, mix=True,
+    thin = _thinnest(_load(bundle), images, labels, names, 2)
+    out = attack.attack_images(nothing, thin[0], labels=thin[1], names=thin[2], mix=True,
+                               donor_pool=images, donor_labels=labels,
                                contents=("noise", "extreme", "donor", "pgd"), reference=reference,
                                pgd_positions=24, pgd_steps=10, pgd_views=0, seed=3)
     _report("negative: no windows", out)
@@ -266,7 +283,8 @@ def test_negative_control_harness_finds_violations_in_unsound_certifiers(tiny):
     holed = _load(bundle, cls=_HoleInTheMiddle, early_exit=True)
     assert 0 < len(holed.windows) < len(sound.windows)
     clean = sound.certify_batch(images)
-    chosen = [i for i, r in enumerate(clean) if r.status == "certified"][:2]
+    # the certified images with the thinnest base margins: the ones a 5x5 patch can flip at all
+    chosen = sorted((i for i, r in enumerate(clean) if r.status == "certified"), key=lambda i: clean[i].base_margin)[:6]
     assert chosen, "the tiny CNN certified none of the target images"
     centre = np.array([(y, x) for y in range(12, 17) for x in range(12, 17)])  # footprints inside the hole
     found = {}
@@ -282,3 +300,50 @@ def test_negative_control_harness_finds_violations_in_unsound_certifiers(tiny):
     for v in holed_out["violations_detail"]:
         assert 12 <= v["position"][0] <= 16 and 12 <= v["position"][1] <= 16
     assert sound_out["total"]["violations"] == 0
+
+
+class _FootprintTooSmall(_SubsetCertifier):
+    """The window family of a footprint 2 smaller than the true one (window_family(footprint-2)):
+    the 'footprint computed too small' bug of DESIGN.md. Most footprints then stick out of every
+    window by one feature row or column, which only the patch's border pixels reach."""
+
+    def keep(self, windows):
+        return np.ones(len(windows), bool)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        w = self.manifest["windows"]
+        self.windows = geometry.window_family(tuple(v - 2 for v in w["footprint"]), w["stride"], self.feature_hw)
+        self.masks = geometry.window_masks(self.windows, self.feature_hw)
+
+
+@pytest.mark.slow
+def test_negative_control_footprint_too_small_is_caught(tiny):
+    """Subtle negative control (~50 s): PGD through the one-feature leak at every position whose true
+    footprint no window of the shrunken family contains. On the tiny CNN with CIFAR-10 images this
+    finds a handful of violations (6 of 3200 attacked images with the seed below), the sound family
+    none. With the photo-crop fallback (no ../shared) the tiny CNN is a different model, so the
+    check needs the CIFAR images."""
+    need(CIFAR_TEST)
+    bundle, reference, images, labels, names = tiny
+    sound = _load(bundle, early_exit=True)
+    small = _load(bundle, cls=_FootprintTooSmall, early_exit=True)
+
+    def contained(certifier, position) -> bool:
+        y0, x0, y1, x1 = attack.footprint_of(certifier, position)
+        w = certifier.windows
+        return bool(((w[:, 0] <= y0) & (w[:, 1] <= x0) & (w[:, 2] >= y1) & (w[:, 3] >= x1)).any())
+
+    positions = attack.all_positions((32, 32), (5, 5))
+    assert all(contained(sound, p) for p in positions)  # the real family covers every footprint
+    gap = np.array([p for p in positions if not contained(small, p)])
+    assert len(gap) > 0
+    clean = sound.certify_batch(images)
+    chosen = sorted((i for i, r in enumerate(clean) if r.status == "certified"), key=lambda i: clean[i].base_margin)[:6]
+    out = attack.attack_images(small, images[chosen], labels=labels[chosen], names=[names[i] for i in chosen],
+                               contents=("pgd",), reference=reference, pgd_positions=gap, pgd_steps=20,
+                               pgd_views=3, seed=5)
+    _report("negative: footprint too small", out)
+    assert out["total"]["violations"] > 0, "PGD found no violation through a footprint computed too small"
+    for v in out["violations_detail"]:
+        assert not contained(small, v["position"])
