@@ -22,5 +22,11 @@ scalecert bench "$WORK/eff" --data "$SHARED/data/imagenet-sample/images" --label
   --limit 50 --seed 0 --prune-rate 0,0.1,0.3 --stride 5,8 --baseline --baseline-engine both \
   --report "$OUT/cpu_effnet.json" --plot "$OUT/cpu_effnet.png"
 
-python benchmarks/results_md.py "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" > benchmarks/RESULTS.md
+# the same model with the superficial layer at the input (identity prefix): windows = baseline masks
+scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 --layer image --stride 33 -o "$WORK/eff-id" --quiet
+scalecert bench "$WORK/eff-id" --data "$SHARED/data/imagenet-sample/images" --labels "$SHARED/data/imagenet-sample/labels.csv" \
+  --limit 50 --seed 0 --baseline --baseline-engine both \
+  --report "$OUT/cpu_effnet_identity.json"
+
+python benchmarks/results_md.py "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" "$OUT/cpu_effnet_identity.json" > benchmarks/RESULTS.md
 echo "wrote benchmarks/RESULTS.md"

@@ -45,8 +45,8 @@ class OrtRunner(Runner):
 
     name = "ort"
 
-    def __init__(self, path: str, device: str = "cpu", threads: int | None = None):
-        self.path, self.device, self.threads = path, device, threads
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None, spin: bool = True):
+        self.path, self.device, self.threads, self.spin = path, device, threads, spin
         self.session = None
 
     def activate(self) -> None:
@@ -58,6 +58,9 @@ class OrtRunner(Runner):
         options.intra_op_num_threads = self.threads or (os.cpu_count() or 1)
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        if not self.spin:
+            # idle workers of this session must not busy-wait on cores the next session needs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(self.path, options, providers=ort_providers(self.device))
         except ScaleCertError:

@@ -77,8 +77,9 @@ class Certifier:
         self.delta = float(manifest["margin"].get(backend + "-fp32", manifest["margin"].get("ort-cpu-fp32", 0.0)))
         self.classes = manifest.get("classes")
         device = "cuda" if backend == "ort-cuda" else "cpu"
-        self.prefix = OrtRunner(os.path.join(bundle_dir, "prefix.onnx"), device, threads)
-        self.suffix = OrtRunner(os.path.join(bundle_dir, "suffix.onnx"), device, threads)
+        # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
+        self.prefix = OrtRunner(os.path.join(bundle_dir, "prefix.onnx"), device, threads, spin=False)
+        self.suffix = OrtRunner(os.path.join(bundle_dir, "suffix.onnx"), device, threads, spin=True)
         self.prefix.activate()
         self.suffix.activate()
 
