@@ -195,3 +195,11 @@ def test_same_window_same_logits_across_batches(tiny_bundle):
     spread = measure_logit_spread(cert.window_logits, features, cert.windows)
     assert spread <= 1e-5
     assert cert.delta == cert.manifest["margin"]["ort-cpu-fp32"] >= 0
+
+
+def test_backend_without_measured_margin_is_refused(tiny_bundle):
+    from scalecert.runtime import Certifier
+
+    with pytest.raises(ScaleCertError, match="CUDA|margin"):
+        Certifier.load(tiny_bundle, backend="ort-cuda")
+    assert Certifier.load(tiny_bundle, backend="auto").backend == "ort-cpu"

@@ -44,21 +44,22 @@ class Result:
         return out
 
 
-def _pick_backend(backend: str) -> str:
-    if backend == "auto":
-        try:
-            ort_providers("cuda")
-            return "ort-cuda"
-        except ScaleCertError:
-            return "ort-cpu"
-    if backend in ("ort", "ort-cpu"):
-        return "ort-cpu"
-    if backend == "ort-cuda":
-        return backend
+def _pick_backend(backend: str, margins: dict) -> str:
+    """The backend and the margin key it certifies with. A backend whose numeric margin was never
+    measured for this bundle is not used: its logits could move with batch composition by an
+    amount nobody bounded, and a zero delta would then be unsound."""
     if backend == "trt":
         raise ScaleCertError("the TensorRT backend needs the `tensorrt` extra and an NVIDIA GPU; "
                              "use --backend ort here")
-    raise ScaleCertError(f"unknown backend {backend!r} (auto, ort, ort-cuda, trt)")
+    if backend not in ("auto", "ort", "ort-cpu", "ort-cuda"):
+        raise ScaleCertError(f"unknown backend {backend!r} (auto, ort, ort-cuda, trt)")
+    if backend == "ort-cuda" or (backend == "auto" and "ort-cuda-fp32" in margins):
+        ort_providers("cuda")
+        if "ort-cuda-fp32" not in margins:
+            raise ScaleCertError("this bundle has no numeric margin measured for ort-cuda; certify with "
+                                 "--backend ort, or measure the CUDA margin first")
+        return "ort-cuda"
+    return "ort-cpu"
 
 
 class Certifier:
@@ -74,7 +75,7 @@ class Certifier:
         if len(self.windows) != w["count"]:
             raise ScaleCertError(f"{bundle_dir}: window family mismatch ({len(self.windows)} vs {w['count']}); re-export")
         self.masks = geometry.window_masks(self.windows, self.feature_hw)
-        self.delta = float(manifest["margin"].get(backend + "-fp32", manifest["margin"].get("ort-cpu-fp32", 0.0)))
+        self.delta = float(manifest["margin"][backend + "-fp32"])
         self.classes = manifest.get("classes")
         device = "cuda" if backend == "ort-cuda" else "cpu"
         # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
@@ -87,7 +88,7 @@ class Certifier:
     def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, early_exit: bool = False,
              threads: int | None = None) -> "Certifier":
         manifest = manifest_io.read(bundle_dir, verify=True)
-        return cls(bundle_dir, manifest, _pick_backend(backend), batch, early_exit, threads)
+        return cls(bundle_dir, manifest, _pick_backend(backend, manifest["margin"]), batch, early_exit, threads)
 
     def close(self) -> None:
         self.prefix.deactivate()
