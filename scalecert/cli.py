@@ -171,9 +171,13 @@ def _table(results) -> str:
     header = ("image", "status", "label", "class", "windows run", "ms")
     lines = [(os.path.basename(r.image), r.status, str(r.label), (r.class_name or "-")[:28],
               f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for r in results]
-    widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(header)]
+    return _format_table(header, lines)
+
+
+def _format_table(header, rows) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*l) for l in lines])
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
 @main.command()
@@ -268,6 +272,4 @@ def _bench_table(report) -> str:
         rows.append((f"baseline {engine} ({b['masks']} masks)", f"{b['clean_accuracy']:.1%}", f"{b['certified_accuracy']:.1%}",
                      f"{b['false_alert_rate']:.1%}", str(b["masks"]), f"{b['latency_ms_median']:.1f}",
                      f"{b['latency_ms_p95']:.1f}", "-", "-"))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+    return _format_table(header, rows)

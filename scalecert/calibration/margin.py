@@ -12,10 +12,11 @@ from __future__ import annotations
 import numpy as np
 
 SAFETY = 4.0  # the measurement samples batch compositions; the factor covers unseen ones
+BATCH_SIZES = (1, 2, 7, 16, 64)
 
 
 def measure_logit_spread(suffix_infer, features: np.ndarray, windows: np.ndarray,
-                         batch_sizes=(1, 2, 7, 16, 64), seed: int = 0) -> float:
+                         batch_sizes=BATCH_SIZES, seed: int = 0) -> float:
     """Largest |logit difference| for identical (features, window) inputs evaluated alone, at
     different positions of batches of several sizes, in shuffled orders."""
     rng = np.random.default_rng(seed)

@@ -194,13 +194,12 @@ def export_bundle(opts: ExportOptions) -> str:
             sin_info["threshold_by_rate"] = [sin.threshold_for_rate(score, r / 100) for r in range(100)]
             suffix_feats = features[:, live] if removable else features * live.reshape(1, -1, 1, 1)
 
-            def accuracy_at(tau):
+            def logits_at(tau):
                 gated = suffix_feats * sin.gate(score, tau)[:, None]
-                logits = _run(suffix_path, [{"features": gated[i:i + 1], "windows": np.zeros((1, 4), np.int64)}
-                                            for i in range(len(gated))], "logits")
-                return logits
+                return _run(suffix_path, [{"features": gated[i:i + 1], "windows": np.zeros((1, 4), np.int64)}
+                                          for i in range(len(gated))], "logits")
 
-            dense_logits = accuracy_at(-1.0)
+            dense_logits = logits_at(-1.0)
             labelled = None not in calib_labels
             reference = calib_labels if labelled else dense_logits.argmax(1)
             if opts.prune_rate == "auto":
@@ -209,7 +208,7 @@ def export_bundle(opts: ExportOptions) -> str:
                               "dense": dense_acc, "tolerance": opts.prune_tolerance, "candidates": {}}
                 for candidate in AUTO_RATES:
                     tau = sin.threshold_for_rate(score, candidate)
-                    acc = _accuracy(accuracy_at(tau), reference)
+                    acc = _accuracy(logits_at(tau), reference)
                     auto_table["candidates"][str(candidate)] = acc
                     if acc >= dense_acc - opts.prune_tolerance:
                         rate, threshold = candidate, tau
@@ -277,7 +276,7 @@ def export_bundle(opts: ExportOptions) -> str:
 
 
 def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray) -> dict:
-    from ..calibration.margin import SAFETY, delta_from_spread, measure_logit_spread
+    from ..calibration.margin import BATCH_SIZES, SAFETY, delta_from_spread, measure_logit_spread
 
     if calib_x is not None:
         image = calib_x[:1]
@@ -292,16 +291,16 @@ def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray) -
         sample = np.concatenate([np.zeros((1, 4), np.int64), windows[:63]])
         spread = measure_logit_spread(lambda f, w: suffix.infer({"features": f, "windows": w})["logits"], features, sample)
     return {"ort-cpu-fp32": delta_from_spread(spread), "spread": spread, "safety": SAFETY,
-            "windows_sampled": len(sample), "batch_sizes": [1, 2, 7, 16, 64]}
+            "windows_sampled": len(sample), "batch_sizes": list(BATCH_SIZES)}
 
 
 def _move_into_place(work: str, output: str) -> None:
     os.chmod(work, 0o755)
     if os.path.exists(output):
-        old = output + ".old-" + next(tempfile._get_candidate_names())  # noqa: SLF001
-        os.rename(output, old)
+        old = tempfile.mkdtemp(prefix=".scalecert-old-", dir=os.path.dirname(os.path.abspath(output)))
+        os.rename(output, os.path.join(old, "bundle"))
         os.rename(work, output)
-        shutil.rmtree(old, ignore_errors=True) if os.path.isdir(old) else os.remove(old)
+        shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(work, output)
 

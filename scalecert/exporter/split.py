@@ -214,9 +214,8 @@ def dead_channel_plan(model: ir.Model, layer: Layer, alpha: np.ndarray) -> tuple
     """Can channels with alpha = 0 be removed from the graph (not just zeroed)?"""
     if (alpha > 0).all():
         return False, "no channel has zero importance"
-    work = _copy(model)
-    feature = _value(work.graph, layer.name)
-    chain = _producer_chain(work.graph, feature)
+    feature = _value(model.graph, layer.name)
+    chain = _producer_chain(model.graph, feature)
     if isinstance(chain, str):
         return False, chain
     reason = _suffix_consumers_ok(feature)

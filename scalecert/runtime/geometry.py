@@ -56,14 +56,12 @@ def footprint(patch_yx: tuple[int, int], patch_hw, rf_yx, feature_hw) -> tuple[i
 
 def window_size(patch_hw, image_hw, rf_yx, feature_hw) -> tuple[int, int]:
     """Largest footprint extent per axis over every patch position, borders included."""
-    sizes = []
-    for axis in (0, 1):
-        extents = [
-            np.subtract(*footprint_1d(a, patch_hw[axis], rf_yx[axis], feature_hw[axis])[::-1])
-            for a in range(image_hw[axis] - patch_hw[axis] + 1)
-        ]
-        sizes.append(int(max(extents)))
-    return sizes[0], sizes[1]
+    def largest(axis: int) -> int:
+        spans = (footprint_1d(a, patch_hw[axis], rf_yx[axis], feature_hw[axis])
+                 for a in range(image_hw[axis] - patch_hw[axis] + 1))
+        return max(end - start for start, end in spans)
+
+    return largest(0), largest(1)
 
 
 def _starts(extent: int, win: int, stride: int) -> list[int]:
