@@ -74,3 +74,61 @@ class OrtRunner(Runner):
 
     def deactivate(self) -> None:
         self.session = None
+
+
+class Pipeline:
+    """One bundle precision on one device: the prefix over image batches, then the suffix over
+    window batches of one image. `prefix` returns features in whatever form the backend keeps
+    them (numpy here, device buffers on a GPU) plus the gate map as numpy; `select` takes one
+    image's features out of a batch; `suffix` returns logits as numpy."""
+
+    name = "pipeline"
+
+    def activate(self) -> None:
+        raise NotImplementedError
+
+    def deactivate(self) -> None:
+        raise NotImplementedError
+
+    def prefix(self, image: np.ndarray):
+        raise NotImplementedError
+
+    def select(self, features, index: int):
+        raise NotImplementedError
+
+    def suffix(self, features, windows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.activate()
+        return self
+
+    def __exit__(self, *exc):
+        self.deactivate()
+
+
+class OrtCpuPipeline(Pipeline):
+    name = "ort-cpu"
+
+    def __init__(self, prefix_path: str, suffix_path: str, threads: int | None = None):
+        # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
+        self.prefix_runner = OrtRunner(prefix_path, "cpu", threads, spin=False)
+        self.suffix_runner = OrtRunner(suffix_path, "cpu", threads, spin=True)
+
+    def activate(self) -> None:
+        self.prefix_runner.activate()
+        self.suffix_runner.activate()
+
+    def deactivate(self) -> None:
+        self.prefix_runner.deactivate()
+        self.suffix_runner.deactivate()
+
+    def prefix(self, image):
+        out = self.prefix_runner.infer({"image": image})
+        return out["features"], out["gate"]
+
+    def select(self, features, index):
+        return features[index:index + 1]
+
+    def suffix(self, features, windows):
+        return self.suffix_runner.infer({"features": features, "windows": windows.astype(np.int64, copy=False)})["logits"]

@@ -10,7 +10,7 @@ import numpy as np
 from .. import manifest as manifest_io
 from ..errors import ScaleCertError
 from . import decision, geometry
-from .backends import OrtRunner, ort_providers
+from .backends import OrtCpuPipeline, Pipeline, ort_providers
 from .preprocess import load_image, normalize, resize_to_input
 
 EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
@@ -44,28 +44,67 @@ class Result:
         return out
 
 
-def _pick_backend(backend: str, margins: dict) -> str:
-    """The backend and the margin key it certifies with. A backend whose numeric margin was never
-    measured for this bundle is not used: its logits could move with batch composition by an
-    amount nobody bounded, and a zero delta would then be unsound."""
+BACKENDS = ("ort-cpu", "ort-cuda", "trt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def precision_files(manifest: dict, precision: str) -> dict:
+    """{"prefix": file, "suffix": file} of one precision variant of the bundle."""
+    variants = manifest.get("precisions") or {"fp32": {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}}
+    if precision not in PRECISIONS:
+        raise ScaleCertError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
+    if precision not in variants:
+        raise ScaleCertError(f"this bundle has no {precision} variant; add one with "
+                             f"`scalecert build BUNDLE --precision {precision}`")
+    return variants[precision]
+
+
+def pick_backend(backend: str, precision: str, manifest: dict) -> str:
+    """The backend to certify with. A backend/precision whose numeric margin was never measured
+    for this bundle is not used: its logits could move with batch composition by an amount
+    nobody bounded, and a zero delta would then be unsound."""
+    margins = manifest["margin"]
+    if backend == "ort":
+        backend = "ort-cpu"
+    if backend == "auto":
+        backend = "ort-cpu"
+        if f"ort-cuda-{precision}" in margins:
+            try:
+                ort_providers("cuda")
+                backend = "ort-cuda"
+            except ScaleCertError:
+                pass
+    if backend not in BACKENDS:
+        raise ScaleCertError(f"unknown backend {backend!r} (auto, ort, ort-cpu, ort-cuda, trt)")
     if backend == "trt":
-        raise ScaleCertError("the TensorRT backend needs the `tensorrt` extra and an NVIDIA GPU; "
-                             "use --backend ort here")
-    if backend not in ("auto", "ort", "ort-cpu", "ort-cuda"):
-        raise ScaleCertError(f"unknown backend {backend!r} (auto, ort, ort-cuda, trt)")
-    if backend == "ort-cuda" or (backend == "auto" and "ort-cuda-fp32" in margins):
+        from . import gpu
+
+        gpu.require_tensorrt()
+    elif backend == "ort-cuda":
         ort_providers("cuda")
-        if "ort-cuda-fp32" not in margins:
-            raise ScaleCertError("this bundle has no numeric margin measured for ort-cuda; certify with "
-                                 "--backend ort, or measure the CUDA margin first")
-        return "ort-cuda"
-    return "ort-cpu"
+    if f"{backend}-{precision}" not in margins:
+        raise ScaleCertError(f"this bundle has no numeric margin measured for {backend} at {precision}; run "
+                             f"`scalecert build BUNDLE --precision {precision} --backend {backend}` first")
+    return backend
+
+
+def open_pipeline(bundle_dir: str, manifest: dict, backend: str, precision: str, threads=None) -> Pipeline:
+    if backend == "ort-cpu":
+        files = precision_files(manifest, precision)
+        return OrtCpuPipeline(os.path.join(bundle_dir, files["prefix"]), os.path.join(bundle_dir, files["suffix"]), threads)
+    from . import gpu
+
+    if backend == "ort-cuda":
+        files = precision_files(manifest, precision)
+        return gpu.OrtCudaPipeline(os.path.join(bundle_dir, files["prefix"]), os.path.join(bundle_dir, files["suffix"]))
+    return gpu.TrtPipeline.from_bundle(bundle_dir, manifest, precision)
 
 
 class Certifier:
-    def __init__(self, bundle_dir: str, manifest: dict, backend: str, batch: int, early_exit: bool, threads):
+    def __init__(self, bundle_dir: str, manifest: dict, backend: str = "ort-cpu", precision: str = "fp32",
+                 batch: int = 64, early_exit: bool = False, threads=None):
         self.bundle_dir, self.manifest = bundle_dir, manifest
-        self.backend = backend
+        self.backend, self.precision = backend, precision
         self.batch, self.early_exit = max(1, int(batch)), early_exit
         self.input_spec = manifest["input"]
         c, fh, fw = manifest["layer"]["shape"]
@@ -75,24 +114,20 @@ class Certifier:
         if len(self.windows) != w["count"]:
             raise ScaleCertError(f"{bundle_dir}: window family mismatch ({len(self.windows)} vs {w['count']}); re-export")
         self.masks = geometry.window_masks(self.windows, self.feature_hw)
-        self.delta = float(manifest["margin"][backend + "-fp32"])
+        self.delta = float(manifest["margin"][f"{backend}-{precision}"])
         self.classes = manifest.get("classes")
-        device = "cuda" if backend == "ort-cuda" else "cpu"
-        # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
-        self.prefix = OrtRunner(os.path.join(bundle_dir, "prefix.onnx"), device, threads, spin=False)
-        self.suffix = OrtRunner(os.path.join(bundle_dir, "suffix.onnx"), device, threads, spin=True)
-        self.prefix.activate()
-        self.suffix.activate()
+        self.pipeline = open_pipeline(bundle_dir, manifest, backend, precision, threads)
+        self.pipeline.activate()
 
     @classmethod
     def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, early_exit: bool = False,
-             threads: int | None = None) -> "Certifier":
+             threads: int | None = None, precision: str = "fp32") -> "Certifier":
         manifest = manifest_io.read(bundle_dir, verify=True)
-        return cls(bundle_dir, manifest, _pick_backend(backend, manifest["margin"]), batch, early_exit, threads)
+        precision_files(manifest, precision)
+        return cls(bundle_dir, manifest, pick_backend(backend, precision, manifest), precision, batch, early_exit, threads)
 
     def close(self) -> None:
-        self.prefix.deactivate()
-        self.suffix.deactivate()
+        self.pipeline.deactivate()
 
     def __enter__(self):
         return self
@@ -117,17 +152,16 @@ class Certifier:
 
     # -- inference ------------------------------------------------------------------------
     def features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        out = self.prefix.infer({"image": normalize(pixels, self.input_spec)})
-        return out["features"], out["gate"]
+        return self.pipeline.prefix(normalize(pixels, self.input_spec))
 
     def window_logits(self, features: np.ndarray, windows: np.ndarray) -> np.ndarray:
-        return self.suffix.infer({"features": features, "windows": windows})["logits"]
+        return self.pipeline.suffix(features, windows)
 
     def certify(self, image, name: str | None = None) -> Result:
         start = time.perf_counter()
         pixels = self.prepare(image)
         features, gate = self.features(pixels)
-        return self._certify_features(features, gate, start, time.perf_counter(), name or (
+        return self._certify_features(self.pipeline.select(features, 0), gate, start, time.perf_counter(), name or (
             os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<array>"))
 
     def certify_batch(self, pixels: np.ndarray, names=None, prefix_batch: int = 64) -> list[Result]:
@@ -142,7 +176,8 @@ class Certifier:
             for i in range(len(chunk)):
                 t0 = time.perf_counter()
                 name = names[lo + i] if names is not None else f"<array {lo + i}>"
-                results.append(self._certify_features(features[i:i + 1], gate[i:i + 1], t0 - share, t0, name))
+                results.append(self._certify_features(self.pipeline.select(features, i), gate[i:i + 1],
+                                                      t0 - share, t0, name))
         return results
 
     def _certify_features(self, features, gate, start, after_prefix, name) -> Result:
