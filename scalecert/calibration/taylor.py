@@ -13,7 +13,7 @@ def taylor_scores(program, layer: str, images: np.ndarray, labels, batch: int = 
     import torch
     import torch.fx
 
-    module = program.module()
+    module = program.module() if hasattr(program, "graph_signature") else program  # ExportedProgram or its module
     if not any(n.name == layer for n in module.graph.nodes):
         return None
     captured = {}

@@ -29,10 +29,10 @@ class ExportOptions:
     output: str | None = None
     arch: str | None = None
     input_size: tuple | None = None
-    patch: str = "2%"
-    layer: str = "auto"
-    prune_rate: str = "auto"
-    stride: str = "auto"
+    patch: str | None = None  # None: the tune record's, else "2%"
+    layer: str | None = None  # None: the tune record's, else "auto"
+    prune_rate: str | None = None  # None: the tune record's, else "auto"
+    stride: str | None = None  # None: the tune record's, else "auto"
     window_budget: int = 100
     max_growth: float = 2.0
     calib: str | None = None
@@ -116,6 +116,7 @@ def export_bundle(opts: ExportOptions) -> str:
     parent = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise ScaleCertError(f"{output}: cannot write there (no such directory or not writable)")
+    record = _apply_tune_defaults(opts, loaded.tuned)
     input_spec = loaded.preprocess.to_json()
     _, image_h, image_w = loaded.preprocess.input_size
     patch_hw = geometry.parse_patch(opts.patch, (image_h, image_w))
@@ -127,9 +128,9 @@ def export_bundle(opts: ExportOptions) -> str:
             except ValueError:
                 raise ScaleCertError(f"{label} {value!r}: expected a number in [{low}, {high}]" + (" or auto" if label == "--prune-rate" else "")) from None
     calib_items = image_set(opts.calib, limit=opts.calib_limit) if opts.calib else None
-    if float(opts.channel_prune) > 0 and calib_items is None:
+    if float(opts.channel_prune) > 0 and calib_items is None and record is None:
         raise ScaleCertError("--channel-prune needs --calib: channel importances come from calibration images")
-    if opts.prune_rate not in ("auto", "0", "0.0") and float(opts.prune_rate) > 0 and calib_items is None:
+    if opts.prune_rate not in ("auto", "0", "0.0") and float(opts.prune_rate) > 0 and calib_items is None and record is None:
         raise ScaleCertError("--prune-rate above 0 needs --calib DIR: the gate threshold is calibrated on images")
 
     model, program = to_onnx(loaded)
@@ -174,6 +175,9 @@ def export_bundle(opts: ExportOptions) -> str:
             else:
                 alpha, sin_info["importance"] = sin.gradient_free_importance(features, opts.phi), "inverse mean magnitude"
             alpha = sin.kill_channels(alpha, float(opts.channel_prune))
+        elif record is not None:
+            alpha = sin.kill_channels(np.asarray(record["alpha"], np.float32), float(opts.channel_prune))
+            sin_info["importance"] = f"{record['importance']} (from the scalecert tune record)"
         else:
             sin_info["importance"] = "uniform (no calibration data)"
         live = alpha > 0
@@ -218,6 +222,13 @@ def export_bundle(opts: ExportOptions) -> str:
             else:
                 rate = float(opts.prune_rate)
                 threshold = sin.threshold_for_rate(score, rate)
+        elif record is not None:
+            sin_info["threshold_by_rate"] = table = record["threshold_by_rate"]
+            rate = record["prune_rate"] if opts.prune_rate == "auto" else float(opts.prune_rate)
+            if abs(round(rate * 100) - rate * 100) > 1e-9:
+                raise ScaleCertError(f"--prune-rate {rate}: a tuned checkpoint's thresholds come in steps of 0.01")
+            threshold = table[round(rate * 100)] if rate > 0 else -1.0
+            opts.say(f"SIN gate from the tune record: prune rate {rate}, threshold {threshold:.6g}")
         elif opts.prune_rate == "auto":
             opts.say("--prune-rate auto chose 0 (no --calib images to measure its accuracy cost)")
         sin_info.update({"prune_rate": rate, "threshold": threshold, "alpha": [float(a) for a in alpha], "prune_rate_auto": auto_table,
@@ -273,6 +284,23 @@ def export_bundle(opts: ExportOptions) -> str:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return output
+
+
+def _apply_tune_defaults(opts: ExportOptions, tuned: dict | None) -> dict | None:
+    """Fill unset knobs from a `scalecert tune` record; return its SIN parameters when they apply
+    (no --calib given, same phi), so the exported gate is the one the weights were tuned with."""
+    settings = (tuned or {}).get("settings", {})
+    opts.patch = opts.patch or settings.get("patch") or "2%"
+    opts.layer = opts.layer or settings.get("layer_name") or "auto"
+    opts.stride = opts.stride or (str(settings["stride_chosen"]) if "stride_chosen" in settings else "auto")
+    opts.prune_rate = opts.prune_rate or "auto"  # auto with a tune record: the rate it was tuned at
+    if tuned:
+        opts.say(f"tuned checkpoint: patch {opts.patch}, layer {opts.layer}, stride {opts.stride} "
+                 f"(tune settings unless given here)")
+    record = (tuned or {}).get("sin")
+    if record is None or opts.calib or record.get("phi", "abs") != opts.phi:
+        return None
+    return record
 
 
 def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray) -> dict:

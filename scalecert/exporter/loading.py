@@ -17,6 +17,7 @@ class LoadedModel:
     preprocess: Preprocess
     arch: str | None
     source: str
+    tuned: dict | None = None  # the `scalecert tune` record of a tuned checkpoint
 
 
 def parse_input_size(spec: str) -> tuple[int, int, int]:
@@ -95,7 +96,8 @@ def _load_checkpoint(path: str, arch: str, trust_pickle: bool = False):
             raise ScaleCertError(f"{path}: {PICKLE_REFUSED}") from None
         data = _unpickle(path)
         if isinstance(data, torch.nn.Module):
-            return data.eval()
+            return data.eval(), None
+    record = data.get("scalecert_tune") if isinstance(data, dict) else None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):
@@ -113,7 +115,7 @@ def _load_checkpoint(path: str, arch: str, trust_pickle: bool = False):
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)) if keys]
         raise ScaleCertError(f"{path} does not fit --arch {arch}: " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
-    return model.eval()
+    return model.eval(), record if isinstance(record, dict) else None
 
 
 def load_model(path: str, arch: str | None = None, input_size: tuple[int, int, int] | None = None,
@@ -165,8 +167,8 @@ def load_model(path: str, arch: str | None = None, input_size: tuple[int, int, i
             raise ScaleCertError(f"{path}: cannot read TorchScript archive ({type(exc).__name__})") from None
         return LoadedModel("torchscript", module, _default_preprocess(input_size or (3, 224, 224)), arch, path)
     if arch is not None:
-        model = _load_checkpoint(path, arch, trust_pickle)
-        return LoadedModel("torch", model, with_size(REGISTRY[arch].preprocess), arch, path)
+        model, record = _load_checkpoint(path, arch, trust_pickle)
+        return LoadedModel("torch", model, with_size(REGISTRY[arch].preprocess), arch, path, record)
     return _load_pickled_module(path, input_size, trust_pickle)
 
 

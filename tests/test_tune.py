@@ -1,0 +1,151 @@
+"""`scalecert tune` end to end on a tiny ImageFolder of real photo crops (no ../shared needed):
+the checkpoint loads with weights_only=True, exports with the tuned gate, certifies; the gate the
+training used equals the exported prefix's; resume, seed determinism and bad inputs."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, skimage_photos
+
+TUNE_ARGS = ("--arch", "resnet20-cifar", "--patch", "5", "--stride", "8", "--prune-rate", "0.5", "--batch", "16",
+             "--val-limit", "12", "--cert-limit", "4", "--quiet")
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory) -> str:
+    """Three classes of 32x32 crops of real scikit-image photos, as an ImageFolder tree."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("photos")
+    rng = np.random.default_rng(0)
+    for name, photo in list(skimage_photos().items())[:3]:
+        photo = np.stack([photo] * 3, -1) if photo.ndim == 2 else photo[..., :3]
+        os.makedirs(root / name)
+        for i in range(20):
+            y, x = rng.integers(0, photo.shape[0] - 96), rng.integers(0, photo.shape[1] - 96)
+            crop = Image.fromarray(photo[y:y + 96, x:x + 96]).resize((32, 32), Image.BILINEAR)
+            crop.save(root / name / f"{i:02d}.png")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory) -> str:
+    """Seeded random ResNet-20 with a 3-way head trained nowhere: tuning must move it."""
+    import torch
+
+    from scalecert.exporter.archs import REGISTRY
+
+    torch.manual_seed(0)
+    path = str(tmp_path_factory.mktemp("start") / "start.pt")
+    torch.save({"state_dict": REGISTRY["resnet20-cifar"].build().state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, photo_folder, start_checkpoint) -> str:
+    out = str(tmp_path_factory.mktemp("tuned") / "tuned.pt")
+    run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "2", "-o", out, *TUNE_ARGS,
+            check=True)
+    return out
+
+
+def test_checkpoint_is_a_plain_state_dict_with_its_record(tuned, start_checkpoint):
+    import torch
+
+    data = torch.load(tuned, map_location="cpu", weights_only=True)
+    record = data["scalecert_tune"]
+    assert record["settings"]["patch"] == "5" and record["settings"]["stride_chosen"] == 8
+    assert record["sin"]["prune_rate"] == 0.5 and len(record["sin"]["threshold_by_rate"]) == 100
+    assert [h["epoch"] for h in record["history"]] == list(range(record["epoch"] + 1))  # best epoch kept
+    last = torch.load(tuned + ".last", map_location="cpu", weights_only=True)
+    assert [h["epoch"] for h in last["history"]] == [0, 1, 2] and last["best"]["epoch"] == record["epoch"]
+    start = torch.load(start_checkpoint, weights_only=True)["state_dict"]
+    assert set(data["state_dict"]) == set(start)
+    assert not torch.equal(data["state_dict"]["conv1.weight"], start["conv1.weight"]), "tuning changed nothing"
+
+
+def test_tuned_checkpoint_exports_with_its_gate_and_certifies(tuned, tmp_path, photo_folder):
+    """Export takes patch/stride/layer/gate from the record; the prefix's gate is bitwise the
+    training gate (off float ties at tau) and its features equal the training features."""
+    import torch
+
+    from scalecert.exporter.loading import load_model
+    from scalecert.runtime import Certifier
+    from scalecert.tune import SplitNetwork, plan
+
+    bundle = str(tmp_path / "tuned.scalecert")
+    run_cli("scalecert-export", tuned, "--arch", "resnet20-cifar", "-o", bundle, "--quiet", check=True)
+    manifest = json.load(open(os.path.join(bundle, "manifest.json")))
+    record = torch.load(tuned, weights_only=True)["scalecert_tune"]
+    assert manifest["threat_model"]["patch"] == [5, 5] and manifest["windows"]["stride"] == 8
+    assert manifest["sin"]["threshold"] == record["sin"]["threshold"] and manifest["sin"]["prune_rate"] == 0.5
+
+    loaded = load_model(tuned, "resnet20-cifar")
+    program, layer, _, _, windows = plan(loaded, "5", "auto", "8", 100, 2.0)
+    net = SplitNetwork(program.module(), layer.name, manifest["input"], windows, layer.shape[1:], "abs")
+    net.alpha = torch.tensor(record["sin"]["alpha"]).reshape(1, -1, 1, 1)
+    net.tau = record["sin"]["threshold"]
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(photo_folder) for f in fs)[:24]
+    with Certifier.load(bundle) as cert:
+        pixels = np.stack([cert.prepare(f) for f in files])
+        features, gate = cert.features(pixels)
+        result = cert.certify(files[0])
+    with torch.no_grad():
+        a = net.superficial(net.normalize(pixels))
+        trained_gate = (net.score(a) > net.tau).numpy()
+        trained_features = net.gated(a).numpy()
+    clear = np.abs(net.score(a).numpy() - net.tau) > 1e-4 * max(1.0, abs(net.tau))
+    assert 0.1 < trained_gate.mean() < 0.9  # a real gate: neither all kept nor all pruned
+    assert np.array_equal(gate.astype(bool)[clear], trained_gate[clear])
+    live = np.asarray(record["sin"]["alpha"]) > 0
+    np.testing.assert_allclose(features, trained_features[:, live] if features.shape[1] < len(live) else trained_features,
+                               atol=1e-5)
+    assert result.status in ("certified", "alert") and result.windows_total == len(windows)
+
+
+def test_resume_continues_from_the_last_epoch(tmp_path, photo_folder, start_checkpoint):
+    import torch
+
+    out = str(tmp_path / "r.pt")
+    run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out, *TUNE_ARGS,
+            check=True)
+    proc = run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "2", "-o", out,
+                   "--resume", *TUNE_ARGS)
+    assert proc.returncode != 0 and "other settings" in proc.stderr  # epochs changed the schedule: refused
+    proc = run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out,
+                   "--resume", *[a for a in TUNE_ARGS if a != "--quiet"], check=True)
+    assert "resumed" in proc.stdout
+    last = torch.load(out + ".last", weights_only=True)
+    assert last["epoch"] == 1 and len(last["history"]) == 2
+
+
+def test_same_seed_same_weights(tmp_path, photo_folder, start_checkpoint):
+    import torch
+
+    outs = []
+    for name in ("a", "b"):
+        outs.append(str(tmp_path / f"{name}.pt"))
+        run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "1", "--limit", "32",
+                "-o", outs[-1], "--threads", "1", *TUNE_ARGS, check=True)
+    a, b = (torch.load(p, weights_only=True)["state_dict"] for p in outs)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("case", ["missing data", "unknown arch", "unwritable output", "no model", "onnx model"])
+def test_bad_input_is_one_line(case, tmp_path, photo_folder, start_checkpoint):
+    args = {"missing data": [start_checkpoint, "--arch", "resnet20-cifar", "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o.pt")],
+            "unknown arch": [start_checkpoint, "--arch", "resnet21", "--data", photo_folder, "-o", str(tmp_path / "o.pt")],
+            "unwritable output": [start_checkpoint, "--arch", "resnet20-cifar", "--data", photo_folder, "-o", str(tmp_path / "no-such-dir" / "o.pt")],
+            "no model": ["--arch", "resnet20-cifar", "--data", photo_folder, "-o", str(tmp_path / "o.pt")],
+            "onnx model": [str(tmp_path / "m.onnx"), "--arch", "resnet20-cifar", "--data", photo_folder, "-o", str(tmp_path / "o.pt")]}[case]
+    if case == "onnx model":
+        (tmp_path / "m.onnx").write_bytes(b"not an onnx file")
+    proc = run_cli("scalecert", "tune", *args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "o.pt")
