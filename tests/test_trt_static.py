@@ -1,0 +1,377 @@
+"""TensorRT readiness checked without TensorRT or a GPU: every node of every bundle graph is within
+the ONNX parser's documented support, the graph passes made for TensorRT keep ONNX Runtime's
+outputs identical, engine records are refused on the wrong machine, and the GPU-only paths are
+reached and say what they need."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import export, run_cli, skimage_photos
+from scalecert import manifest as manifest_io
+from scalecert.errors import ScaleCertError
+from scalecert.runtime import geometry, gpu
+from scalecert.trt_build import build_engines, prepare_onnx, windows_to_int32
+from scalecert.trt_support import check_onnx, table
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory, tiny_checkpoint):
+    return export(tmp_path_factory, "trt-tiny", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5")
+
+
+def _variants(bundle: str, tmp) -> dict:
+    """fp32 files of the bundle, plus fp16/int8 variants when scalecert.calibration.precision exists."""
+    files = {"fp32": {k: os.path.join(bundle, f"{k}.onnx") for k in ("prefix", "suffix")}}
+    try:
+        from scalecert.calibration import precision
+    except ImportError:
+        return files
+    image = np.random.default_rng(0).standard_normal((4, *manifest_io.read(bundle)["input"]["input_size"])).astype(np.float32)
+    import onnxruntime as ort
+
+    features = ort.InferenceSession(files["fp32"]["prefix"]).run(["features"], {"image": image})[0]
+    feeds = {"prefix": [{"image": image}], "suffix": [{"features": features[:1], "windows": np.array([[0, 0, 0, 0], [0, 0, 3, 3]])}]}
+    files["fp16"], files["int8"] = {}, {}
+    for kind, src in files["fp32"].items():
+        files["fp16"][kind] = str(tmp / f"{kind}.fp16.onnx")
+        precision.to_fp16(src, files["fp16"][kind], kind)
+        files["int8"][kind] = str(tmp / f"{kind}.int8.onnx")
+        precision.to_int8(src, files["int8"][kind], kind, feeds[kind])
+    return files
+
+
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "effnet_bundle"])
+def test_every_bundle_graph_is_within_trt_parser_support(bundle_fixture, request, tmp_path):
+    bundle = request.getfixturevalue(bundle_fixture)
+    for precision, files in _variants(bundle, tmp_path).items():
+        for kind, path in files.items():
+            ready = str(tmp_path / f"{kind}.{precision}.trt.onnx")
+            prepare_onnx(path, ready)
+            assert check_onnx(ready) == [], (precision, kind)
+            # what the TensorRT pass fixes in the bundle's own file: uint8 only in the shape op before the gate output
+            assert all("UINT8" in p and "Squeeze" in p for p in check_onnx(path)), check_onnx(path)
+
+
+def _model(nodes, inputs, outputs, initializers=(), opset=18, name="control"):
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=list(initializers))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _vi(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def test_negative_controls_fail_the_check():
+    f32 = [_vi("x", TensorProto.FLOAT, [1, 3, 8, 8])]
+    clean = _model([helper.make_node("Relu", ["x"], ["y"])], f32, [_vi("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    assert check_onnx(clean) == []
+
+    def problems(nodes, inputs, outputs, initializers=(), opset=18):
+        found = check_onnx(_model(nodes, inputs, outputs, initializers, opset))
+        assert found, nodes
+        return " | ".join(found)
+
+    y = [_vi("y", TensorProto.FLOAT, None)]
+    assert "Unique node u: operator not supported" in problems([helper.make_node("Unique", ["x"], ["y"], name="u")], f32, y)
+    assert "input 0 is DOUBLE" in problems([helper.make_node("Add", ["d", "d"], ["y"])],
+                                           [_vi("d", TensorProto.DOUBLE, [4])], [_vi("y", TensorProto.DOUBLE, [4])])
+    scales = helper.make_tensor("scales", TensorProto.FLOAT, [4], [1, 1, 2, 2])
+    assert "mode='cubic'" in problems([helper.make_node("Resize", ["x", "", "scales"], ["y"], mode="cubic")], f32, y, [scales])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    assert "input 0 is UINT8" in problems([helper.make_node("Cast", ["x"], ["u"], to=TensorProto.UINT8),
+                                           helper.make_node("Squeeze", ["u", "axes"], ["y"])],
+                                          f32, [_vi("y", TensorProto.UINT8, None)], [axes])
+    assert "DynamicQuantizeLinear" in problems([helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"])], f32,
+                                               [_vi("q", TensorProto.UINT8, None)])
+    scale, zero = helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]), helper.make_tensor("z", TensorProto.INT8, [], [3])
+    assert "must be zero" in problems([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])], f32,
+                                      [_vi("y", TensorProto.INT8, None)], [scale, zero])
+    assert "build-time constant" in problems([helper.make_node("ReduceSum", ["x", "ax"], ["y"])],
+                                             [*f32, _vi("ax", TensorProto.INT64, [1])], y)
+    assert "output 1 (i) is unsupported" in problems([helper.make_node("MaxPool", ["x"], ["y", "i"], kernel_shape=[2, 2])],
+                                                     f32, [*y, _vi("i", TensorProto.INT64, None)])
+    assert "not standard ONNX" in problems([helper.make_node("Foo", ["x"], ["y"], domain="com.example")], f32, y)
+    assert "opset 7" in problems([helper.make_node("Relu", ["x"], ["y"])], f32, y, opset=7)
+
+
+def test_check_onnx_bad_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ScaleCertError, match="not a readable ONNX model"):
+        check_onnx(str(bad))
+
+
+def test_support_table_names_its_source():
+    doc = table()
+    assert doc["source"]["url"].startswith("https://github.com/onnx/onnx-tensorrt") and doc["source"]["tensorrt"].startswith("10.")
+    ops = doc["operators"]
+    assert len(ops) > 150 and all(("types" in v) == v["supported"] for v in ops.values())
+    assert not ops["DynamicQuantizeLinear"]["supported"] and "INT64" not in ops["And"]["types"]
+
+
+def test_int32_windows_pass_gives_identical_logits(tiny_bundle, tmp_path):
+    import onnxruntime as ort
+
+    manifest = manifest_io.read(tiny_bundle)
+    ready = str(tmp_path / "suffix.fp32.trt.onnx")
+    assert prepare_onnx(os.path.join(tiny_bundle, "suffix.onnx"), ready)["windows_int32"]
+    model = onnx.load(ready)
+    assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input}["windows"] == TensorProto.INT32
+    assert not [n for n in model.graph.node if n.op_type == "Cast"]  # the whole mask path is int32, no cast back
+
+    image = np.random.default_rng(1).standard_normal((1, *manifest["input"]["input_size"])).astype(np.float32)
+    features = ort.InferenceSession(os.path.join(tiny_bundle, "prefix.onnx")).run(["features"], {"image": image})[0]
+    w = manifest["windows"]
+    windows = geometry.window_family(tuple(w["footprint"]), w["stride"], tuple(manifest["layer"]["shape"][1:]))
+    windows = np.concatenate([np.zeros((1, 4), np.int64), windows, [[-3, -3, 50, 50], [5, 5, 2, 2]]])
+    original = ort.InferenceSession(os.path.join(tiny_bundle, "suffix.onnx")).run(
+        None, {"features": features, "windows": windows.astype(np.int64)})[0]
+    int32 = ort.InferenceSession(ready).run(None, {"features": features, "windows": windows.astype(np.int32)})[0]
+    assert np.array_equal(original, int32)
+
+
+def test_int32_windows_pass_casts_back_where_it_must():
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    offset = helper.make_tensor("offset", TensorProto.INT64, [1, 4], [1, 2, 3, 4])
+    limit = helper.make_tensor("limit", TensorProto.INT64, [1, 4], [5, 5, 5, 5])
+    model = _model([helper.make_node("Add", ["windows", "offset"], ["moved"]),
+                    helper.make_node("Less", ["windows", "limit"], ["small"])],
+                   [_vi("windows", TensorProto.INT64, ["n", 4])],
+                   [_vi("moved", TensorProto.INT64, ["n", 4]), _vi("small", TensorProto.BOOL, ["n", 4])], [offset, limit])
+    ir_model = ir.from_proto(model)
+    assert windows_to_int32(ir_model)
+    from onnx_ir.passes.common import TopologicalSortPass
+
+    TopologicalSortPass()(ir_model)
+    out = ir.to_proto(ir_model)
+    assert [n.op_type for n in out.graph.node].count("Cast") == 1  # Add keeps int64 through a cast; Less compares int32
+    windows = np.array([[0, 1, 7, 9], [4, 4, 5, 5]])
+    want = ort.InferenceSession(model.SerializeToString()).run(None, {"windows": windows})
+    got = ort.InferenceSession(out.SerializeToString()).run(None, {"windows": windows.astype(np.int32)})
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+
+
+def test_prefix_pass_keeps_outputs_identical(tiny_bundle, tmp_path):
+    import onnxruntime as ort
+
+    ready = str(tmp_path / "prefix.fp32.trt.onnx")
+    assert prepare_onnx(os.path.join(tiny_bundle, "prefix.onnx"), ready)["uint8_casts_moved"] == 1
+    image = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    a = ort.InferenceSession(os.path.join(tiny_bundle, "prefix.onnx")).run(None, {"image": image})
+    b = ort.InferenceSession(ready).run(None, {"image": image})
+    assert [o.name for o in onnx.load(ready).graph.output] == ["features", "gate"]
+    assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+RECORD = {"precision": "int8", "tensorrt": "10.3.0.30", "gpu": "Orin", "compute_capability": [8, 7]}
+
+
+def test_engine_compatibility():
+    assert gpu.engine_compatibility(RECORD, "10.3.0.30", "Orin", (8, 7)) is None
+    for trt, name, cc, word in [("10.3.0.26", "Orin", (8, 7), "TensorRT 10.3.0.26"),
+                                ("10.3.0.30", "NVIDIA H100 80GB HBM3", (9, 0), "NVIDIA H100 80GB HBM3 (sm_90)"),
+                                ("10.3.0.30", "Orin", (8, 6), "(sm_86)")]:
+        reason = gpu.engine_compatibility(RECORD, trt, name, cc)
+        assert reason and "\n" not in reason and word in reason
+        assert "built for Orin (sm_87)/TensorRT 10.3.0.30" in reason
+        assert reason.endswith("rebuild with `scalecert build BUNDLE --backend trt --precision int8`")
+    assert "?" in gpu.engine_compatibility({}, "10.3.0.30", "Orin", (8, 7))
+
+
+def test_batches_and_device_features():
+    assert gpu.batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert gpu.batches(3, None) == [(0, 3)] and gpu.batches(0, 4) == []
+    assert gpu.aligned(1) == 256 and gpu.aligned(512) == 512
+    feats = gpu.DeviceFeatures(None, [256, 1024], (16, 8, 8), np.float32)
+    assert feats.shape == (2, 16, 8, 8) and feats.image(1).ptr == 1024 and feats.image(1).shape == (1, 16, 8, 8)
+    with pytest.raises(ScaleCertError, match="select one"):
+        feats.ptr
+    with pytest.raises(ScaleCertError, match=r"\(B, 4\)"):
+        gpu.host_windows(np.zeros((3, 2)), np.int32)
+
+
+def test_io_binding_pipeline_on_the_cpu_device(tiny_bundle):
+    """OrtCudaPipeline's binding code (features kept as OrtValues, bound to the suffix by pointer)
+    run on the CPU device: same gates, logits and certificates as the plain CPU pipeline."""
+    from PIL import Image
+
+    from scalecert.runtime import Certifier
+
+    photos = np.stack([np.asarray(Image.fromarray(p).resize((32, 32))) for p in skimage_photos().values()])
+    with Certifier.load(tiny_bundle, backend="ort", batch=16) as reference:
+        want = reference.certify_batch(photos)
+    with Certifier.load(tiny_bundle, backend="ort", batch=16) as cert:
+        cert.pipeline.deactivate()
+        cert.pipeline = gpu.OrtCudaPipeline(os.path.join(tiny_bundle, "prefix.onnx"), os.path.join(tiny_bundle, "suffix.onnx"),
+                                            device="cpu")
+        cert.pipeline.activate()
+        got = cert.certify_batch(photos, prefix_batch=3)
+    for a, b in zip(want, got):
+        assert (a.status, a.label, a.windows_evaluated) == (b.status, b.label, b.windows_evaluated)
+        assert np.array_equal(a.window_labels, b.window_labels) and np.array_equal(a.gate, b.gate)
+        assert abs(a.base_margin - b.base_margin) < 1e-4
+
+
+class _HostCuda:
+    """Stand-in for polygraphy.cuda over host memory: pointers are real addresses, copies memmove."""
+
+    class MemcpyKind:
+        HostToDevice, DeviceToHost = 1, 2
+
+    class Stream:
+        ptr = 0
+
+        def synchronize(self):
+            pass
+
+        def free(self):
+            pass
+
+    class DeviceArray:
+        @staticmethod
+        def raw(shape):
+            array = _HostCuda.DeviceArray()
+            array.resize(shape)
+            return array
+
+        def resize(self, shape):
+            self.memory = np.zeros(int(shape[0]) + gpu.ALIGN, np.uint8)
+            self.ptr = gpu.aligned(self.memory.ctypes.data)
+            self.allocated_nbytes = int(shape[0])
+
+        def free(self):
+            self.memory = None
+
+    @staticmethod
+    def wrapper():
+        import ctypes
+
+        return type("W", (), {"memcpy": staticmethod(lambda dst, src, n, kind, stream: ctypes.memmove(dst, src, n))})
+
+
+class _OrtAsEngine:
+    """Stand-in for a TensorRT engine: runs the TensorRT-ready ONNX in ONNX Runtime on tensors read
+    from and written to raw addresses, checking alignment and the profile's batch limit."""
+
+    def __init__(self, path, max_batch):
+        import onnxruntime as ort
+
+        self.plan_path, self.max_batch = path, max_batch
+        self.session = ort.InferenceSession(path)
+        kinds = {"tensor(float)": np.float32, "tensor(int32)": np.int32, "tensor(uint8)": np.uint8}
+        self.meta = {v.name: (kinds[v.type], v.shape) for v in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        self.dtypes = {k: np.dtype(v[0]) for k, v in self.meta.items()}
+        self.runs = []
+
+    def activate(self):
+        pass
+
+    def deactivate(self):
+        pass
+
+    def item_shape(self, name):
+        return tuple(self.meta[name][1][1:])
+
+    def run(self, inputs, outputs, stream):
+        import ctypes
+
+        assert all(ptr % gpu.ALIGN == 0 for ptr in [*(p for p, _ in inputs.values()), *outputs.values()])
+        feeds = {}
+        for name, (ptr, shape) in inputs.items():
+            n = int(np.prod(shape)) * self.dtypes[name].itemsize
+            feeds[name] = np.frombuffer((ctypes.c_char * n).from_address(ptr), self.dtypes[name]).reshape(shape).copy()
+        assert max(len(f) for f in feeds.values()) <= self.max_batch
+        self.runs.append({k: v.shape for k, v in feeds.items()})
+        for name, value in zip([o.name for o in self.session.get_outputs()], self.session.run(None, feeds)):
+            ctypes.memmove(outputs[name], np.ascontiguousarray(value).ctypes.data, value.nbytes)
+
+
+def test_trt_pipeline_bookkeeping_with_host_stand_ins(tiny_bundle, tmp_path, monkeypatch):
+    """TrtPipeline's buffers, offsets, per-image prefix runs and profile-sized window pieces, with
+    host memory standing in for CUDA and ONNX Runtime for the engines: same results as the CPU
+    pipeline on the bundle's own files."""
+    import sys
+    import types
+
+    from scalecert.runtime.backends import OrtCpuPipeline
+
+    fake = types.ModuleType("polygraphy")
+    fake.cuda = _HostCuda
+    monkeypatch.setitem(sys.modules, "polygraphy", fake)
+    monkeypatch.setitem(sys.modules, "polygraphy.cuda", _HostCuda)
+    monkeypatch.setattr(gpu, "require_tensorrt", lambda: None)
+    ready = {k: str(tmp_path / f"{k}.fp32.trt.onnx") for k in ("prefix", "suffix")}
+    for kind, path in ready.items():
+        prepare_onnx(os.path.join(tiny_bundle, f"{kind}.onnx"), path)
+    pipeline = gpu.TrtPipeline(ready["prefix"], ready["suffix"], max_images=1, max_windows=7)
+    pipeline.prefix_engine, pipeline.suffix_engine = _OrtAsEngine(ready["prefix"], 1), _OrtAsEngine(ready["suffix"], 7)
+    manifest = manifest_io.read(tiny_bundle)
+    w = manifest["windows"]
+    windows = geometry.window_family(tuple(w["footprint"]), w["stride"], tuple(manifest["layer"]["shape"][1:]))[:30]
+    image = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with pipeline, OrtCpuPipeline(os.path.join(tiny_bundle, "prefix.onnx"), os.path.join(tiny_bundle, "suffix.onnx")) as cpu:
+        features, gate = pipeline.prefix(image)
+        want_features, want_gate = cpu.prefix(image)
+        assert np.array_equal(gate, want_gate) and len(features) == 3
+        for i in range(3):
+            got = pipeline.suffix(pipeline.select(features, i), windows)
+            assert np.array_equal(got, cpu.suffix(cpu.select(want_features, i), windows))
+    assert [r["windows"][0] for r in pipeline.suffix_engine.runs[:5]] == [7, 7, 7, 7, 2]
+    assert all(r["image"][0] == 1 for r in pipeline.prefix_engine.runs)
+
+
+def test_build_engines_needs_tensorrt_and_a_gpu(tiny_bundle, tmp_path):
+    work = str(tmp_path / "work")
+    shutil.copytree(tiny_bundle, work)
+    with pytest.raises(ScaleCertError, match="unknown precision"):
+        build_engines(tiny_bundle, work, "fp8", "prefix.onnx", "suffix.onnx", 8, 64, 256)
+    with pytest.raises(ScaleCertError, match="missing"):
+        build_engines(tiny_bundle, work, "int8", "prefix.int8.onnx", "suffix.int8.onnx", 8, 64, 256)
+    try:
+        entry = build_engines(tiny_bundle, work, "fp32", "prefix.onnx", "suffix.onnx", 8, 64, 256)
+    except ScaleCertError as exc:
+        message = str(exc)
+        assert "\n" not in message
+        assert ("needs TensorRT" in message) or ("CUDA" in message), message
+        # the ONNX passes and the support check ran before the GPU was needed
+        assert os.path.isfile(os.path.join(work, "suffix.fp32.trt.onnx")) and os.path.isfile(os.path.join(work, "prefix.fp32.trt.onnx"))
+        pytest.skip(f"needs TensorRT and an NVIDIA GPU ({message[:80]})")
+    assert os.path.isfile(os.path.join(work, entry["prefix"])) and os.path.isfile(os.path.join(work, entry["suffix"]))
+    assert entry["profiles"]["suffix"]["windows"]["max"] == [64, 4] and entry["precision"] == "fp32"
+
+
+def test_trt_pipeline_refuses_missing_or_foreign_engines(tiny_bundle, monkeypatch):
+    manifest = manifest_io.read(tiny_bundle)
+    with pytest.raises(ScaleCertError, match="no TensorRT engines for fp16"):
+        gpu.TrtPipeline.from_bundle(tiny_bundle, manifest, "fp16")
+    manifest = json.loads(json.dumps(manifest))
+    manifest["engines"] = {"trt-fp32": {**RECORD, "precision": "fp32", "prefix": "engines/trt-fp32/prefix.plan",
+                                        "suffix": "engines/trt-fp32/suffix.plan"}}
+    monkeypatch.setattr(gpu, "require_tensorrt", lambda: type("trt", (), {"__version__": "10.7.0.23"}))
+    monkeypatch.setattr(gpu, "gpu_identity", lambda device=0: ("NVIDIA H100 80GB HBM3", (9, 0)))
+    with pytest.raises(ScaleCertError) as info:
+        gpu.TrtPipeline.from_bundle(tiny_bundle, manifest, "fp32")
+    assert str(info.value).startswith(f"{tiny_bundle}: TensorRT engines built for Orin (sm_87)/TensorRT 10.3.0.30; "
+                                      "this machine has NVIDIA H100 80GB HBM3 (sm_90)/TensorRT 10.7.0.23")
+    assert str(info.value).endswith(f"`scalecert build {tiny_bundle} --backend trt --precision fp32`")
+
+
+def test_certify_with_trt_backend_gives_one_error_line(tiny_bundle, tmp_path):
+    from PIL import Image
+
+    image = str(tmp_path / "photo.png")
+    Image.fromarray(next(iter(skimage_photos().values()))).save(image)
+    proc = run_cli("scalecert", "certify", tiny_bundle, image, "--backend", "trt")
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:"), proc.stderr
+    assert "TensorRT" in errors[0] or "--backend trt" in errors[0], errors[0]
