@@ -2,7 +2,7 @@
 baseline on the same images, in one run.
 
 Report schema "scalecert-bench/1" (JSON): {schema, date, machine, versions, data, bundle (inspect
-summary), configs: [ {prune_rate, stride, windows_total, <metrics>} ], baseline: {torch|ort:
+summary), configs: [ {precision, prune_rate, stride, windows_total, <metrics>} ], baseline: {torch|ort:
 <metrics> + masks}, ratios: {config index: {vs_torch, vs_ort}}}. <metrics>: images, clean_accuracy,
 certified_accuracy, false_alert_rate (alerts among clean images), accuracy_non_alerted,
 windows_evaluated_mean/p95, latency_ms_median/p95/mean, images_per_s, prefix_ms_median,
@@ -64,12 +64,12 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="img", leave=True)
 
 
-def run_config(bundle: str, pixels, labels, batch: int, threads, quiet: bool, desc: str):
+def run_config(bundle: str, pixels, labels, batch: int, threads, quiet: bool, desc: str, precision: str = "fp32"):
     """-> (metrics row, per-image latencies, per-image windows evaluated)."""
     from .runtime import Certifier
 
     bar = _progress(len(pixels), desc, quiet)
-    with Certifier.load(bundle, backend="ort", batch=batch, threads=threads) as cert:
+    with Certifier.load(bundle, backend="ort", batch=batch, threads=threads, precision=precision) as cert:
         cert.certify(pixels[0])  # warm-up
         results = []
         for px in pixels:
@@ -127,7 +127,8 @@ def _machine() -> dict:
 
 
 def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, prune_rates=None, strides=None,
-              baseline_engines=(), masks_per_axis=6, model=None, arch=None, batch=64, threads=None, quiet=False) -> dict:
+              baseline_engines=(), masks_per_axis=6, model=None, arch=None, batch=64, threads=None, quiet=False,
+              precisions=None) -> dict:
     from .calibration.data import image_set
     from .inspect import summary
     from .runtime.preprocess import load_image, normalize
@@ -141,6 +142,11 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
     labels = np.array([label for _, label in items])
     rates = prune_rates or [manifest["sin"]["prune_rate"]]
     strides = strides or [manifest["windows"]["stride"]]
+    precisions = precisions or ["fp32"]
+    missing = [p for p in precisions if p not in manifest.get("precisions", {"fp32": None})]
+    if missing:
+        raise ScaleCertError(f"{bundle} has no {missing[0]} variant; add it with `scalecert build {bundle} "
+                             f"--precision {missing[0]} --calib DIR`")
     report = {"schema": SCHEMA, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": _machine(), "versions": _versions(),
               "data": {"path": os.path.abspath(data), "images": len(items), "limit": limit, "seed": seed},
@@ -150,14 +156,16 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
     try:
         from .variants import derive
 
-        for rate in rates:
-            for stride in strides:
-                variant = derive(bundle, os.path.join(scratch, f"r{rate}-s{stride}"), prune_rate=rate, stride=stride)
-                row, lat, evaluated = run_config(variant, pixels, labels, batch, threads, quiet, f"prune {rate} stride {stride}")
-                report["configs"].append({"prune_rate": rate, "stride": stride, **row})
-                report["windows_evaluated_hist"][f"r{rate} s{stride}"] = evaluated
-                latencies.append(lat)
-                shutil.rmtree(variant, ignore_errors=True)
+        for precision in precisions:
+            for rate in rates:
+                for stride in strides:
+                    variant = derive(bundle, os.path.join(scratch, f"r{rate}-s{stride}"), prune_rate=rate, stride=stride)
+                    name = f"{precision} prune {rate} stride {stride}"
+                    row, lat, evaluated = run_config(variant, pixels, labels, batch, threads, quiet, name, precision)
+                    report["configs"].append({"precision": precision, "prune_rate": rate, "stride": stride, **row})
+                    report["windows_evaluated_hist"][f"{precision} r{rate} s{stride}"] = evaluated
+                    latencies.append(lat)
+                    shutil.rmtree(variant, ignore_errors=True)
         if baseline_engines:
             base_lat = _baselines(report, manifest, normalize(pixels, spec), labels, baseline_engines, masks_per_axis,
                                   model, arch, threads, quiet, scratch)
@@ -216,7 +224,7 @@ def plot(report: dict, path: str) -> None:
                             (axes[1], "windows_evaluated_mean", "windows evaluated per image (mean)")):
         ax.scatter([c[key] for c in configs], [100 * c["certified_accuracy"] for c in configs], label="scalecert")
         for c in configs:
-            ax.annotate(f"r{c['prune_rate']} s{c['stride']}", (c[key], 100 * c["certified_accuracy"]), fontsize=8)
+            ax.annotate(f"{c.get('precision', 'fp32')} r{c['prune_rate']} s{c['stride']}", (c[key], 100 * c["certified_accuracy"]), fontsize=8)
         for engine, b in report["baseline"].items():
             bx = b["latency_ms_median"] if key == "latency_ms_median" else b["masks"]
             ax.scatter([bx], [100 * b["certified_accuracy"]], marker="x", s=80, label=f"baseline ({engine})")

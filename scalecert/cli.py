@@ -126,12 +126,14 @@ def inspect(bundle, as_json):
 @click.argument("bundle")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--backend", default="auto", show_default=True, help="auto, ort, ort-cuda or trt")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]),
+              help="bundle variant (fp16/int8 come from `scalecert build`)")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per line per image")
 @click.option("--batch", default=64, show_default=True, help="windows per suffix call")
 @click.option("--early-exit", is_flag=True, help="stop at the first disagreeing window (deployment)")
 @click.option("--png-dir", help="write a PNG per image: input, gate map, disagreeing windows")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
-def certify(bundle, images, backend, as_json, batch, early_exit, png_dir, threads):
+def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads):
     """Certify IMAGES against BUNDLE: a label no patch could force, or an alert."""
     from .runtime import Certifier
 
@@ -139,7 +141,8 @@ def certify(bundle, images, backend, as_json, batch, early_exit, png_dir, thread
         os.makedirs(png_dir, exist_ok=True)
     failed = 0
     rows = []
-    with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads) as cert:
+    with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
+                        precision=precision) as cert:
         for path in images:
             try:
                 pixels = cert.prepare(path)
@@ -178,6 +181,26 @@ def _format_table(header, rows) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+@main.command()
+@click.argument("bundle")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--calib", help="calibration images (needed for int8 activation scales)")
+@click.option("--calib-limit", default=64, show_default=True)
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(["ort", "ort-cuda", "trt"]),
+              help="engine to measure the numeric margin on (trt: also build TensorRT engines)")
+@click.option("--workspace-mb", default=4096, show_default=True, help="TensorRT builder workspace limit")
+@click.option("--max-windows", default=128, show_default=True, help="TensorRT profile: most windows per suffix call")
+@click.option("--max-images", default=16, show_default=True, help="TensorRT profile: most images per prefix call")
+@click.option("--quiet", is_flag=True)
+def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_windows, max_images, quiet):
+    """Add a precision variant, its numeric margin and (with --backend trt) engines to BUNDLE."""
+    from .build import build as run_build
+
+    run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
+              say=(lambda _: None) if quiet else click.echo)
+    click.echo(f"updated {bundle}")
 
 
 @main.command()
@@ -239,7 +262,7 @@ def demo(out, patch, fresh):
     click.echo("")
     photos = write_photos(os.path.join(out, "images"))
     ctx = click.get_current_context()
-    ctx.invoke(certify, bundle=bundle, images=tuple(photos), backend="auto", as_json=False, batch=64,
+    ctx.invoke(certify, bundle=bundle, images=tuple(photos), backend="auto", precision="fp32", as_json=False, batch=64,
                early_exit=False, png_dir=os.path.join(out, "png"), threads=None)
     click.echo(f"\nPNGs (image, gate map, disagreeing windows) in {os.path.join(out, 'png')}")
 
@@ -260,6 +283,7 @@ def _ints(text):
 @click.option("--seed", type=int, help="shuffle with this seed before --limit")
 @click.option("--prune-rate", "prune_rates", help="comma-separated pruning rates to sweep (bundle's by default)")
 @click.option("--stride", "strides", help="comma-separated occluding strides to sweep (bundle's by default)")
+@click.option("--precision", "precisions", help="comma-separated precisions to sweep: fp32,fp16,int8 (fp32 by default)")
 @click.option("--baseline", is_flag=True, help="also run the PyTorch-eager pixel-masking baseline")
 @click.option("--baseline-engine", type=click.Choice(["torch", "ort", "both"]), default="torch", show_default=True)
 @click.option("--masks", default=6, show_default=True, help="baseline masks per axis (6 -> 36 masks)")
@@ -270,7 +294,7 @@ def _ints(text):
 @click.option("--report", "report_path", help="write the JSON report here")
 @click.option("--plot", "plot_path", help="write a PNG: certified accuracy vs latency / windows, histogram")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (no progress bar)")
-def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, baseline, baseline_engine, masks, model, arch,
+def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, precisions, baseline, baseline_engine, masks, model, arch,
           batch, threads, report_path, plot_path, as_json):
     """Benchmark BUNDLE on labelled images: accuracy, certified accuracy, false alerts, latency."""
     from .bench import plot, run_bench
@@ -281,7 +305,7 @@ def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, baseline,
         raise ScaleCertError("--prune-rate and --stride take comma-separated numbers, e.g. 0,0.3,0.5") from None
     engines = () if not baseline else (("torch", "ort") if baseline_engine == "both" else (baseline_engine,))
     report = run_bench(bundle, data, labels_csv, limit, seed, rates, stride_list, engines, masks, model, arch, batch,
-                       threads, quiet=as_json)
+                       threads, quiet=as_json, precisions=precisions.split(",") if precisions else None)
     if report_path:
         with open(report_path, "w") as f:
             json.dump(report, f, indent=2)
@@ -298,7 +322,7 @@ def _bench_table(report) -> str:
     rows = []
     for i, c in enumerate(report["configs"]):
         ratio = report["ratios"].get(str(i), {})
-        rows.append((f"prune {c['prune_rate']} stride {c['stride']} ({c['windows_total']} win)",
+        rows.append((f"{c.get('precision', 'fp32')} prune {c['prune_rate']} stride {c['stride']} ({c['windows_total']} win)",
                      f"{c['clean_accuracy']:.1%}", f"{c['certified_accuracy']:.1%}", f"{c['false_alert_rate']:.1%}",
                      f"{c['windows_evaluated_mean']:.1f}", f"{c['latency_ms_median']:.1f}", f"{c['latency_ms_p95']:.1f}",
                      *(f"{ratio[k]['median_of_per_image_ratios']:.2f}" if k in ratio else "-" for k in ("vs_torch", "vs_ort"))))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 
 from .errors import ScaleCertError
 
@@ -63,3 +65,15 @@ def read(bundle_dir: str, verify: bool = True) -> dict:
                 raise ScaleCertError(f"{bundle_dir}: {name} does not match its sha256 in the manifest "
                                      "(modified or corrupt); re-export the bundle")
     return manifest
+
+
+def replace_dir(work: str, output: str) -> None:
+    """Move a finished bundle directory into place, replacing any old one (never half-written)."""
+    os.chmod(work, 0o755)
+    if os.path.exists(output):
+        old = tempfile.mkdtemp(prefix=".scalecert-old-", dir=os.path.dirname(os.path.abspath(output)))
+        os.rename(output, os.path.join(old, "bundle"))
+        os.rename(work, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(work, output)

@@ -41,7 +41,8 @@ def derive(bundle: str, output: str, prune_rate: float | None = None, stride: in
             if not 0 <= index < len(table) or abs(index / 100 - prune_rate) > 1e-9:
                 raise ScaleCertError(f"prune rate {prune_rate}: sweeps take rates in steps of 0.01 below 1")
             tau = table[index] if index > 0 else -1.0
-            _set_threshold(os.path.join(work, "prefix.onnx"), tau)
+            for files in manifest.get("precisions", {"fp32": {"prefix": "prefix.onnx"}}).values():
+                _set_threshold(os.path.join(work, files["prefix"]), tau)
             manifest["sin"].update({"prune_rate": index / 100, "threshold": tau, "prune_rate_auto": None})
         if stride is not None and stride != manifest["windows"]["stride"]:
             if stride < 1:

@@ -279,7 +279,7 @@ def export_bundle(opts: ExportOptions) -> str:
             "files": manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx"]),
         }
         manifest_io.write(work, manifest)
-        _move_into_place(work, output)
+        manifest_io.replace_dir(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -320,17 +320,6 @@ def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray) -
         spread = measure_logit_spread(lambda f, w: suffix.infer({"features": f, "windows": w})["logits"], features, sample)
     return {"ort-cpu-fp32": delta_from_spread(spread), "spread": spread, "safety": SAFETY,
             "windows_sampled": len(sample), "batch_sizes": list(BATCH_SIZES)}
-
-
-def _move_into_place(work: str, output: str) -> None:
-    os.chmod(work, 0o755)
-    if os.path.exists(output):
-        old = tempfile.mkdtemp(prefix=".scalecert-old-", dir=os.path.dirname(os.path.abspath(output)))
-        os.rename(output, os.path.join(old, "bundle"))
-        os.rename(work, output)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(work, output)
 
 
 def _tool_versions() -> dict:

@@ -1,0 +1,171 @@
+"""`scalecert build`: add a precision variant (fp16 / int8 ONNX), its numeric margin per backend and,
+on a machine with TensorRT, engines to a bundle. The bundle is copied, extended and swapped into
+place, manifest hashes recomputed: never half-written. No torch.
+
+Numeric margin, per backend and precision: delta = 2 x SAFETY x the largest logit spread of that
+engine for identical suffix inputs across batch positions and sizes (calibration/margin.py). The
+certificate is a statement about the classifier that is deployed, here the int8 or fp16 network
+as that engine runs it: the soundness chain needs p_W(x') = p_W(x) for S_W(x') = S_W(x), i.e. the
+same engine giving the same argmax for the same input wherever it sits in a batch, and that is
+what delta covers. The deviation from the fp32 network is measured and recorded too (`vs_fp32`):
+it says how far the deployed classifier is from the exported one, not whether its certificate holds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from . import manifest as manifest_io
+from .errors import ScaleCertError
+from .runtime import geometry
+from .runtime.certifier import PRECISIONS, open_pipeline
+
+BACKENDS = {"ort": "ort-cpu", "ort-cpu": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "trt"}
+
+
+def _calibration_images(calib: str | None, limit: int, manifest: dict) -> np.ndarray | None:
+    from .calibration.data import image_set
+    from .runtime.preprocess import load_image, normalize
+
+    if calib is None:
+        return None
+    items = image_set(calib, limit=limit)
+    return normalize(np.stack([load_image(path, manifest["input"]) for path, _ in items]), manifest["input"])
+
+
+def _suffix_feeds(pipeline, images: np.ndarray, windows: np.ndarray, per_image: int = 8, seed: int = 0) -> list[dict]:
+    """Suffix calibration inputs: each image's gated features with the empty window and a few others."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for lo in range(0, len(images), 16):
+        features, _ = pipeline.prefix(images[lo:lo + 16])
+        for i in range(len(features)):
+            picked = windows[rng.choice(len(windows), min(per_image - 1, len(windows)), replace=False)]
+            feeds.append({"features": features[i:i + 1],
+                          "windows": np.concatenate([np.zeros((1, 4), np.int64), picked]).astype(np.int64)})
+    return feeds
+
+
+def _window_logits(pipeline, images: np.ndarray, windows: np.ndarray) -> np.ndarray:
+    """(images x (1 + windows), classes): base then every window, one image at a time."""
+    queue = np.concatenate([np.zeros((1, 4), np.int64), windows])
+    out = []
+    for i in range(len(images)):
+        features, _ = pipeline.prefix(images[i:i + 1])
+        out.append(pipeline.suffix(pipeline.select(features, 0), queue))
+    return np.stack(out)
+
+
+def measure_margin(pipeline, image: np.ndarray, windows: np.ndarray) -> dict:
+    from .calibration.margin import BATCH_SIZES, SAFETY, delta_from_spread, measure_logit_spread
+
+    features, _ = pipeline.prefix(image[:1])
+    sample = np.concatenate([np.zeros((1, 4), np.int64), windows[:63]])
+    spread = measure_logit_spread(pipeline.suffix, pipeline.select(features, 0), sample)
+    return {"delta": delta_from_spread(spread), "spread": spread, "safety": SAFETY,
+            "windows_sampled": len(sample), "batch_sizes": list(BATCH_SIZES)}
+
+
+def build(bundle: str, precision: str = "fp32", calib: str | None = None, backend: str = "ort",
+          calib_limit: int = 64, workspace_mb: int = 4096, max_windows: int = 128, max_images: int = 16,
+          say=print) -> dict:
+    if precision not in PRECISIONS:
+        raise ScaleCertError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if backend not in BACKENDS:
+        raise ScaleCertError(f"--backend {backend!r}: expected ort, ort-cuda or trt")
+    backend = BACKENDS[backend]
+    manifest = manifest_io.read(bundle, verify=True)
+    if backend == "trt":
+        from .runtime.gpu import require_tensorrt
+
+        require_tensorrt()
+    if backend == "ort-cuda":
+        from .runtime.backends import ort_providers
+
+        ort_providers("cuda")
+    if precision == "int8" and calib is None and "int8" not in manifest.get("precisions", {}):
+        raise ScaleCertError("--precision int8 needs --calib DIR: activation scales are calibrated on images")
+    images = _calibration_images(calib, calib_limit, manifest)
+    windows = geometry.window_family(tuple(manifest["windows"]["footprint"]), manifest["windows"]["stride"],
+                                     tuple(manifest["layer"]["shape"][1:]))
+    parent = os.path.dirname(os.path.abspath(bundle))
+    work = tempfile.mkdtemp(prefix=".scalecert-build-", dir=parent)
+    try:
+        shutil.copytree(bundle, work, dirs_exist_ok=True)
+        variants = manifest.setdefault("precisions", {"fp32": {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}})
+        if images is None:  # fp16 and margins only need some input: a seeded noise image
+            _, h, w = manifest["input"]["input_size"]
+            from .runtime.preprocess import normalize
+
+            images = normalize(np.random.default_rng(0).integers(0, 256, (4, h, w, 3), dtype=np.uint8), manifest["input"])
+        if precision not in variants or (precision == "int8" and calib is not None):
+            variants[precision] = _make_variant(work, manifest, precision, images, windows)
+            say(f"{precision}: wrote {variants[precision]['prefix']} and {variants[precision]['suffix']}")
+        files = variants[precision]
+        if backend == "trt":
+            from . import trt_build
+
+            entry = trt_build.build_engines(bundle, work, precision, os.path.join(work, files["prefix"]),
+                                            os.path.join(work, files["suffix"]), max_images, max_windows, workspace_mb)
+            manifest.setdefault("engines", {})[f"trt-{precision}"] = entry
+            say(f"TensorRT {entry['tensorrt']} engines for {entry['gpu']}: {entry['prefix']}, {entry['suffix']}")
+        with open_pipeline(work, manifest, backend, precision) as pipeline:
+            margin = measure_margin(pipeline, images, windows)
+        key = f"{backend}-{precision}"
+        manifest["margin"][key] = margin["delta"]
+        manifest.setdefault("margin_measurement", {})[key] = margin
+        say(f"numeric margin {key}: spread {margin['spread']:g} -> delta {margin['delta']:g}")
+        manifest["files"] = manifest_io.describe_files(work, sorted(_bundle_files(work)))
+        manifest_io.write(work, manifest)
+        manifest_io.replace_dir(work, bundle)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _make_variant(work: str, manifest: dict, precision: str, images: np.ndarray, windows: np.ndarray) -> dict:
+    from .calibration import precision as conversions
+    from .runtime.backends import OrtCpuPipeline
+
+    src = {part: os.path.join(work, f"{part}.onnx") for part in ("prefix", "suffix")}
+    names = {part: f"{part}.{precision}.onnx" for part in ("prefix", "suffix")}
+    if precision == "fp32":
+        return {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}
+    info: dict = {"conversion": {}}
+    if precision == "fp16":
+        for part in ("prefix", "suffix"):
+            info["conversion"][part] = conversions.to_fp16(src[part], os.path.join(work, names[part]), part)
+    else:
+        with OrtCpuPipeline(src["prefix"], src["suffix"]) as fp32:
+            suffix_feeds = _suffix_feeds(fp32, images, windows)
+        prefix_feeds = [{"image": images[i:i + 16]} for i in range(0, len(images), 16)]
+        info["conversion"]["prefix"] = conversions.to_int8(src["prefix"], os.path.join(work, names["prefix"]), "prefix",
+                                                           prefix_feeds)
+        info["conversion"]["suffix"] = conversions.to_int8(src["suffix"], os.path.join(work, names["suffix"]), "suffix", suffix_feeds)
+        info["calibration_images"] = len(images)
+    for part in ("prefix", "suffix"):
+        problems = conversions.check_static_precision(os.path.join(work, names[part]))
+        if problems:
+            raise ScaleCertError(f"{names[part]}: {problems[0]}")
+    sample = images[:16]
+    with OrtCpuPipeline(src["prefix"], src["suffix"]) as fp32, \
+            OrtCpuPipeline(os.path.join(work, names["prefix"]), os.path.join(work, names["suffix"])) as variant:
+        ref, got = _window_logits(fp32, sample, windows[:32]), _window_logits(variant, sample, windows[:32])
+    info["vs_fp32"] = {"images": len(sample), "windows_per_image": 1 + min(32, len(windows)),
+                       "max_abs_logit_diff": float(np.abs(ref - got).max()),
+                       "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+    return {**names, **info}
+
+
+def _bundle_files(root: str) -> list[str]:
+    out = []
+    for directory, _, files in os.walk(root):
+        for name in files:
+            rel = os.path.relpath(os.path.join(directory, name), root)
+            if rel != manifest_io.MANIFEST and not rel.endswith(".tmp"):
+                out.append(rel)
+    return out

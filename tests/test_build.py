@@ -1,0 +1,104 @@
+"""`scalecert build`: fp16/int8 variants added atomically with hashes and margins; certify and bench
+take --precision; bad input leaves the bundle as it was. Real ONNX files and sessions, real photos."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_cli, skimage_photos
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("calib")
+    for name, array in skimage_photos().items():
+        Image.fromarray(array).save(folder / f"{name}.png")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_checkpoint, photo_dir) -> str:
+    bundle = str(tmp_path_factory.mktemp("built") / "bundle")
+    run_cli("scalecert-export", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5", "--stride", "6",
+            "--calib", photo_dir, "--prune-rate", "0.3", "-o", bundle, "--quiet", check=True)
+    for precision in ("fp16", "int8"):
+        run_cli("scalecert", "build", bundle, "--precision", precision, "--calib", photo_dir, "--quiet", check=True)
+    return bundle
+
+
+def _manifest(bundle):
+    with open(os.path.join(bundle, "manifest.json")) as f:
+        return json.load(f)
+
+
+def test_variants_are_recorded_hashed_and_have_margins(built):
+    from scalecert import manifest as manifest_io
+
+    m = manifest_io.read(built, verify=True)
+    assert set(m["precisions"]) == {"fp32", "fp16", "int8"}
+    for precision in ("fp16", "int8"):
+        files = m["precisions"][precision]
+        assert files["prefix"] in m["files"] and files["suffix"] in m["files"]
+        assert f"ort-cpu-{precision}" in m["margin"] and m["margin"][f"ort-cpu-{precision}"] >= 0
+        assert 0.5 <= files["vs_fp32"]["top1_agreement"] <= 1.0
+    assert m["precisions"]["fp16"]["vs_fp32"]["max_abs_logit_diff"] < 0.1
+    assert not [d for d in os.listdir(os.path.dirname(built)) if d.startswith(".scalecert")]
+
+
+def test_certify_with_each_precision(built, photo_dir):
+    image = os.path.join(photo_dir, "chelsea.png")
+    labels = {}
+    for precision in ("fp32", "fp16", "int8"):
+        proc = run_cli("scalecert", "certify", built, image, "--precision", precision, "--json", check=True)
+        row = json.loads(proc.stdout.strip().splitlines()[0])
+        assert row["status"] in ("certified", "alert") and row["windows_total"] == _manifest(built)["windows"]["count"]
+        labels[precision] = row["label"]
+    assert labels["fp16"] == labels["fp32"]
+
+
+def test_missing_variant_and_int8_without_calib_are_one_line(tmp_path, tiny_checkpoint, built, photo_dir):
+    bundle = str(tmp_path / "plain")
+    run_cli("scalecert-export", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5", "-o", bundle, "--quiet",
+            check=True)
+    before = open(os.path.join(bundle, "manifest.json")).read()
+    for args, words in (((bundle, "--precision", "int8"), "needs --calib"),
+                        ((bundle, "--precision", "int8", "--calib", str(tmp_path / "none")), "no such directory"),
+                        ((bundle, "--backend", "trt"), "TensorRT"),
+                        ((str(tmp_path / "nope"),), "no such bundle")):
+        proc = run_cli("scalecert", "build", *args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and words in lines[0], proc.stderr
+    proc = run_cli("scalecert", "certify", bundle, os.path.join(photo_dir, "coffee.png"), "--precision", "int8")
+    assert proc.returncode == 2 and "scalecert build" in proc.stderr
+    assert open(os.path.join(bundle, "manifest.json")).read() == before
+    assert not [d for d in os.listdir(tmp_path) if d.startswith(".scalecert")]
+
+
+def test_prune_rate_variants_move_every_precision_threshold(built, tmp_path):
+    import onnx_ir as ir
+
+    from scalecert.variants import derive
+
+    out = derive(built, str(tmp_path / "r50"), prune_rate=0.5)
+    m = _manifest(out)
+    for files in m["precisions"].values():
+        tau = ir.load(os.path.join(out, files["prefix"])).graph.initializers["sin_threshold"].const_value.numpy()
+        assert np.isclose(float(tau), m["sin"]["threshold_by_rate"][50])
+
+
+def test_bench_sweeps_precisions(built, tmp_path, photo_dir):
+    data = tmp_path / "data"
+    shutil.copytree(photo_dir, data)
+    with open(data / "labels.csv", "w") as f:
+        f.write("file,index\n" + "".join(f"{name}.png,{i}\n" for i, name in enumerate(skimage_photos())))
+    report_path = str(tmp_path / "report.json")
+    run_cli("scalecert", "bench", built, "--data", str(data), "--precision", "fp32,int8", "--report", report_path,
+            "--json", check=True)
+    report = json.load(open(report_path))
+    assert [c["precision"] for c in report["configs"]] == ["fp32", "int8"]
+    assert all(c["images"] == 4 for c in report["configs"])
