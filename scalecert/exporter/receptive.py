@@ -35,6 +35,7 @@ POINTWISE = {
     "Sqrt", "Erf", "Softplus", "Softsign", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Mish",
     "Identity", "Cast", "Dropout", "Round", "Floor", "Ceil", "Reciprocal", "Sign", "Not",
     "BatchNormalization", "ThresholdedRelu", "Sin", "Cos", "IsNaN", "IsInf",
+    "QuantizeLinear", "DequantizeLinear",  # static scales only: a scale that depends on the image is a second input
 }
 ELEMENTWISE = {
     "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "PRelu", "And",
@@ -66,9 +67,9 @@ def _spatial(value: ir.Value):
 
 def _windowed(node: ir.Node, rf: RF) -> RF | NonLocal:
     if node.op_type == "Conv":
-        weight = node.inputs[1]
-        if _const(weight) is None and not weight.is_initializer():
-            return NonLocal(f"{node.op_type} {node.name} has input-dependent weights")
+        weight = node.inputs[1]  # _node_rf checked it does not depend on the image (e.g. DequantizeLinear of constants)
+        if weight.shape is None or not all(isinstance(d, int) for d in list(weight.shape)[2:]):
+            return NonLocal(f"{node.op_type} {node.name}: kernel shape unknown")
         kernel = list(weight.shape)[2:]
     else:
         kernel = _ints(node, "kernel_shape", None)
