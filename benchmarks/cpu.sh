@@ -12,14 +12,16 @@ mkdir -p "$OUT"
 
 scalecert-export "$SHARED/models/resnet20-cifar10.th" --arch resnet20-cifar --patch 5 \
   --calib "$SHARED/data/cifar10-train" --calib-limit 500 --prune-rate 0 -o "$WORK/r20" --quiet
-scalecert bench "$WORK/r20" --data "$SHARED/data/cifar10-test" --limit 1000 \
+scalecert build "$WORK/r20" --precision int8 --calib "$SHARED/data/cifar10-train" --calib-limit 128 --quiet
+scalecert bench "$WORK/r20" --data "$SHARED/data/cifar10-test" --limit 1000 --precision fp32,int8 \
   --prune-rate 0,0.1,0.3 --stride 3,5 --baseline --baseline-engine both \
   --report "$OUT/cpu_resnet20.json" --plot "$OUT/cpu_resnet20.png"
 
 scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 \
   --calib "$SHARED/data/imagenet-sample/images" --calib-limit 128 --prune-rate 0 -o "$WORK/eff" --quiet
+scalecert build "$WORK/eff" --precision int8 --calib "$SHARED/data/imagenet-sample/images" --calib-limit 64 --quiet
 scalecert bench "$WORK/eff" --data "$SHARED/data/imagenet-sample/images" --labels "$SHARED/data/imagenet-sample/labels.csv" \
-  --limit 50 --seed 0 --prune-rate 0,0.1,0.3 --stride 5,8 --baseline --baseline-engine both \
+  --limit 50 --seed 0 --precision fp32,int8 --prune-rate 0,0.3 --stride 5,8 --baseline --baseline-engine both \
   --report "$OUT/cpu_effnet.json" --plot "$OUT/cpu_effnet.png"
 
 # the same model with the superficial layer at the input (identity prefix): windows = baseline masks
@@ -28,5 +30,8 @@ scalecert bench "$WORK/eff-id" --data "$SHARED/data/imagenet-sample/images" --la
   --limit 50 --seed 0 --baseline --baseline-engine both \
   --report "$OUT/cpu_effnet_identity.json"
 
-python benchmarks/results_md.py "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" "$OUT/cpu_effnet_identity.json" > benchmarks/RESULTS.md
+# the tuned ResNet-20 of benchmarks/tune.sh, when it has been run
+TUNED_REPORTS=$(ls "$OUT"/tuned_*.json 2>/dev/null || true)
+python benchmarks/results_md.py "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" "$OUT/cpu_effnet_identity.json" \
+  $TUNED_REPORTS > benchmarks/RESULTS.md
 echo "wrote benchmarks/RESULTS.md"

@@ -7,18 +7,19 @@ import sys
 
 def table(report: dict) -> str:
     b = report["bundle"]
-    lines = [f"### {b['arch'] or b['source']}: {report['data']['images']} images of `{report['data']['path'].split('/shared/')[-1]}`, "
+    title = report.get("title") or (b["arch"] or b["source"])
+    lines = [f"### {title}: {report['data']['images']} images of `{report['data']['path'].split('/shared/')[-1]}`, "
              f"patch {b['patch'][0]}x{b['patch'][1]}, layer `{b['layer']}` ({'x'.join(map(str, b['feature_shape']))})", "",
              "| config | windows | run (mean) | clean | certified | false alerts | median ms | p95 ms | x eager | x ORT |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for i, c in enumerate(report["configs"]):
         r = report["ratios"].get(str(i), {})
         ratio = lambda k: f"{r[k]['median_of_per_image_ratios']:.2f}" if k in r else "-"  # noqa: E731
-        lines.append(f"| prune {c['prune_rate']}, stride {c['stride']} | {c['windows_total']} | {c['windows_evaluated_mean']:.1f} | "
+        lines.append(f"| {c.get('precision', 'fp32')}, prune {c['prune_rate']}, stride {c['stride']} | {c['windows_total']} | {c['windows_evaluated_mean']:.1f} | "
                      f"{c['clean_accuracy']:.1%} | {c['certified_accuracy']:.1%} | {c['false_alert_rate']:.1%} | "
                      f"{c['latency_ms_median']:.1f} | {c['latency_ms_p95']:.1f} | {ratio('vs_torch')} | {ratio('vs_ort')} |")
     for engine, x in report["baseline"].items():
-        lines.append(f"| baseline, {'PyTorch eager' if engine == 'torch' else 'ONNX Runtime'} | {x['masks']} masks | {x['masks']} | "
+        lines.append(f"| baseline, {'PyTorch eager' if engine == 'torch' else 'ONNX Runtime'}{report.get('baseline_model', '')} | {x['masks']} masks | {x['masks']} | "
                      f"{x['clean_accuracy']:.1%} | {x['certified_accuracy']:.1%} | {x['false_alert_rate']:.1%} | "
                      f"{x['latency_ms_median']:.1f} | {x['latency_ms_p95']:.1f} | | |")
     return "\n".join(lines)
