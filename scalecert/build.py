@@ -166,6 +166,7 @@ def _bundle_files(root: str) -> list[str]:
     for directory, _, files in os.walk(root):
         for name in files:
             rel = os.path.relpath(os.path.join(directory, name), root)
-            if rel != manifest_io.MANIFEST and not rel.endswith(".tmp"):
+            # the TensorRT timing cache changes on every build and only speeds up the next one: not hashed
+            if rel != manifest_io.MANIFEST and not rel.endswith((".tmp", ".cache")):
                 out.append(rel)
     return out
