@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
 OUT=${OUT:-benchmarks/results}
 WORK=${WORK:-$(mktemp -d)}
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$WORK"
 TUNED=${TUNED:-$WORK/r20-tuned.pt}
 if [ ! -f "$TUNED" ]; then
   scalecert tune "$SHARED/models/resnet20-cifar10.th" --arch resnet20-cifar --data "$SHARED/data/cifar10-train" \
