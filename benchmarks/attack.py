@@ -447,7 +447,8 @@ def _worker_init(spec: dict) -> None:
     from scalecert.runtime import Certifier
 
     _WORKER["certifier"] = Certifier.load(spec["bundle"], backend=spec.get("backend", "ort"),
-                                          early_exit=spec.get("early_exit", False), threads=spec.get("threads", 1))
+                                          early_exit=spec.get("early_exit", False), threads=spec.get("threads", 1),
+                                          precision=spec.get("precision", "fp32"))
     _WORKER["reference"] = None
     if spec.get("model"):
         import torch
@@ -501,6 +502,7 @@ def main(argv=None) -> int:
                         "attacked together with the un-occluded features")
     parser.add_argument("--all-variants", action="store_true", help="every variant at every position")
     parser.add_argument("--backend", default="ort")
+    parser.add_argument("--precision", default="fp32", help="bundle variant: fp32, fp16 or int8 (scalecert build)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores; "
                         "1 per worker with --workers)")
     parser.add_argument("--workers", type=int, default=1, help="attack images in this many processes "
@@ -521,7 +523,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown content(s) {unknown}; known: {', '.join(CONTENTS)}")
     pgd_positions = args.pgd_positions if args.pgd_positions == "all" else int(args.pgd_positions)
-    certifier = Certifier.load(args.bundle, backend=args.backend, early_exit=args.early_exit, threads=args.threads)
+    certifier = Certifier.load(args.bundle, backend=args.backend, early_exit=args.early_exit, threads=args.threads,
+                               precision=args.precision)
     reference = None
     if "pgd" in contents:
         if not args.model:
@@ -533,7 +536,7 @@ def main(argv=None) -> int:
 
     spec = None
     if args.workers > 1:
-        spec = {"bundle": args.bundle, "backend": args.backend, "early_exit": args.early_exit,
+        spec = {"bundle": args.bundle, "backend": args.backend, "precision": args.precision, "early_exit": args.early_exit,
                 "threads": args.threads or 1, "model": args.model if "pgd" in contents else None,
                 "arch": args.arch, "input_size": parse_input_size(args.input_size) if args.input_size else None}
     files, labels, classes = _image_files(args.data)

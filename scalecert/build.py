@@ -140,7 +140,7 @@ def _make_variant(work: str, manifest: dict, precision: str, images: np.ndarray,
         for part in ("prefix", "suffix"):
             info["conversion"][part] = conversions.to_fp16(src[part], os.path.join(work, names[part]), part)
     else:
-        with OrtCpuPipeline(src["prefix"], src["suffix"]) as fp32:
+        with open_pipeline(work, manifest, "ort-cpu", "fp32") as fp32:
             suffix_feeds = _suffix_feeds(fp32, images, windows)
         prefix_feeds = [{"image": images[i:i + 16]} for i in range(0, len(images), 16)]
         info["conversion"]["prefix"] = conversions.to_int8(src["prefix"], os.path.join(work, names["prefix"]), "prefix",
@@ -152,7 +152,7 @@ def _make_variant(work: str, manifest: dict, precision: str, images: np.ndarray,
         if problems:
             raise ScaleCertError(f"{names[part]}: {problems[0]}")
     sample = images[:16]
-    with OrtCpuPipeline(src["prefix"], src["suffix"]) as fp32, \
+    with open_pipeline(work, manifest, "ort-cpu", "fp32") as fp32, \
             OrtCpuPipeline(os.path.join(work, names["prefix"]), os.path.join(work, names["suffix"])) as variant:
         ref, got = _window_logits(fp32, sample, windows[:32]), _window_logits(variant, sample, windows[:32])
     info["vs_fp32"] = {"images": len(sample), "windows_per_image": 1 + min(32, len(windows)),

@@ -97,21 +97,23 @@ def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 class SplitNetwork:
     """The decomposed program cut at `layer`: superficial features, the SIN gate, the suffix."""
 
-    def __init__(self, module, layer: str, input_spec: dict, windows: np.ndarray, feature_hw, phi: str):
+    def __init__(self, module, layer: str, input_spec: dict, windows: np.ndarray, feature_hw, phi: str,
+                 device: str = "cpu"):
         import torch
 
-        self.torch, self.module, self.phi = torch, module, phi
+        self.torch, self.module, self.phi, self.device = torch, module, phi, device
         self.layer_node = next(n for n in module.graph.nodes if n.name == layer)
-        self.mean = torch.tensor(input_spec["mean"], dtype=torch.float32).reshape(1, -1, 1, 1)
-        self.std = torch.tensor(input_spec["std"], dtype=torch.float32).reshape(1, -1, 1, 1)
+        self.mean = torch.tensor(input_spec["mean"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        self.std = torch.tensor(input_spec["std"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
         self.input_size = tuple(input_spec["input_size"])
         self.windows, self.feature_hw = windows, tuple(feature_hw)
-        self.window_masks = torch.from_numpy(geometry.window_masks(windows, self.feature_hw)).reshape(-1, *self.feature_hw)
-        self.alpha = torch.ones(1, 1, 1, 1)
+        masks = geometry.window_masks(windows, self.feature_hw).reshape(-1, *self.feature_hw)
+        self.window_masks = torch.from_numpy(masks).to(device)
+        self.alpha = torch.ones(1, 1, 1, 1, device=device)
         self.tau = -1.0
 
     def normalize(self, pixels: np.ndarray):
-        x = self.torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 255.0
+        x = self.torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         return (x - self.mean) / self.std
 
     def superficial(self, x):
@@ -157,12 +159,12 @@ class SplitNetwork:
         return s
 
     def suffix(self, s):
-        dummy = self.torch.zeros(len(s), *self.input_size)
+        dummy = self.torch.zeros(len(s), *self.input_size, device=self.device)
         return self.torch.fx.Interpreter(self.module).run(dummy, initial_env={self.layer_node: s})
 
     def occlude(self, s, window_index: np.ndarray):
         """Row i of s with window window_index[i] of the family zeroed."""
-        masks = self.window_masks[self.torch.from_numpy(window_index)][:, None]
+        masks = self.window_masks[self.torch.from_numpy(window_index).to(self.device)][:, None]
         return s.masked_fill(masks, 0.0)
 
     def calibrate(self, pixels: np.ndarray, labels: np.ndarray, rate: float) -> dict:
@@ -170,12 +172,12 @@ class SplitNetwork:
         from .calibration import sin
         from .calibration.taylor import taylor_scores
 
-        x = self.normalize(pixels).numpy()
+        x = self.normalize(pixels).cpu().numpy()
         activation, gradient = taylor_scores(self.module, self.layer_node.name, x, list(labels))
         alpha = sin.taylor_importance(activation, gradient)
         score = sin.scores(activation, alpha, self.phi)
         table = [sin.threshold_for_rate(score, r / 100) for r in range(100)]
-        self.alpha = self.torch.from_numpy(alpha).reshape(1, -1, 1, 1)
+        self.alpha = self.torch.from_numpy(alpha).reshape(1, -1, 1, 1).to(self.device)
         self.tau = table[round(rate * 100)] if rate > 0 else -1.0
         return {"alpha": [float(a) for a in alpha], "threshold_by_rate": table, "threshold": self.tau,
                 "prune_rate": rate, "phi": self.phi, "calibration_images": len(pixels),
@@ -189,7 +191,7 @@ class SplitNetwork:
         with torch.no_grad():
             for lo in range(0, len(pixels), batch):
                 s = self.gated(self.superficial(self.normalize(pixels[lo:lo + batch])))
-                predicted = self.suffix(s).argmax(1).numpy()
+                predicted = self.suffix(s).argmax(1).cpu().numpy()
                 correct += int((predicted == labels[lo:lo + batch]).sum())
                 for i in range(min(len(s), max(0, cert_limit - lo))):
                     if predicted[i] != labels[lo + i]:
@@ -198,7 +200,7 @@ class SplitNetwork:
                     for w0 in range(0, len(self.windows), batch):
                         index = np.arange(w0, min(w0 + batch, len(self.windows)))
                         occluded = self.occlude(s[i:i + 1].expand(len(index), -1, -1, -1), index)
-                        if (self.suffix(occluded).argmax(1).numpy() != labels[lo + i]).any():
+                        if (self.suffix(occluded).argmax(1).cpu().numpy() != labels[lo + i]).any():
                             ok = False
                             break
                     certified += ok
@@ -267,12 +269,13 @@ def tune(opts: TuneOptions, say=print) -> dict:
         torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
     input_spec = loaded.preprocess.to_json()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     program, layer, window_hw, stride, windows = plan(loaded, opts.patch, opts.layer, opts.stride,
                                                       opts.window_budget, opts.max_growth)
-    say(f"layer {layer.name} ({layer.scope or 'root'}), features {layer.shape}, window {window_hw}, "
+    say(f"device {device}; layer {layer.name} ({layer.scope or 'root'}), features {layer.shape}, window {window_hw}, "
         f"stride {stride}, {len(windows)} windows, prune rate {opts.prune_rate}")
-    module = program.module()
-    net = SplitNetwork(module, layer.name, input_spec, windows, layer.shape[1:], opts.phi)
+    module = program.module().to(device)
+    net = SplitNetwork(module, layer.name, input_spec, windows, layer.shape[1:], opts.phi, device)
     train_x, train_y = load_pixels(train_items, input_spec, "training images", opts.quiet)
     val_x, val_y = load_pixels(val_items, input_spec, "validation images", opts.quiet)
     calib_rng = np.random.default_rng(opts.seed + 1)
@@ -318,7 +321,7 @@ def tune(opts: TuneOptions, say=print) -> dict:
                 net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
             index = order[step * opts.batch:(step + 1) * opts.batch]
             x = net.normalize(augment(train_x[index], rng))
-            y = torch.from_numpy(train_y[index])
+            y = torch.from_numpy(train_y[index]).to(device)
             s = net.gated(net.superficial(x), straight_through=True)
             occluded = [net.occlude(s, rng.integers(0, len(windows), len(index))) for _ in range(opts.occlusions)]
             logits = net.suffix(torch.cat([s, *occluded]))
@@ -342,7 +345,7 @@ def tune(opts: TuneOptions, say=print) -> dict:
             best["certified_accuracy"], best["clean_accuracy"])
         say(f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}, val clean {metrics['clean_accuracy']:.1%}, "
             f"certified {metrics['certified_accuracy']:.1%} ({metrics['seconds']:.0f} s)" + ("  [best]" if improved else ""))
-        state_dict = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         if improved:
             best = metrics
             _save(opts.output, {"state_dict": state_dict, RECORD_KEY: {

@@ -347,3 +347,21 @@ def test_negative_control_footprint_too_small_is_caught(tiny):
     assert out["total"]["violations"] > 0, "PGD found no violation through a footprint computed too small"
     for v in out["violations_detail"]:
         assert not contained(small, v["position"])
+
+
+# -- (v) the int8 variant (static QDQ) of pretrained ResNet-20: its own certificate holds -------
+def test_resnet20_int8_variant_attacked_everywhere_never_certified_wrong(r20_bundle, tmp_path):
+    import shutil
+
+    from conftest import CIFAR_TRAIN, need, run_cli
+
+    bundle = str(tmp_path / "r20-int8")
+    shutil.copytree(r20_bundle, bundle)
+    run_cli("scalecert", "build", bundle, "--precision", "int8", "--calib", need(CIFAR_TRAIN), "--calib-limit", "64",
+            "--quiet", check=True)
+    certifier = _load(bundle, precision="int8", early_exit=True)
+    images, labels, names = _cifar_targets(2)
+    out = attack.attack_images(certifier, images, labels=labels, names=names, max_images=2, mix=True,
+                               contents=("noise", "extreme", "donor"), seed=3)
+    _report("resnet20-int8", out)
+    _assert_sound(out, min_images=1, min_attacked=POSITIONS_5x5_32)

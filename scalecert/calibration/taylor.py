@@ -26,16 +26,17 @@ def taylor_scores(program, layer: str, images: np.ndarray, labels, batch: int = 
                 captured["a"] = out
             return out
 
+    device = next(iter(module.parameters()), torch.zeros(())).device
     acts, grads = [], []
     for start in range(0, len(images), batch):
-        x = torch.from_numpy(images[start:start + batch])
+        x = torch.from_numpy(images[start:start + batch]).to(device)
         with torch.enable_grad():
             logits = Capture(module).run(x)
             target = (torch.as_tensor([l if l is not None else -1 for l in labels[start:start + batch]])
-                      if labels is not None else torch.full((len(x),), -1))
+                      if labels is not None else torch.full((len(x),), -1)).to(device)
             target = torch.where(target >= 0, target, logits.argmax(1))
             loss = torch.nn.functional.cross_entropy(logits, target, reduction="sum")
             (grad,) = torch.autograd.grad(loss, captured["a"])
-        acts.append(captured["a"].detach().numpy())
-        grads.append(grad.numpy())
+        acts.append(captured["a"].detach().cpu().numpy())
+        grads.append(grad.cpu().numpy())
     return np.concatenate(acts), np.concatenate(grads)

@@ -237,12 +237,11 @@ def export_bundle(opts: ExportOptions) -> str:
                          "dead_channels_note": why, "calibration_images": len(calib_x) if calib_x is not None else 0})
         prefix = build_prefix(model, layer, alpha, threshold, opts.phi, remove_dead=removable)
         _save(prefix, os.path.join(work, "prefix.onnx"))
-        margin = _measure_margin(work, input_spec, calib_x, windows)
-        opts.say(f"numeric margin: largest logit spread across batch compositions {margin['spread']:g} "
-                 f"-> delta {margin['ort-cpu-fp32']:g} (ONNX Runtime CPU, fp32)")
-
         full_stats = graph_stats(model)
         prefix_stats, suffix_stats = graph_stats(with_shapes(prefix)), graph_stats(with_shapes(suffix))
+        margin = _measure_margin(work, input_spec, calib_x, windows, suffix_stats["macs"])
+        opts.say(f"numeric margin: largest logit spread across batch compositions {margin['spread']:g} "
+                 f"-> delta {margin['delta']:g} (ONNX Runtime CPU, fp32)")
         if sin_info["dead_channels_removed"]:
             dense_prefix = graph_stats(with_shapes(build_prefix(model, layer, np.ones(channels, np.float32), -1.0, opts.phi, False)))
             dense_suffix = graph_stats(with_shapes(build_suffix(model, layer, channels)))
@@ -270,8 +269,8 @@ def export_bundle(opts: ExportOptions) -> str:
                         "size": [int(windows[0, 2] - windows[0, 0]), int(windows[0, 3] - windows[0, 1])],
                         "count": len(windows), "budget": opts.window_budget if opts.stride == "auto" else None},
             "sin": sin_info,
-            "margin": {"ort-cpu-fp32": margin["ort-cpu-fp32"]},
-            "margin_measurement": margin,
+            "margin": {"ort-cpu-fp32": margin["delta"]},
+            "margin_measurement": {"ort-cpu-fp32": margin},
             "tensors": {"prefix": {"inputs": ["image"], "outputs": ["features", "gate"]},
                         "suffix": {"inputs": ["features", "windows"], "outputs": ["logits"]}},
             "stats": {"full": full_stats, "prefix": prefix_stats, "suffix": suffix_stats},
@@ -303,8 +302,10 @@ def _apply_tune_defaults(opts: ExportOptions, tuned: dict | None) -> dict | None
     return record
 
 
-def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray) -> dict:
-    from ..calibration.margin import BATCH_SIZES, SAFETY, delta_from_spread, measure_logit_spread
+def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray, suffix_macs: float) -> dict:
+    """Through the same ONNX Runtime CPU pipeline the runtime will use (see build.measure_margin)."""
+    from ..build import measure_margin
+    from ..runtime.backends import WINDOW_PARALLEL_MAX_MACS, OrtCpuPipeline
 
     if calib_x is not None:
         image = calib_x[:1]
@@ -314,12 +315,9 @@ def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray) -
         from ..runtime.preprocess import normalize
 
         image = normalize(pixels, input_spec)
-    with OrtRunner(os.path.join(work, "prefix.onnx")) as prefix, OrtRunner(os.path.join(work, "suffix.onnx")) as suffix:
-        features = prefix.infer({"image": image})["features"]
-        sample = np.concatenate([np.zeros((1, 4), np.int64), windows[:63]])
-        spread = measure_logit_spread(lambda f, w: suffix.infer({"features": f, "windows": w})["logits"], features, sample)
-    return {"ort-cpu-fp32": delta_from_spread(spread), "spread": spread, "safety": SAFETY,
-            "windows_sampled": len(sample), "batch_sizes": list(BATCH_SIZES)}
+    with OrtCpuPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
+                        window_parallel=suffix_macs < WINDOW_PARALLEL_MAX_MACS) as pipeline:
+        return measure_margin(pipeline, image, windows)
 
 
 def _tool_versions() -> dict:

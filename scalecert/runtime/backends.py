@@ -107,21 +107,28 @@ class Pipeline:
         self.deactivate()
 
 
+WINDOW_PARALLEL_MAX_MACS = 100e6  # suffix MACs per window below which window chunks beat intra-op threads
+
+
 class OrtCpuPipeline(Pipeline):
-    """Prefix on all cores (one image batch at a time); suffix window-parallel: the window batch is
-    split into one chunk per core, each run single-threaded on the same session concurrently.
-    Small convolutions scale poorly with intra-op threads (int8 QLinearConv hardly at all on two
-    cores), whole chunks scale well; the logits are bitwise those of one batch on this engine,
-    and the numeric margin is measured through this very method."""
+    """Prefix on all cores (one image batch at a time). Suffix: for a small suffix (ResNet-20's,
+    40 M MACs per window) window-parallel: the window batch is split into one chunk per core, each
+    run single-threaded on the same session concurrently; small convolutions scale poorly with
+    intra-op threads, whole chunks scale well. The same holds for any int8 suffix (QLinearConv
+    hardly scales with intra-op threads on two cores). A large fp32 suffix (EfficientNet-Lite0's,
+    335 M) runs each batch on all cores. The choice is made in certifier.open_pipeline, and the
+    numeric margin is measured through the same pipeline."""
 
     name = "ort-cpu"
     MIN_CHUNK = 4
 
-    def __init__(self, prefix_path: str, suffix_path: str, threads: int | None = None):
+    def __init__(self, prefix_path: str, suffix_path: str, threads: int | None = None, window_parallel: bool = True):
         self.workers = max(1, threads or os.cpu_count() or 1)
+        parallel = window_parallel and self.workers > 1
         # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
         self.prefix_runner = OrtRunner(prefix_path, "cpu", self.workers, spin=False)
-        self.suffix_runner = OrtRunner(suffix_path, "cpu", 1, spin=False)
+        self.suffix_runner = OrtRunner(suffix_path, "cpu", 1 if parallel else self.workers, spin=not parallel)
+        self.workers = self.workers if parallel else 1
         self.pool = None
 
     def activate(self) -> None:

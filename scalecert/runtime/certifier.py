@@ -10,7 +10,7 @@ import numpy as np
 from .. import manifest as manifest_io
 from ..errors import ScaleCertError
 from . import decision, geometry
-from .backends import OrtCpuPipeline, Pipeline, ort_providers
+from .backends import WINDOW_PARALLEL_MAX_MACS, OrtCpuPipeline, Pipeline, ort_providers
 from .preprocess import load_image, normalize, resize_to_input
 
 EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
@@ -91,7 +91,9 @@ def pick_backend(backend: str, precision: str, manifest: dict) -> str:
 def open_pipeline(bundle_dir: str, manifest: dict, backend: str, precision: str, threads=None) -> Pipeline:
     if backend == "ort-cpu":
         files = precision_files(manifest, precision)
-        return OrtCpuPipeline(os.path.join(bundle_dir, files["prefix"]), os.path.join(bundle_dir, files["suffix"]), threads)
+        suffix_macs = manifest.get("stats", {}).get("suffix", {}).get("macs") or 0
+        return OrtCpuPipeline(os.path.join(bundle_dir, files["prefix"]), os.path.join(bundle_dir, files["suffix"]), threads,
+                              window_parallel=precision == "int8" or suffix_macs < WINDOW_PARALLEL_MAX_MACS)
     from . import gpu
 
     if backend == "ort-cuda":
