@@ -32,7 +32,8 @@ def main(paths) -> None:
     print(f"Machine: {m['cpu']}, {m['cores']} cores; {reports[0]['date'][:10]}; "
           f"onnxruntime {reports[0]['versions'].get('onnxruntime')}, torch {reports[0]['versions'].get('torch')}.")
     print("Command: `SHARED=../shared benchmarks/cpu.sh` (scalecert-export + scalecert bench --baseline "
-          "--baseline-engine both). Ratios: baseline latency / scalecert latency per image, median over images.\n")
+          "--baseline-engine both); the ResNet-20 tuned tables come from `benchmarks/tune.sh` (scalecert tune, then "
+          "bench). Ratios: baseline latency / scalecert latency per image, median over images.\n")
     for r in reports:
         print(table(r) + "\n")
 
