@@ -74,11 +74,27 @@ def load_pixels(items, input_spec: dict, what: str, quiet: bool) -> tuple[np.nda
 
 
 def _progress(iterable, desc: str, quiet: bool, total=None):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the dev extra; without it, no bar
+        quiet = True
     if quiet:
-        return iterable
-    from tqdm import tqdm
+        return _Plain(iterable)
 
     return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class _Plain:
+    """The iterable, with tqdm's set_postfix as a no-op."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **_):
+        pass
 
 
 def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -334,8 +350,7 @@ def tune(opts: TuneOptions, say=print) -> dict:
             seen += len(targets)
             correct += int((logits.argmax(1) == targets).sum())
             loss_sum += float(loss) * len(targets)
-            if not opts.quiet:
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}")
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}")
         record = net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
         metrics = net.evaluate(val_x, val_y, opts.cert_limit)
         metrics.update({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
