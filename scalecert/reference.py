@@ -13,6 +13,32 @@ from .exporter.loading import LoadedModel
 from .runtime import geometry
 
 
+def run_to(module, layer_node, x):
+    """Run the program's module on x up to layer_node and return that node's value (the prefix)."""
+    import torch
+
+    if layer_node.op == "placeholder":
+        return x
+    captured = {}
+
+    class Stop(Exception):
+        pass
+
+    class Capture(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node is layer_node:
+                captured["a"] = out
+                raise Stop
+            return out
+
+    try:
+        Capture(module).run(x)
+    except Stop:
+        pass
+    return captured["a"]
+
+
 class TorchReference:
     def __init__(self, loaded: LoadedModel, bundle_dir: str, program=None):
         import torch
@@ -43,28 +69,7 @@ class TorchReference:
 
     def superficial(self, x):
         """A: the superficial tensor for a normalised batch."""
-        torch, layer = self.torch, self.layer_node
-
-        class Stop(Exception):
-            pass
-
-        captured = {}
-
-        class Capture(torch.fx.Interpreter):
-            def run_node(self, node):
-                out = super().run_node(node)
-                if node is layer:
-                    captured["a"] = out
-                    raise Stop
-                return out
-
-        if layer.op == "placeholder":
-            return x
-        try:
-            Capture(self.module).run(x)
-        except Stop:
-            pass
-        return captured["a"]
+        return run_to(self.module, self.layer_node, x)
 
     def gate(self, a):
         torch = self.torch

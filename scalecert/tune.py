@@ -133,27 +133,9 @@ class SplitNetwork:
         return (x - self.mean) / self.std
 
     def superficial(self, x):
-        torch, layer = self.torch, self.layer_node
-        if layer.op == "placeholder":
-            return x
-        captured = {}
+        from .reference import run_to
 
-        class Stop(Exception):
-            pass
-
-        class Capture(torch.fx.Interpreter):
-            def run_node(self, node):
-                out = super().run_node(node)
-                if node is layer:
-                    captured["a"] = out
-                    raise Stop
-                return out
-
-        try:
-            Capture(self.module).run(x)
-        except Stop:
-            pass
-        return captured["a"]
+        return run_to(self.module, self.layer_node, x)
 
     def score(self, a):
         magnitude = a.abs() if self.phi == "abs" else self.torch.relu(a)

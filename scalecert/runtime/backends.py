@@ -8,13 +8,10 @@ import numpy as np
 from ..errors import ScaleCertError
 
 
-class Runner:
-    name = "runner"
+class Activated:
+    """activate() on entering a with-block, deactivate() on leaving it."""
 
     def activate(self) -> None:
-        raise NotImplementedError
-
-    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
     def deactivate(self) -> None:
@@ -26,6 +23,13 @@ class Runner:
 
     def __exit__(self, *exc):
         self.deactivate()
+
+
+class Runner(Activated):
+    name = "runner"
+
+    def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
 
 
 def ort_providers(device: str = "cpu") -> list[str]:
@@ -76,19 +80,13 @@ class OrtRunner(Runner):
         self.session = None
 
 
-class Pipeline:
+class Pipeline(Activated):
     """One bundle precision on one device: the prefix over image batches, then the suffix over
     window batches of one image. `prefix` returns features in whatever form the backend keeps
     them (numpy here, device buffers on a GPU) plus the gate map as numpy; `select` takes one
     image's features out of a batch; `suffix` returns logits as numpy."""
 
     name = "pipeline"
-
-    def activate(self) -> None:
-        raise NotImplementedError
-
-    def deactivate(self) -> None:
-        raise NotImplementedError
 
     def prefix(self, image: np.ndarray):
         raise NotImplementedError
@@ -98,13 +96,6 @@ class Pipeline:
 
     def suffix(self, features, windows: np.ndarray) -> np.ndarray:
         raise NotImplementedError
-
-    def __enter__(self):
-        self.activate()
-        return self
-
-    def __exit__(self, *exc):
-        self.deactivate()
 
 
 WINDOW_PARALLEL_MAX_MACS = 100e6  # suffix MACs per window below which window chunks beat intra-op threads
