@@ -1,0 +1,48 @@
+"""ONNX Runtime kernel time by op type for a bundle's suffix at each precision (1 thread).
+    python benchmarks/profile_suffix_ops.py BUNDLE [--windows 19] [--precisions fp32,int8]"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from scalecert import manifest as manifest_io
+from scalecert.runtime import geometry
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("bundle")
+    parser.add_argument("--windows", type=int, default=19)
+    parser.add_argument("--precisions", default="fp32,int8")
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    m = manifest_io.read(args.bundle)
+    windows = geometry.window_family(tuple(m["windows"]["footprint"]), m["windows"]["stride"], tuple(m["layer"]["shape"][1:]))
+    windows = np.concatenate([np.zeros((1, 4), np.int64), windows])[:args.windows]
+    features = np.random.default_rng(0).standard_normal((1, *m["layer"]["shape"])).astype(np.float32)
+    for precision in args.precisions.split(","):
+        options = ort.SessionOptions()
+        options.enable_profiling, options.intra_op_num_threads = True, 1
+        options.profile_file_prefix = f"/tmp/scalecert-ops-{precision}"
+        path = os.path.join(args.bundle, m["precisions"][precision]["suffix"])
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for _ in range(args.runs):
+            session.run(None, {"features": features, "windows": windows})
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+        by_op = collections.Counter()
+        for e in events:
+            if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+                by_op[e["args"]["op_name"]] += e["dur"]
+        total = sum(by_op.values())
+        print(f"{precision}: {total / args.runs / 1e3:.1f} ms per call;",
+              ", ".join(f"{op} {100 * t / total:.1f}%" for op, t in by_op.most_common(8)))
+
+
+if __name__ == "__main__":
+    main()
