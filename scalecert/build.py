@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 
 import numpy as np
 
@@ -45,7 +44,7 @@ def _suffix_feeds(pipeline, images: np.ndarray, windows: np.ndarray, per_image: 
         for i in range(len(features)):
             picked = windows[rng.choice(len(windows), min(per_image - 1, len(windows)), replace=False)]
             feeds.append({"features": features[i:i + 1],
-                          "windows": np.concatenate([np.zeros((1, 4), np.int64), picked]).astype(np.int64)})
+                          "windows": np.concatenate([np.zeros((1, 4), np.int64), picked])})
     return feeds
 
 
@@ -91,9 +90,7 @@ def build(bundle: str, precision: str = "fp32", calib: str | None = None, backen
     images = _calibration_images(calib, calib_limit, manifest)
     windows = geometry.window_family(tuple(manifest["windows"]["footprint"]), manifest["windows"]["stride"],
                                      tuple(manifest["layer"]["shape"][1:]))
-    parent = os.path.dirname(os.path.abspath(bundle))
-    work = tempfile.mkdtemp(prefix=".scalecert-build-", dir=parent)
-    try:
+    with manifest_io.staging(bundle, ".scalecert-build-") as work:
         shutil.copytree(bundle, work, dirs_exist_ok=True)
         variants = manifest.setdefault("precisions", {"fp32": {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}})
         if images is None:  # fp16 and margins only need some input: a seeded noise image
@@ -120,10 +117,6 @@ def build(bundle: str, precision: str = "fp32", calib: str | None = None, backen
         say(f"numeric margin {key}: spread {margin['spread']:g} -> delta {margin['delta']:g}")
         manifest["files"] = manifest_io.describe_files(work, sorted(_bundle_files(work)))
         manifest_io.write(work, manifest)
-        manifest_io.replace_dir(work, bundle)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -133,8 +126,6 @@ def _make_variant(work: str, manifest: dict, precision: str, images: np.ndarray,
 
     src = {part: os.path.join(work, f"{part}.onnx") for part in ("prefix", "suffix")}
     names = {part: f"{part}.{precision}.onnx" for part in ("prefix", "suffix")}
-    if precision == "fp32":
-        return {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}
     info: dict = {"conversion": {}}
     if precision == "fp16":
         for part in ("prefix", "suffix"):

@@ -1,6 +1,7 @@
 """The bundle manifest: versioned schema, JSON round trip, file hashes (no torch)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -77,3 +78,16 @@ def replace_dir(work: str, output: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(work, output)
+
+
+@contextlib.contextmanager
+def staging(output: str, prefix: str = ".scalecert-"):
+    """A fresh directory beside `output` to write a bundle into: when the block ends normally it
+    replaces `output` (replace_dir); when it raises, it is removed and `output` is untouched."""
+    work = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(os.path.abspath(output)))
+    try:
+        yield work
+        replace_dir(work, output)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise

@@ -39,58 +39,71 @@ def run_to(module, layer_node, x):
     return captured["a"]
 
 
-class TorchReference:
-    def __init__(self, loaded: LoadedModel, bundle_dir: str, program=None):
+class SplitProgram:
+    """A decomposed PyTorch program cut at the superficial layer: A, the SIN gate, the suffix on
+    (occluded) gated features. The reference and `scalecert tune` both run the method through it."""
+
+    def __init__(self, module, layer: str, input_spec: dict, windows: np.ndarray, feature_hw, alpha, tau: float,
+                 phi: str, device: str = "cpu"):
         import torch
 
-        from .exporter.to_onnx import to_onnx
-
-        self.torch = torch
-        self.manifest = manifest_io.read(bundle_dir)
-        if program is None:
-            _, program = to_onnx(loaded)
-        self.module = program.module()
-        layer = self.manifest["layer"]["name"]
-        self.layer_node = next(n for n in self.module.graph.nodes if n.name == layer)
-        sin = self.manifest["sin"]
-        self.alpha = torch.tensor(sin["alpha"], dtype=torch.float32).reshape(1, -1, 1, 1)
-        self.tau = torch.tensor(sin["threshold"], dtype=torch.float32)
-        self.phi = sin["phi"]
-        spec = self.manifest["input"]
-        self.mean = torch.tensor(spec["mean"]).reshape(1, 3, 1, 1)
-        self.std = torch.tensor(spec["std"]).reshape(1, 3, 1, 1)
-        w = self.manifest["windows"]
-        self.feature_hw = tuple(self.manifest["layer"]["shape"][1:])
-        self.windows = geometry.window_family(tuple(w["footprint"]), w["stride"], self.feature_hw)
+        self.torch, self.module, self.phi, self.device = torch, module, phi, device
+        self.layer_node = next(n for n in module.graph.nodes if n.name == layer)
+        self.mean = torch.tensor(input_spec["mean"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        self.std = torch.tensor(input_spec["std"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
+        self.input_size = tuple(input_spec["input_size"])
+        self.windows, self.feature_hw = windows, tuple(feature_hw)
+        masks = geometry.window_masks(windows, self.feature_hw).reshape(-1, 1, *self.feature_hw)
+        self.window_masks = torch.from_numpy(masks).to(device)
+        self.alpha = torch.as_tensor(np.asarray(alpha, np.float32), device=device).reshape(1, -1, 1, 1)
+        self.tau = float(np.float32(tau))
 
     def normalize(self, pixels_uint8: np.ndarray):
-        x = self.torch.from_numpy(np.array(pixels_uint8)).float().permute(0, 3, 1, 2) / 255.0
+        x = self.torch.from_numpy(np.ascontiguousarray(pixels_uint8)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
         return (x - self.mean) / self.std
 
     def superficial(self, x):
         """A: the superficial tensor for a normalised batch."""
         return run_to(self.module, self.layer_node, x)
 
+    def score(self, a):
+        magnitude = a.abs() if self.phi == "abs" else self.torch.relu(a)
+        return (magnitude * self.alpha).sum(1)
+
     def gate(self, a):
-        torch = self.torch
-        magnitude = a.abs() if self.phi == "abs" else torch.relu(a)
-        score = (magnitude * self.alpha).sum(1)
-        return score > self.tau
+        return self.score(a) > self.tau
 
     def gated(self, a):
-        live = (self.alpha > 0).expand_as(a[:1])
-        keep = self.gate(a)[:, None] & live
-        return self.torch.where(keep, a, self.torch.zeros((), dtype=a.dtype))
+        """S = A where score > tau and alpha > 0, else 0: the exported prefix's Where, exactly."""
+        return self._apply_gate(a, self.score(a))
+
+    def _apply_gate(self, a, score):
+        keep = (score > self.tau)[:, None] & (self.alpha > 0)
+        return self.torch.where(keep, a, self.torch.zeros((), dtype=a.dtype, device=a.device))
 
     def suffix(self, s):
         """logits from (already occluded) gated features, one row per row of s."""
-        dummy = self.torch.zeros(len(s), *self.manifest["input"]["input_size"])
+        dummy = self.torch.zeros(len(s), *self.input_size, device=self.device)
         return self.torch.fx.Interpreter(self.module).run(dummy, initial_env={self.layer_node: s})
 
-    def occlude(self, s, windows: np.ndarray):
-        """(1,C,H,W) gated features -> (B,C,H,W) with each window zeroed."""
-        masks = geometry.window_masks(windows, self.feature_hw).reshape(len(windows), 1, *self.feature_hw)
-        return self.torch.where(self.torch.from_numpy(masks), self.torch.zeros(()), s)
+    def occlude(self, s, window_index: np.ndarray):
+        """Row i: s (or its only row) with window window_index[i] of the family zeroed."""
+        masks = self.window_masks[self.torch.from_numpy(np.asarray(window_index)).to(self.device)]
+        return self.torch.where(masks, self.torch.zeros((), dtype=s.dtype, device=s.device), s)
+
+
+class TorchReference(SplitProgram):
+    def __init__(self, loaded: LoadedModel, bundle_dir: str, program=None):
+        from .exporter.to_onnx import to_onnx
+
+        self.manifest = manifest_io.read(bundle_dir)
+        if program is None:
+            _, program = to_onnx(loaded)
+        m, sin = self.manifest, self.manifest["sin"]
+        feature_hw = tuple(m["layer"]["shape"][1:])
+        windows = geometry.window_family(tuple(m["windows"]["footprint"]), m["windows"]["stride"], feature_hw)
+        super().__init__(program.module(), m["layer"]["name"], m["input"], windows, feature_hw, sin["alpha"],
+                         sin["threshold"], sin["phi"])
 
     def certify(self, pixels_uint8: np.ndarray, batch: int = 128) -> dict:
         """-> {"status", "label", "window_labels", "gate"} for one HxWx3 uint8 image."""
@@ -99,7 +112,7 @@ class TorchReference:
             x = self.normalize(pixels_uint8[None])
             s = self.gated(self.superficial(x))
             base = int(self.suffix(s).argmax(1)[0])
-            labels = torch.cat([self.suffix(self.occlude(s, self.windows[i:i + batch])).argmax(1)
+            labels = torch.cat([self.suffix(self.occlude(s, np.arange(i, min(i + batch, len(self.windows))))).argmax(1)
                                 for i in range(0, len(self.windows), batch)]).numpy()
         certified = bool((labels == base).all())
         return {"status": "certified" if certified else "alert", "label": base, "window_labels": labels,

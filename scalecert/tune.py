@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import ScaleCertError
+from .reference import SplitProgram
 from .runtime import geometry
 
 RECORD_KEY = "scalecert_tune"
@@ -110,60 +111,24 @@ def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 # -- the split network --------------------------------------------------------------------------
-class SplitNetwork:
-    """The decomposed program cut at `layer`: superficial features, the SIN gate, the suffix."""
+class SplitNetwork(SplitProgram):
+    """The exporter's split of the model, trained through: a straight-through gate, calibration
+    of alpha and tau as the weights move, and certified accuracy on validation images."""
 
     def __init__(self, module, layer: str, input_spec: dict, windows: np.ndarray, feature_hw, phi: str,
                  device: str = "cpu"):
-        import torch
-
-        self.torch, self.module, self.phi, self.device = torch, module, phi, device
-        self.layer_node = next(n for n in module.graph.nodes if n.name == layer)
-        self.mean = torch.tensor(input_spec["mean"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-        self.std = torch.tensor(input_spec["std"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
-        self.input_size = tuple(input_spec["input_size"])
-        self.windows, self.feature_hw = windows, tuple(feature_hw)
-        masks = geometry.window_masks(windows, self.feature_hw).reshape(-1, *self.feature_hw)
-        self.window_masks = torch.from_numpy(masks).to(device)
-        self.alpha = torch.ones(1, 1, 1, 1, device=device)
-        self.tau = -1.0
-
-    def normalize(self, pixels: np.ndarray):
-        x = self.torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return (x - self.mean) / self.std
-
-    def superficial(self, x):
-        from .reference import run_to
-
-        return run_to(self.module, self.layer_node, x)
-
-    def score(self, a):
-        magnitude = a.abs() if self.phi == "abs" else self.torch.relu(a)
-        return (magnitude * self.alpha).sum(1)
+        super().__init__(module, layer, input_spec, windows, feature_hw, [1.0], -1.0, phi, device)
 
     def gated(self, a, straight_through: bool = False):
-        """S = A where score > tau (and alpha > 0), else 0: the exported prefix's Where, exactly.
-        With straight_through the forward value is the same and the gradient also reaches the
-        score through a sigmoid of (score - tau)."""
-        torch = self.torch
-        live = (self.alpha > 0).reshape(1, -1, 1, 1)
+        """The prefix's gate; with straight_through the forward value is the same and the gradient
+        also reaches the score through a sigmoid of (score - tau)."""
         score = self.score(a)
-        hard = (score > self.tau)[:, None]
-        s = torch.where(hard & live, a, torch.zeros((), dtype=a.dtype))
+        s = self._apply_gate(a, score)
         if straight_through and self.tau >= 0:
             temperature = max(abs(self.tau), 1e-3) * 0.1
-            soft = torch.sigmoid((score - self.tau) / temperature)[:, None]
-            s = s + a * live * (soft - soft.detach())
+            soft = self.torch.sigmoid((score - self.tau) / temperature)[:, None]
+            s = s + a * (self.alpha > 0) * (soft - soft.detach())
         return s
-
-    def suffix(self, s):
-        dummy = self.torch.zeros(len(s), *self.input_size, device=self.device)
-        return self.torch.fx.Interpreter(self.module).run(dummy, initial_env={self.layer_node: s})
-
-    def occlude(self, s, window_index: np.ndarray):
-        """Row i of s with window window_index[i] of the family zeroed."""
-        masks = self.window_masks[self.torch.from_numpy(window_index).to(self.device)][:, None]
-        return s.masked_fill(masks, 0.0)
 
     def calibrate(self, pixels: np.ndarray, labels: np.ndarray, rate: float) -> dict:
         """alpha (Taylor), the score distribution and tau for `rate`, as the exporter computes them."""

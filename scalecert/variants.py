@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import tempfile
 
 import numpy as np
 import onnx_ir as ir
@@ -27,10 +26,9 @@ def _set_threshold(prefix_path: str, tau: float) -> None:
 
 def derive(bundle: str, output: str, prune_rate: float | None = None, stride: int | None = None) -> str:
     manifest = copy.deepcopy(manifest_io.read(bundle))
-    parent = os.path.dirname(os.path.abspath(output))
-    work = tempfile.mkdtemp(prefix=".scalecert-variant-", dir=parent)
-    try:
+    with manifest_io.staging(output, ".scalecert-variant-") as work:
         for name in manifest["files"]:
+            os.makedirs(os.path.dirname(os.path.join(work, name)), exist_ok=True)  # engines/ sit in a subfolder
             shutil.copy2(os.path.join(bundle, name), os.path.join(work, name))
         if prune_rate is not None and prune_rate != manifest["sin"]["prune_rate"]:
             table = manifest["sin"].get("threshold_by_rate")
@@ -54,10 +52,4 @@ def derive(bundle: str, output: str, prune_rate: float | None = None, stride: in
         manifest["files"] = manifest_io.describe_files(work, list(manifest["files"]))
         manifest["derived_from"] = os.path.abspath(bundle)
         manifest_io.write(work, manifest)
-        if os.path.exists(output):
-            shutil.rmtree(output)
-        os.rename(work, output)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return output

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,8 +150,7 @@ def export_bundle(opts: ExportOptions) -> str:
     opts.say(f"layer {layer.name} ({layer.scope or 'root'}): features {layer.shape}, receptive field "
              f"{rf.size()}, window {window_hw}, stride {stride}, {len(windows)} windows")
 
-    work = tempfile.mkdtemp(prefix=".scalecert-", dir=parent)
-    try:
+    with manifest_io.staging(output) as work:
         sin_info: dict = {"phi": opts.phi}
         channels = layer.shape[0]
         alpha = np.ones(channels, np.float32)
@@ -278,10 +275,6 @@ def export_bundle(opts: ExportOptions) -> str:
             "files": manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx"]),
         }
         manifest_io.write(work, manifest)
-        manifest_io.replace_dir(work, output)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return output
 
 
@@ -305,7 +298,7 @@ def _apply_tune_defaults(opts: ExportOptions, tuned: dict | None) -> dict | None
 def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray, suffix_macs: float) -> dict:
     """Through the same ONNX Runtime CPU pipeline the runtime will use (see build.measure_margin)."""
     from ..build import measure_margin
-    from ..runtime.backends import WINDOW_PARALLEL_MAX_MACS, OrtCpuPipeline
+    from ..runtime.backends import OrtCpuPipeline, window_parallel
 
     if calib_x is not None:
         image = calib_x[:1]
@@ -316,7 +309,7 @@ def _measure_margin(work: str, input_spec: dict, calib_x, windows: np.ndarray, s
 
         image = normalize(pixels, input_spec)
     with OrtCpuPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
-                        window_parallel=suffix_macs < WINDOW_PARALLEL_MAX_MACS) as pipeline:
+                        window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
         return measure_margin(pipeline, image, windows)
 
 

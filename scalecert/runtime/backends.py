@@ -101,14 +101,20 @@ class Pipeline(Activated):
 WINDOW_PARALLEL_MAX_MACS = 100e6  # suffix MACs per window below which window chunks beat intra-op threads
 
 
+def window_parallel(precision: str, suffix_macs: float) -> bool:
+    """Whether the ORT CPU suffix runs window chunks in parallel (see OrtCpuPipeline): always for
+    int8, for fp32/fp16 only when the suffix is small. Export, build and runtime all ask here, so
+    the margin is measured the way the runtime will run."""
+    return precision == "int8" or suffix_macs < WINDOW_PARALLEL_MAX_MACS
+
+
 class OrtCpuPipeline(Pipeline):
     """Prefix on all cores (one image batch at a time). Suffix: for a small suffix (ResNet-20's,
     40 M MACs per window) window-parallel: the window batch is split into one chunk per core, each
     run single-threaded on the same session concurrently; small convolutions scale poorly with
     intra-op threads, whole chunks scale well. The same holds for any int8 suffix (QLinearConv
     hardly scales with intra-op threads on two cores). A large fp32 suffix (EfficientNet-Lite0's,
-    335 M) runs each batch on all cores. The choice is made in certifier.open_pipeline, and the
-    numeric margin is measured through the same pipeline."""
+    335 M) runs each batch on all cores. The choice is `window_parallel`."""
 
     name = "ort-cpu"
     MIN_CHUNK = 4

@@ -10,7 +10,7 @@ import numpy as np
 from .. import manifest as manifest_io
 from ..errors import ScaleCertError
 from . import decision, geometry
-from .backends import WINDOW_PARALLEL_MAX_MACS, OrtCpuPipeline, Pipeline, ort_providers
+from .backends import OrtCpuPipeline, Pipeline, ort_providers, window_parallel
 from .preprocess import load_image, normalize, resize_to_input
 
 EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
@@ -93,7 +93,7 @@ def open_pipeline(bundle_dir: str, manifest: dict, backend: str, precision: str,
         files = precision_files(manifest, precision)
         suffix_macs = manifest.get("stats", {}).get("suffix", {}).get("macs") or 0
         return OrtCpuPipeline(os.path.join(bundle_dir, files["prefix"]), os.path.join(bundle_dir, files["suffix"]), threads,
-                              window_parallel=precision == "int8" or suffix_macs < WINDOW_PARALLEL_MAX_MACS)
+                              window_parallel=window_parallel(precision, suffix_macs))
     from . import gpu
 
     if backend == "ort-cuda":
