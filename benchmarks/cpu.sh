@@ -32,6 +32,6 @@ scalecert bench "$WORK/eff-id" --data "$SHARED/data/imagenet-sample/images" --la
 
 # the tuned ResNet-20 of benchmarks/tune.sh, when it has been run
 TUNED_REPORTS=$(ls "$OUT"/tuned_*.json 2>/dev/null || true)
-python benchmarks/results_md.py "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" "$OUT/cpu_effnet_identity.json" \
-  $TUNED_REPORTS > benchmarks/RESULTS.md
+python benchmarks/results_md.py benchmarks/RESULTS.md "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" \
+  "$OUT/cpu_effnet_identity.json" $TUNED_REPORTS
 echo "wrote benchmarks/RESULTS.md"

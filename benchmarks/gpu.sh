@@ -79,8 +79,10 @@ SCALECERT_GPU_BUNDLE="$WORK/r20" "$PY" -m pytest -q -m gpu tests/test_gpu.py -rs
 "$PY" - "$WORK" "$SHARED" "$OUT/gpu_latency.json" "${LIMIT_R20:-200}" "${LIMIT_EFF:-50}" <<'EOF'
 import json, platform, subprocess, sys
 import numpy as np
-from scalecert import manifest as manifest_io
-from scalecert.calibration.data import image_set
+from scalecert.bundle import Bundle
+from scalecert.bundle.manifest import PRECISIONS
+from scalecert.runtime.pipelines import BACKENDS
+from scalecert.runtime.datasets import image_set
 from scalecert.errors import ScaleCertError
 from scalecert.runtime import Certifier
 
@@ -94,10 +96,10 @@ except OSError:
 rows = []
 for model, (bundle, data, limit) in models.items():
     items = image_set(data, limit=limit, seed=0)
-    margins = manifest_io.read(bundle)["margin"]
-    for backend in ("ort-cpu", "ort-cuda", "trt"):
-        for precision in ("fp32", "fp16", "int8"):
-            if f"{backend}-{precision}" not in margins:
+    opened = Bundle.open(bundle)
+    for backend in BACKENDS:
+        for precision in PRECISIONS:
+            if opened.margin(backend, precision) is None:
                 continue
             try:
                 cert = Certifier.load(bundle, backend=backend, precision=precision)

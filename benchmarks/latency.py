@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scalecert.calibration.data import image_set  # noqa: E402
+from scalecert.runtime.datasets import image_set  # noqa: E402
 from scalecert.runtime import Certifier  # noqa: E402
 
 

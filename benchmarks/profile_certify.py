@@ -8,7 +8,7 @@ import pstats
 
 import numpy as np
 
-from scalecert.calibration.data import image_set
+from scalecert.runtime.datasets import image_set
 from scalecert.runtime import Certifier
 
 

@@ -10,8 +10,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 
-from scalecert import manifest as manifest_io
-from scalecert.runtime import geometry
+from scalecert.bundle import Bundle
 
 
 def main() -> None:
@@ -21,15 +20,14 @@ def main() -> None:
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    m = manifest_io.read(args.bundle)
-    windows = geometry.window_family(tuple(m["windows"]["footprint"]), m["windows"]["stride"], tuple(m["layer"]["shape"][1:]))
-    windows = np.concatenate([np.zeros((1, 4), np.int64), windows])[:args.windows]
-    features = np.random.default_rng(0).standard_normal((1, *m["layer"]["shape"])).astype(np.float32)
+    bundle = Bundle.open(args.bundle)
+    windows = np.concatenate([np.zeros((1, 4), np.int64), bundle.windows()])[:args.windows]
+    features = np.random.default_rng(0).standard_normal((1, *bundle.manifest["layer"]["shape"])).astype(np.float32)
     for precision in args.precisions.split(","):
         options = ort.SessionOptions()
         options.enable_profiling, options.intra_op_num_threads = True, 1
         options.profile_file_prefix = f"/tmp/scalecert-ops-{precision}"
-        path = os.path.join(args.bundle, m["precisions"][precision]["suffix"])
+        path = bundle.files(precision)["suffix"]
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         for _ in range(args.runs):
             session.run(None, {"features": features, "windows": windows})

@@ -1,7 +1,10 @@
-"""Render `scalecert bench` reports as the markdown tables of benchmarks/RESULTS.md."""
+"""Render `scalecert bench` reports as the markdown tables of benchmarks/RESULTS.md:
+    python benchmarks/results_md.py benchmarks/RESULTS.md REPORT.json..."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 
 
@@ -25,8 +28,22 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(paths) -> None:
+KEPT = "## Measured runtime choices"  # a hand-written section of RESULTS.md, kept across regenerations
+
+
+def main(out: str, paths) -> None:
+    kept = ""
+    if os.path.exists(out):
+        text = open(out).read()
+        kept = text[text.index(KEPT):] if KEPT in text else ""
     reports = [json.load(open(p)) for p in paths]
+    with open(out, "w") as f, contextlib.redirect_stdout(f):
+        render(reports)
+        if kept:
+            print(kept.rstrip())
+
+
+def render(reports) -> None:
     m = reports[0]["machine"]
     print("# CPU benchmark results\n")
     print(f"Machine: {m['cpu']}, {m['cores']} cores; {reports[0]['date'][:10]}; "
@@ -39,4 +56,4 @@ def main(paths) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(sys.argv[1], sys.argv[2:])

@@ -1,5 +1,4 @@
 """The deployable half of scalecert: numpy, Pillow and an inference engine; never torch."""
-from .certifier import Certifier, Result
-from .decision import Decision, decide
+from scalecert.runtime.certifier import Certifier, Result
 
-__all__ = ["Certifier", "Result", "Decision", "decide"]
+__all__ = ["Certifier", "Result"]

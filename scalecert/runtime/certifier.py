@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import manifest as manifest_io
-from ..errors import ScaleCertError
-from . import decision, geometry
-from .backends import OrtCpuPipeline, Pipeline, ort_providers, window_parallel
-from .preprocess import load_image, normalize, resize_to_input
+from scalecert.bundle import Bundle
+from scalecert.core import decision, geometry
+from scalecert.errors import ScaleCertError
+from scalecert.runtime import pipelines
+from scalecert.runtime.images import load_image, normalize, resize_to_input
+from scalecert.runtime.pipelines.base import Pipeline
 
 EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
 
@@ -44,94 +45,49 @@ class Result:
         return out
 
 
-BACKENDS = ("ort-cpu", "ort-cuda", "trt")
-PRECISIONS = ("fp32", "fp16", "int8")
-
-
-def precision_files(manifest: dict, precision: str) -> dict:
-    """{"prefix": file, "suffix": file} of one precision variant of the bundle."""
-    variants = manifest.get("precisions") or {"fp32": {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}}
-    if precision not in PRECISIONS:
-        raise ScaleCertError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
-    if precision not in variants:
-        raise ScaleCertError(f"this bundle has no {precision} variant; add one with "
-                             f"`scalecert build BUNDLE --precision {precision}`")
-    return variants[precision]
-
-
-def pick_backend(backend: str, precision: str, manifest: dict) -> str:
-    """The backend to certify with. A backend/precision whose numeric margin was never measured
-    for this bundle is not used: its logits could move with batch composition by an amount
-    nobody bounded, and a zero delta would then be unsound."""
-    margins = manifest["margin"]
-    if backend == "ort":
-        backend = "ort-cpu"
-    if backend == "auto":
-        backend = "ort-cpu"
-        if f"ort-cuda-{precision}" in margins:
-            try:
-                ort_providers("cuda")
-                backend = "ort-cuda"
-            except ScaleCertError:
-                pass
-    if backend not in BACKENDS:
-        raise ScaleCertError(f"unknown backend {backend!r} (auto, ort, ort-cpu, ort-cuda, trt)")
-    if backend == "trt":
-        from . import gpu
-
-        gpu.require_tensorrt()
-    elif backend == "ort-cuda":
-        ort_providers("cuda")
-    if f"{backend}-{precision}" not in margins:
-        raise ScaleCertError(f"this bundle has no numeric margin measured for {backend} at {precision}; run "
-                             f"`scalecert build BUNDLE --precision {precision} --backend {backend}` first")
-    return backend
-
-
-def open_pipeline(bundle_dir: str, manifest: dict, backend: str, precision: str, threads=None) -> Pipeline:
-    if backend == "ort-cpu":
-        files = precision_files(manifest, precision)
-        suffix_macs = manifest.get("stats", {}).get("suffix", {}).get("macs") or 0
-        return OrtCpuPipeline(os.path.join(bundle_dir, files["prefix"]), os.path.join(bundle_dir, files["suffix"]), threads,
-                              window_parallel=window_parallel(precision, suffix_macs))
-    from . import gpu
-
-    if backend == "ort-cuda":
-        files = precision_files(manifest, precision)
-        return gpu.OrtCudaPipeline(os.path.join(bundle_dir, files["prefix"]), os.path.join(bundle_dir, files["suffix"]))
-    return gpu.TrtPipeline.from_bundle(bundle_dir, manifest, precision)
-
-
 class Certifier:
-    def __init__(self, bundle_dir: str, manifest: dict, backend: str = "ort-cpu", precision: str = "fp32",
+    """Certifies images against one bundle, precision and backend (no torch).
+
+    `Certifier.load(bundle_dir).certify(path_or_uint8_array) -> Result`. The pipeline is activated
+    on `with`/`__enter__` or on first use, and released by `close()` / leaving the block. For each
+    image: the prefix once, then the suffix on the un-occluded features and on one representative
+    of every distinct non-empty window intersection (docs/design.md §2, §3.5), in batches of
+    `batch`; the decision is core.decision.decide over the expanded window-prediction map.
+    `early_exit` stops at the first disagreeing batch (an alert is then all that is known)."""
+
+    def __init__(self, bundle: Bundle, backend: str = "ort-cpu", precision: str = "fp32",
                  batch: int = 64, early_exit: bool = False, threads=None):
-        self.bundle_dir, self.manifest = bundle_dir, manifest
+        self.bundle, self.bundle_dir, self.manifest = bundle, bundle.path, bundle.manifest
         self.backend, self.precision = backend, precision
         self.batch, self.early_exit = max(1, int(batch)), early_exit
-        self.input_spec = manifest["input"]
-        c, fh, fw = manifest["layer"]["shape"]
-        self.feature_hw = (fh, fw)
-        w = manifest["windows"]
-        self.windows = geometry.window_family(tuple(w["footprint"]), w["stride"], self.feature_hw)
-        if len(self.windows) != w["count"]:
-            raise ScaleCertError(f"{bundle_dir}: window family mismatch ({len(self.windows)} vs {w['count']}); re-export")
+        self.input_spec = bundle.input_spec
+        self.feature_hw = bundle.feature_hw
+        self.windows = bundle.windows()
         self.masks = geometry.window_masks(self.windows, self.feature_hw)
-        self.delta = float(manifest["margin"][f"{backend}-{precision}"])
-        self.classes = manifest.get("classes")
-        self.pipeline = open_pipeline(bundle_dir, manifest, backend, precision, threads)
-        self.pipeline.activate()
+        delta = bundle.margin(backend, precision)
+        if delta is None:
+            raise ScaleCertError(f"{bundle.path}: no numeric margin measured for {backend} at {precision}")
+        self.delta = delta
+        self.classes = bundle.classes
+        self._pipeline = pipelines.open_pipeline(bundle, backend, precision, threads)
 
     @classmethod
     def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, early_exit: bool = False,
              threads: int | None = None, precision: str = "fp32") -> "Certifier":
-        manifest = manifest_io.read(bundle_dir, verify=True)
-        precision_files(manifest, precision)
-        return cls(bundle_dir, manifest, pick_backend(backend, precision, manifest), precision, batch, early_exit, threads)
+        bundle = Bundle.open(bundle_dir, verify=True)
+        bundle.files(precision)
+        return cls(bundle, pipelines.pick(backend, precision, bundle), precision, batch, early_exit, threads)
+
+    @property
+    def pipeline(self) -> Pipeline:
+        self._pipeline.activate()  # first use; a no-op once active
+        return self._pipeline
 
     def close(self) -> None:
-        self.pipeline.deactivate()
+        self._pipeline.deactivate()
 
     def __enter__(self):
+        self._pipeline.activate()
         return self
 
     def __exit__(self, *exc):

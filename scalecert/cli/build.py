@@ -1,0 +1,28 @@
+"""`scalecert build`: precision variants, margins and engines."""
+from __future__ import annotations
+
+import click
+
+from scalecert.bundle.manifest import PRECISIONS
+from scalecert.cli.app import main
+from scalecert.runtime import pipelines
+
+
+@main.command()
+@click.argument("bundle")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
+@click.option("--calib", help="calibration images (needed for int8 activation scales)")
+@click.option("--calib-limit", default=64, show_default=True)
+@click.option("--backend", default="ort", show_default=True, type=click.Choice(("ort", *pipelines.BACKENDS)),
+              help="engine to measure the numeric margin on (trt: also build TensorRT engines)")
+@click.option("--workspace-mb", default=4096, show_default=True, help="TensorRT builder workspace limit")
+@click.option("--max-windows", default=128, show_default=True, help="TensorRT profile: most windows per suffix call")
+@click.option("--max-images", default=16, show_default=True, help="TensorRT profile: most images per prefix call")
+@click.option("--quiet", is_flag=True)
+def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_windows, max_images, quiet):
+    """Add a precision variant, its numeric margin and (with --backend trt) engines to BUNDLE."""
+    from scalecert.compile.build import build as run_build
+
+    run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
+              say=(lambda _: None) if quiet else click.echo)
+    click.echo(f"updated {bundle}")

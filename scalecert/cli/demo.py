@@ -1,0 +1,65 @@
+"""`scalecert demo`: export the pretrained EfficientNet-Lite0 and certify scikit-image's photos."""
+from __future__ import annotations
+
+import os
+
+import click
+
+from scalecert.cli.app import main
+from scalecert.cli.certify import certify
+
+PHOTOS = ("chelsea", "coffee", "rocket", "astronaut", "camera")
+
+
+def write_photos(folder: str) -> list[str]:
+    from PIL import Image
+    from skimage import data
+
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for name in PHOTOS:
+        path = os.path.join(folder, f"{name}.png")
+        if not os.path.exists(path):
+            Image.fromarray(getattr(data, name)()).save(path)
+        paths.append(path)
+    return paths
+
+
+def bundle_is_current(path: str) -> bool:
+    from scalecert.bundle import Bundle
+    from scalecert.errors import ScaleCertError
+
+    try:
+        Bundle.open(path)
+        return True
+    except ScaleCertError:
+        return False
+
+
+@main.command()
+@click.option("--out", default="scalecert-demo", show_default=True, help="folder for the bundle, photos and PNGs")
+@click.option("--patch", default="2%", show_default=True)
+@click.option("--fresh", is_flag=True, help="re-export even if the bundle exists")
+def demo(out, patch, fresh):
+    """Export pretrained EfficientNet-Lite0 (pip-shipped weights) and certify scikit-image photos."""
+    from scalecert.export import ExportOptions, export_bundle
+
+    bundle = os.path.join(out, "efficientnet-lite0.scalecert")
+    os.makedirs(out, exist_ok=True)
+    if fresh or not bundle_is_current(bundle):
+        click.echo(f"exporting EfficientNet-Lite0 with a {patch} patch -> {bundle}")
+        opts = ExportOptions(model=None, arch="efficientnet-lite0", pretrained=True, patch=patch,
+                             output=bundle, force=True)
+        export_bundle(opts)
+        for line in opts.log:
+            click.echo("  " + line)
+    from scalecert.bundle import Bundle
+    from scalecert.bundle.summary import render, summary
+
+    click.echo(render(summary(Bundle.open(bundle).manifest)))
+    click.echo("")
+    photos = write_photos(os.path.join(out, "images"))
+    ctx = click.get_current_context()
+    ctx.invoke(certify, bundle=bundle, images=tuple(photos), backend="auto", precision="fp32", as_json=False, batch=64,
+               early_exit=False, png_dir=os.path.join(out, "png"), threads=None)
+    click.echo(f"\nPNGs (image, gate map, disagreeing windows) in {os.path.join(out, 'png')}")

@@ -1,0 +1,74 @@
+"""`scalecert export` and `scalecert-export`: model -> bundle."""
+from __future__ import annotations
+
+import click
+
+from scalecert.cli.app import _guard, main
+
+
+def _export_options(f):
+    options = [
+        click.argument("model", required=False),
+        click.option("--arch", help="built-in architecture for a state_dict checkpoint (see --list-archs)"),
+        click.option("--pretrained", is_flag=True, help="use the weights shipped for --arch (efficientnet-lite0)"),
+        click.option("--input-size", help="CxHxW, e.g. 3x224x224 (default: from --arch or the model)"),
+        click.option("--patch", help="patch size: N, HxW or P% of the input area [default: 2%, or a tuned checkpoint's]"),
+        click.option("--layer", help="superficial layer: auto, an ONNX tensor or a module path [default: auto, or tuned]"),
+        click.option("--prune-rate", help="fraction of feature positions gated off, or auto [default: auto; tuned: its rate]"),
+        click.option("--stride", help="occluding stride in feature positions, or auto [default: auto, or tuned]"),
+        click.option("--window-budget", default=100, show_default=True, help="most windows per image for --stride auto"),
+        click.option("--max-growth", default=2.0, show_default=True, help="--layer auto: window share / patch share bound"),
+        click.option("--calib", type=str, help="calibration images (folder) for SIN importances and threshold"),
+        click.option("--calib-limit", default=128, show_default=True, help="calibration images used at most"),
+        click.option("--prune-tolerance", default=0.01, show_default=True, help="--prune-rate auto: accuracy loss allowed"),
+        click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
+        click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
+        click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True),
+        click.option("--classes", help="text file with one class name per line"),
+        click.option("--trust-pickle", is_flag=True, help="allow unpickling a whole nn.Module (runs code from the file)"),
+        click.option("-o", "--output", help="bundle directory (default: MODEL stem + .scalecert)"),
+        click.option("--force", is_flag=True, help="replace an existing bundle"),
+        click.option("--list-archs", is_flag=True, help="list built-in architectures and exit"),
+        click.option("--quiet", is_flag=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, stride, window_budget, max_growth,
+               calib, calib_limit, prune_tolerance, channel_prune, keep_dead_channels, phi, classes, trust_pickle, output, force,
+               list_archs, quiet):
+    if list_archs:
+        from scalecert.export.archs import REGISTRY
+
+        for name, spec in REGISTRY.items():
+            click.echo(f"{name:20s} {'x'.join(map(str, spec.preprocess.input_size)):10s} {spec.description}")
+        return
+    from scalecert.export import ExportOptions, export_bundle
+    from scalecert.export.loading import parse_input_size
+
+    opts = ExportOptions(model=model, output=output, arch=arch, pretrained=pretrained,
+                         input_size=parse_input_size(input_size) if input_size else None, patch=patch, layer=layer,
+                         prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
+                         calib=calib, calib_limit=calib_limit, prune_tolerance=prune_tolerance,
+                         channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi, classes=classes, trust_pickle=trust_pickle, force=force)
+    path = export_bundle(opts)
+    if not quiet:
+        for line in opts.log:
+            click.echo(line)
+        click.echo(f"wrote {path}")
+
+
+@main.command("export")
+@_export_options
+def export_cmd(**kwargs):
+    """Export MODEL to a ScaleCert bundle."""
+    _do_export(**kwargs)
+
+
+@click.command("scalecert-export")
+@_export_options
+def export_main(**kwargs):
+    """Export MODEL to a ScaleCert bundle (same as `scalecert export`)."""
+    _guard(lambda: _do_export(**kwargs))

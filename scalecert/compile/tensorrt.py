@@ -1,0 +1,126 @@
+"""TensorRT engines for one precision of a bundle, built with Polygraphy (TensorRT 10.x and 11.x).
+
+Precision lives in the ONNX (explicit casts for fp16, static Q/DQ for int8), so networks are
+parsed strongly typed and no precision builder flag is set: TensorRT 11 has none, and on 10.x
+strong typing makes the ONNX's types binding. Before building, two graph passes make the ONNX
+what TensorRT handles best (written beside the bundle's variants as `*.<precision>.trt.onnx`):
+the suffix's `windows` input becomes int32, and a uint8 cast feeding only shape ops (the gate
+map's Squeeze) moves after them, since TensorRT takes uint8 only at network inputs and outputs.
+Then every node is checked against the parser's documented operator support (parser_support.py).
+The two passes are in trt_passes.py.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import onnx_ir as ir
+
+from scalecert.bundle.manifest import PRECISIONS
+from scalecert.compile.parser_support import check_onnx
+from scalecert.compile.trt_passes import prepare_onnx
+from scalecert.errors import ScaleCertError
+
+
+# --- engines -----------------------------------------------------------------------------
+
+
+def _input_item_shape(path: str, name: str) -> list[int]:
+    """Static dims after the batch axis of one graph input."""
+    import onnx
+
+    model = onnx.load(path, load_external_data=False)
+    for value in model.graph.input:
+        if value.name == name:
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim][1:]
+            if None in dims:
+                raise ScaleCertError(f"{path}: input {name} has dynamic dims after the batch axis; TensorRT profiles need them fixed")
+            return dims
+    raise ScaleCertError(f"{path}: no graph input named {name}")
+
+
+def _require_builder():
+    try:
+        import tensorrt
+        from polygraphy.backend import trt as poly_trt
+    except ImportError as exc:
+        raise ScaleCertError(f"building TensorRT engines needs TensorRT and Polygraphy ({exc.name} is missing) on a "
+                             "machine with an NVIDIA GPU: pip install 'scalecert[tensorrt]' there (TensorRT from "
+                             "NVIDIA's index or JetPack) and run `scalecert build BUNDLE --backend trt` on it") from None
+    return tensorrt, poly_trt
+
+
+def _build(poly_trt, trt, onnx_path: str, plan_path: str, profile: dict, cache: str, workspace_mb: int) -> None:
+    typed = hasattr(trt, "NetworkDefinitionCreationFlag") and hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    # 10.x: strongly typed on request; 11.x: always strongly typed (the flag, where present, is ignored)
+    network = poly_trt.NetworkFromOnnxPath(onnx_path, strongly_typed=True if typed else None)
+    shapes = poly_trt.Profile()
+    for name, dims in profile.items():
+        shapes.add(name, min=dims["min"], opt=dims["opt"], max=dims["max"])
+    # no precision flags (the ONNX carries the types); TF32 stays off, Polygraphy's default, so fp32 is fp32
+    config = poly_trt.CreateConfig(profiles=[shapes], load_timing_cache=cache,
+                                   memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_mb) << 20})
+    try:
+        poly_trt.SaveEngine(poly_trt.EngineFromNetwork(network, config, save_timing_cache=cache), plan_path)()
+    except Exception as exc:  # noqa: BLE001 - Polygraphy reports failures with its own exception type
+        raise ScaleCertError(f"{onnx_path}: TensorRT could not build an engine ({str(exc).strip().splitlines()[0][:200]})") from None
+
+
+def build_engines(bundle_dir: str, work_dir: str, precision: str, prefix_onnx: str, suffix_onnx: str,
+                  max_images: int, max_windows: int, workspace_mb: int) -> dict:
+    """Build the prefix and suffix engines of one precision into work_dir (a copy of bundle_dir
+    that the caller renames into place) and return the manifest["engines"]["trt-<precision>"]
+    entry. prefix_onnx/suffix_onnx are that precision's files, relative to the bundle. The
+    timing cache persists in the bundle's engines/ folder, one file per TensorRT version and
+    GPU architecture, so rebuilding on the same kind of device is fast."""
+    if precision not in PRECISIONS:
+        raise ScaleCertError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
+    if min(int(max_images), int(max_windows), int(workspace_mb)) < 1:
+        raise ScaleCertError("max images, max windows and workspace must be at least 1")
+    sources = {"prefix": os.path.join(work_dir, prefix_onnx), "suffix": os.path.join(work_dir, suffix_onnx)}
+    onnx_files, problems = {}, []
+    for kind, src in sources.items():
+        if not os.path.isfile(src):
+            raise ScaleCertError(f"{src}: missing; build the {precision} variant first (`scalecert build BUNDLE --precision {precision}`)")
+        onnx_files[kind] = f"{kind}.{precision}.trt.onnx"
+        prepare_onnx(src, os.path.join(work_dir, onnx_files[kind]))
+        problems += check_onnx(os.path.join(work_dir, onnx_files[kind]))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ScaleCertError(f"TensorRT's ONNX parser does not support this graph: {problems[0]}{more}")
+
+    trt, poly_trt = _require_builder()
+    from scalecert.runtime.pipelines.tensorrt import gpu_identity
+
+    gpu_name, capability = gpu_identity()
+    image = _input_item_shape(sources["prefix"], "image")
+    features = _input_item_shape(sources["suffix"], "features")
+    profiles = {
+        "prefix": {"image": {"min": [1, *image], "opt": [1, *image], "max": [int(max_images), *image]}},
+        "suffix": {"features": {"min": [1, *features], "opt": [1, *features], "max": [1, *features]},
+                   "windows": {"min": [1, 4], "opt": [int(max_windows), 4], "max": [int(max_windows), 4]}},
+    }
+    engines_dir = os.path.join("engines", f"trt-{precision}")
+    os.makedirs(os.path.join(work_dir, engines_dir), exist_ok=True)
+    cache = os.path.join("engines", f"timing-trt{trt.__version__}-sm{capability[0]}{capability[1]}.cache")
+    if not os.path.exists(os.path.join(work_dir, cache)) and os.path.exists(os.path.join(bundle_dir, cache)):
+        shutil.copyfile(os.path.join(bundle_dir, cache), os.path.join(work_dir, cache))
+    plans = {}
+    for kind in ("prefix", "suffix"):
+        plans[kind] = os.path.join(engines_dir, f"{kind}.plan")
+        _build(poly_trt, trt, os.path.join(work_dir, onnx_files[kind]), os.path.join(work_dir, plans[kind]),
+               profiles[kind], os.path.join(work_dir, cache), workspace_mb)
+    return {
+        "precision": precision,
+        "prefix": plans["prefix"],
+        "suffix": plans["suffix"],
+        "onnx": onnx_files,
+        "tensorrt": trt.__version__,
+        "gpu": gpu_name,
+        "compute_capability": list(capability),
+        "profiles": profiles,
+        "timing_cache": cache,
+        "workspace_mb": int(workspace_mb),
+        "windows_dtype": "int32",
+    }

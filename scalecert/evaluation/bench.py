@@ -1,0 +1,176 @@
+"""`scalecert bench`: offline benchmark of a bundle (and variants) against the pixel-masking
+baseline on the same images, in one run. The report's schema is in evaluation/report.py."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shutil
+import tempfile
+
+import numpy as np
+
+from scalecert.bundle import Bundle
+from scalecert.evaluation.report import SCHEMA, metrics
+from scalecert.errors import ScaleCertError
+
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    if quiet:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img", leave=True)
+
+
+def run_config(bundle: str, pixels, labels, batch: int, threads, quiet: bool, desc: str, precision: str = "fp32"):
+    """-> (metrics row, per-image latencies, per-image windows evaluated)."""
+    from scalecert.runtime import Certifier
+
+    bar = _progress(len(pixels), desc, quiet)
+    with Certifier.load(bundle, backend="ort", batch=batch, threads=threads, precision=precision) as cert:
+        cert.certify(pixels[0])  # warm-up
+        results = []
+        for px in pixels:
+            results.append(cert.certify(px))
+            if bar:
+                bar.update()
+        windows_total = len(cert.windows)
+    if bar:
+        bar.close()
+    lat = np.array([r.latency_ms for r in results])
+    out = metrics(labels, [r.label for r in results], [r.status == "certified" for r in results], lat,
+                  [r.prefix_ms for r in results], [r.suffix_ms for r in results], [r.windows_evaluated for r in results])
+    out["windows_total"] = windows_total
+    out["kept_fraction_mean"] = float(np.mean([r.kept_fraction for r in results]))
+    return out, lat, [r.windows_evaluated for r in results]
+
+
+def run_baseline(baseline, x_normalised, labels, quiet: bool) -> tuple[dict, np.ndarray]:
+    bar = _progress(len(x_normalised), f"baseline ({baseline.engine})", quiet)
+    baseline.certify(x_normalised[:1])  # warm-up
+    rows = []
+    for i in range(len(x_normalised)):
+        rows.append(baseline.certify(x_normalised[i:i + 1]))
+        if bar:
+            bar.update()
+    if bar:
+        bar.close()
+    lat = np.array([r["latency_ms"] for r in rows])
+    out = metrics(labels, [r["label"] for r in rows], [r["certified"] for r in rows], lat)
+    out["masks"] = rows[0]["masks"]
+    out["engine"] = baseline.engine
+    return out, lat
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for name in ("scalecert", "onnxruntime", "onnx", "numpy", "torch"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
+def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, prune_rates=None, strides=None,
+              baseline_engines=(), masks_per_axis=6, model=None, arch=None, batch=64, threads=None, quiet=False,
+              precisions=None) -> dict:
+    from scalecert.runtime.datasets import image_set
+    from scalecert.bundle.summary import summary
+    from scalecert.runtime.images import load_image, normalize
+
+    opened = Bundle.open(bundle)
+    manifest = opened.manifest
+    items = image_set(data, labels_csv, limit, seed)
+    if any(label is None for _, label in items):
+        raise ScaleCertError(f"{data}: images without labels (use an ImageFolder tree or --labels CSV)")
+    spec = opened.input_spec
+    pixels = np.stack([load_image(p, spec) for p, _ in items])
+    labels = np.array([label for _, label in items])
+    rates = prune_rates or [manifest["sin"]["prune_rate"]]
+    strides = strides or [opened.stride]
+    precisions = precisions or ["fp32"]
+    missing = [p for p in precisions if p not in opened.precisions]
+    if missing:
+        raise ScaleCertError(f"{bundle} has no {missing[0]} variant; add it with `scalecert build {bundle} "
+                             f"--precision {missing[0]} --calib DIR`")
+    report = {"schema": SCHEMA, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": _machine(), "versions": _versions(),
+              "data": {"path": os.path.abspath(data), "images": len(items), "limit": limit, "seed": seed},
+              "bundle": summary(manifest), "configs": [], "baseline": {}, "ratios": {}, "windows_evaluated_hist": {}}
+    latencies = []
+    scratch = tempfile.mkdtemp(prefix="scalecert-bench-")
+    try:
+        from scalecert.bundle.variants import derive
+
+        for precision in precisions:
+            for rate in rates:
+                for stride in strides:
+                    variant = derive(bundle, os.path.join(scratch, f"r{rate}-s{stride}"), prune_rate=rate, stride=stride)
+                    name = f"{precision} prune {rate} stride {stride}"
+                    row, lat, evaluated = run_config(variant, pixels, labels, batch, threads, quiet, name, precision)
+                    report["configs"].append({"precision": precision, "prune_rate": rate, "stride": stride, **row})
+                    report["windows_evaluated_hist"][f"{precision} r{rate} s{stride}"] = evaluated
+                    latencies.append(lat)
+                    shutil.rmtree(variant, ignore_errors=True)
+        if baseline_engines:
+            base_lat = _baselines(report, opened, normalize(pixels, spec), labels, baseline_engines, masks_per_axis,
+                                  model, arch, threads, quiet, scratch)
+            for i, lat in enumerate(latencies):
+                report["ratios"][str(i)] = {
+                    f"vs_{engine}": {"median_of_per_image_ratios": float(np.median(b / lat)),
+                                     "ratio_of_medians": float(np.median(b) / np.median(lat))}
+                    for engine, b in base_lat.items()}
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return report
+
+
+def _baselines(report, bundle: Bundle, x, labels, engines, masks_per_axis, model, arch, threads, quiet, scratch) -> dict:
+    from scalecert.evaluation.baseline import PixelMaskingBaseline, mask_set
+    from scalecert.export.loading import load_model
+
+    source = bundle.manifest["source"]
+    path = model or source.get("path")
+    arch = arch or source.get("arch")
+    if path is None or not os.path.exists(path):
+        raise ScaleCertError("--baseline needs the model: pass --model FILE (and --arch) ")
+    loaded = load_model(path, arch)
+    masks = mask_set(bundle.image_hw, bundle.patch_hw, (masks_per_axis,) * 2)
+    out = {}
+    for engine in engines:
+        if engine == "torch":
+            module = loaded.model.module() if loaded.kind == "exported" else loaded.model
+            baseline = PixelMaskingBaseline.torch_eager(module, masks, threads)
+        elif engine == "ort":
+            import onnx_ir as ir
+
+            from scalecert.export.to_onnx import to_onnx
+
+            full, _ = to_onnx(loaded)
+            full_path = os.path.join(scratch, "full.onnx")
+            ir.save(full, full_path)
+            baseline = PixelMaskingBaseline.onnx_runtime(full_path, masks, threads)
+        else:
+            raise ScaleCertError(f"unknown baseline engine {engine!r} (torch, ort)")
+        with baseline:
+            row, lat = run_baseline(baseline, x, labels, quiet)
+        report["baseline"][engine] = row
+        out[engine] = lat
+    return out

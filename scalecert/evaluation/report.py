@@ -1,0 +1,103 @@
+"""The `scalecert bench` report: schema, metrics, table and plot.
+
+Report schema "scalecert-bench/1" (JSON): {schema, date, machine, versions, data, bundle (inspect
+summary), configs: [ {precision, prune_rate, stride, windows_total, <metrics>} ], baseline: {torch|ort:
+<metrics> + masks}, ratios: {config index: {vs_torch, vs_ort}}}. <metrics>: images, clean_accuracy,
+certified_accuracy, false_alert_rate (alerts among clean images), accuracy_non_alerted,
+windows_evaluated_mean/p95, latency_ms_median/p95/mean, images_per_s, prefix_ms_median,
+suffix_ms_median, peak_rss_mb (process peak so far). Ratios are per image (baseline latency over
+scalecert latency on the same image), summarised by their median, plus the ratio of medians.
+"""
+from __future__ import annotations
+
+import resource
+
+import numpy as np
+
+SCHEMA = "scalecert-bench/1"
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def metrics(labels, preds, certified, latencies, prefix_ms=None, suffix_ms=None, evaluated=None) -> dict:
+    y, p, c = np.asarray(labels), np.asarray(preds), np.asarray(certified, bool)
+    lat = np.asarray(latencies, float)
+    correct = p == y
+    out = {
+        "images": int(len(y)),
+        "clean_accuracy": float(correct.mean()),
+        "certified_accuracy": float((correct & c).mean()),
+        "false_alert_rate": float((~c).mean()),
+        "accuracy_non_alerted": float(correct[c].mean()) if c.any() else None,
+        "latency_ms_median": float(np.median(lat)),
+        "latency_ms_p95": float(np.percentile(lat, 95)),
+        "latency_ms_mean": float(lat.mean()),
+        "images_per_s": float(1e3 / lat.mean()),
+        "peak_rss_mb": _peak_rss_mb(),
+    }
+    if evaluated is not None:
+        ev = np.asarray(evaluated)
+        out.update({"windows_evaluated_mean": float(ev.mean()), "windows_evaluated_p95": float(np.percentile(ev, 95))})
+    if prefix_ms is not None:
+        out.update({"prefix_ms_median": float(np.median(prefix_ms)), "suffix_ms_median": float(np.median(suffix_ms))})
+    return out
+
+
+def format_table(header, rows) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
+
+
+def bench_table(report) -> str:
+    header = ("config", "clean", "certified", "false alerts", "windows run", "median ms", "p95 ms", "x torch", "x ort")
+    rows = []
+    for i, c in enumerate(report["configs"]):
+        ratio = report["ratios"].get(str(i), {})
+        rows.append((f"{c.get('precision', 'fp32')} prune {c['prune_rate']} stride {c['stride']} ({c['windows_total']} win)",
+                     f"{c['clean_accuracy']:.1%}", f"{c['certified_accuracy']:.1%}", f"{c['false_alert_rate']:.1%}",
+                     f"{c['windows_evaluated_mean']:.1f}", f"{c['latency_ms_median']:.1f}", f"{c['latency_ms_p95']:.1f}",
+                     *(f"{ratio[k]['median_of_per_image_ratios']:.2f}" if k in ratio else "-" for k in ("vs_torch", "vs_ort"))))
+    for engine, b in report["baseline"].items():
+        rows.append((f"baseline {engine} ({b['masks']} masks)", f"{b['clean_accuracy']:.1%}", f"{b['certified_accuracy']:.1%}",
+                     f"{b['false_alert_rate']:.1%}", str(b["masks"]), f"{b['latency_ms_median']:.1f}",
+                     f"{b['latency_ms_p95']:.1f}", "-", "-"))
+    return format_table(header, rows)
+
+
+def plot(report: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    configs = report["configs"]
+    for ax, key, xlabel in ((axes[0], "latency_ms_median", "median latency per image (ms)"),
+                            (axes[1], "windows_evaluated_mean", "windows evaluated per image (mean)")):
+        ax.scatter([c[key] for c in configs], [100 * c["certified_accuracy"] for c in configs], label="scalecert")
+        for c in configs:
+            ax.annotate(f"{c.get('precision', 'fp32')} r{c['prune_rate']} s{c['stride']}", (c[key], 100 * c["certified_accuracy"]), fontsize=8)
+        for engine, b in report["baseline"].items():
+            bx = b["latency_ms_median"] if key == "latency_ms_median" else b["masks"]
+            ax.scatter([bx], [100 * b["certified_accuracy"]], marker="x", s=80, label=f"baseline ({engine})")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("certified accuracy (%)")
+        ax.set_xscale("log" if key == "latency_ms_median" else "linear")
+        ax.legend(fontsize=8)
+    hist = report.get("windows_evaluated_hist", {})
+    if hist:
+        every = np.concatenate([np.asarray(v) for v in hist.values()])
+        step = max(1, int(np.ceil((every.max() - every.min() + 1) / 40)))
+        bins = np.arange(every.min(), every.max() + step + 1, step) - 0.5
+    for label, values in hist.items():
+        axes[2].hist(values, bins=bins, alpha=0.5, label=label)
+    axes[2].set_xlabel("windows evaluated per image")
+    axes[2].set_ylabel("images")
+    if hist:
+        axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

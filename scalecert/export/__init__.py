@@ -1,0 +1,267 @@
+"""Model file -> ScaleCert bundle (prefix.onnx, suffix.onnx, manifest.json).
+
+`export_bundle` runs the stages in order; each is a function with a typed result:
+
+  load_model        the model file (or --arch weights) and how its inputs are prepared
+  check_request     every option checked before any long work (patch, rates, calibration data)
+  to_onnx           one onnx-ir graph: image -> logits
+  plan_split        superficial layer, footprint, stride, window family   (plan.py)
+  channel_importance  static SIN alpha                                     (calibrate.py)
+  build_suffix      the occluding suffix, dead channels removed           (split.py, channels.py)
+  choose_gate       pruning rate and static threshold tau                 (calibrate.py)
+  build_prefix      the gated prefix                                      (split.py)
+  measure_margin    the numeric margin on ONNX Runtime CPU                (core/margin.py)
+  write_manifest    every choice, statistic, hash and tool version
+
+docs/design.md §3 says why each stage keeps the certificate sound.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from scalecert import __version__
+from scalecert.bundle import manifest as manifest_io
+from scalecert.bundle.staging import staging
+from scalecert.core import geometry
+from scalecert.errors import ScaleCertError
+from scalecert.export.calibrate import CalibrationSet, channel_importance, choose_gate
+from scalecert.export.channels import dead_channel_plan
+from scalecert.export.loading import LoadedModel, load_model
+from scalecert.export.plan import SplitPlan, plan_split
+from scalecert.export.split import build_prefix, build_suffix
+from scalecert.export.stats import graph_stats, with_shapes
+from scalecert.export.to_onnx import to_onnx
+from scalecert.graph import save_checked
+
+
+@dataclass
+class ExportOptions:
+    model: str | None
+    output: str | None = None
+    arch: str | None = None
+    input_size: tuple | None = None
+    patch: str | None = None  # None: the tune record's, else "2%"
+    layer: str | None = None  # None: the tune record's, else "auto"
+    prune_rate: str | None = None  # None: the tune record's, else "auto"
+    stride: str | None = None  # None: the tune record's, else "auto"
+    window_budget: int = 100
+    max_growth: float = 2.0
+    calib: str | None = None
+    calib_limit: int = 128
+    prune_tolerance: float = 0.01
+    channel_prune: float = 0.0
+    remove_dead_channels: bool = True
+    phi: str = "abs"
+    classes: str | None = None
+    trust_pickle: bool = False
+    pretrained: bool = False
+    force: bool = False
+    log: list = field(default_factory=list)
+
+    def say(self, message: str) -> None:
+        self.log.append(message)
+
+
+@dataclass
+class Request:
+    """What the options ask for, checked before any long work."""
+
+    output: str
+    input_spec: dict
+    image_hw: tuple[int, int]
+    patch_hw: tuple[int, int]
+    calibration_items: list | None
+    record: dict | None  # the tune record's SIN gate, when it applies
+
+
+def export_bundle(opts: ExportOptions) -> str:
+    """Export a model to a bundle at opts.output; returns its path. Raises ScaleCertError (one
+    line) on bad input before writing anything; the bundle appears complete or not at all."""
+    started = datetime.datetime.now(datetime.timezone.utc)
+    loaded = load_model(opts.model, opts.arch, opts.input_size, opts.trust_pickle, opts.pretrained)
+    request = check_request(opts, loaded)
+    model, program = to_onnx(loaded)
+    plan = plan_split(model, request.image_hw, request.patch_hw, opts.layer, opts.stride, opts.window_budget,
+                      opts.max_growth)
+    num_classes, classes = _classes(opts.classes, model, loaded)
+    opts.say(plan.describe())
+    calibration = CalibrationSet.load(request.calibration_items, request.input_spec) if request.calibration_items else None
+    with staging(request.output) as work:
+        importance = channel_importance(model, program, plan.layer, calibration, request.record, opts.phi,
+                                        float(opts.channel_prune), work)
+        live = importance.alpha > 0
+        removable, why = dead_channel_plan(model, plan.layer, importance.alpha)
+        if removable and not opts.remove_dead_channels:
+            removable, why = False, "kept by request (--keep-dead-channels)"
+        kept_channels = int(live.sum()) if removable else plan.layer.shape[0]
+        suffix = build_suffix(model, plan.layer, kept_channels, np.flatnonzero(live) if removable else None)
+        save_checked(suffix, os.path.join(work, "suffix.onnx"))
+        gate = choose_gate(importance, calibration, request.record, os.path.join(work, "suffix.onnx"), live, removable,
+                           opts.prune_rate, opts.prune_tolerance, opts.phi)
+        for note in gate.notes:
+            opts.say(note)
+        prefix = build_prefix(model, plan.layer, importance.alpha, gate.threshold, opts.phi, remove_dead=removable)
+        save_checked(prefix, os.path.join(work, "prefix.onnx"))
+        stats = {"full": graph_stats(model), "prefix": graph_stats(with_shapes(prefix)),
+                 "suffix": graph_stats(with_shapes(suffix))}
+        margin = _measure_margin(work, request.input_spec, calibration, plan.windows, stats["suffix"]["macs"])
+        opts.say(f"numeric margin: largest logit spread across batch compositions {margin['spread']:g} "
+                 f"-> delta {margin['delta']:g} (ONNX Runtime CPU, fp32)")
+        sin_info = {"phi": opts.phi, "importance": importance.note}
+        if gate.threshold_by_rate is not None:
+            sin_info["threshold_by_rate"] = gate.threshold_by_rate
+        sin_info.update({"prune_rate": gate.rate, "threshold": gate.threshold, "alpha": [float(a) for a in importance.alpha],
+                         "prune_rate_auto": gate.auto, "channel_prune": float(opts.channel_prune),
+                         "dead_channels": np.flatnonzero(~live).tolist(),
+                         "dead_channels_removed": bool(removable and not live.all()), "dead_channels_note": why,
+                         "calibration_images": len(calibration.images) if calibration is not None else 0})
+        if sin_info["dead_channels_removed"]:
+            sin_info["removal_savings"] = _removal_savings(model, plan, opts.phi, stats)
+            opts.say(f"removed {int((~live).sum())} dead channels: {sin_info['removal_savings']}")
+        manifest = _manifest(opts, loaded, request, plan, num_classes, classes, kept_channels, sin_info, margin, stats,
+                             started, work)
+        manifest_io.write(work, manifest)
+    return request.output
+
+
+def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
+    from scalecert.runtime.datasets import image_set
+
+    output = opts.output or os.path.splitext(os.path.basename(loaded.source))[0] + ".scalecert"
+    if os.path.exists(output) and not opts.force:
+        raise ScaleCertError(f"{output}: already exists (pass --force to replace it)")
+    parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ScaleCertError(f"{output}: cannot write there (no such directory or not writable)")
+    record = _apply_tune_defaults(opts, loaded.tuned)
+    _, image_h, image_w = loaded.preprocess.input_size
+    patch_hw = geometry.parse_patch(opts.patch, (image_h, image_w))
+    for label, value, low, high in (("--prune-rate", opts.prune_rate, 0, 0.99), ("--channel-prune", opts.channel_prune, 0, 0.95)):
+        if value != "auto":
+            try:
+                if not low <= float(value) <= high:
+                    raise ValueError
+            except ValueError:
+                raise ScaleCertError(f"{label} {value!r}: expected a number in [{low}, {high}]" + (" or auto" if label == "--prune-rate" else "")) from None
+    calib_items = image_set(opts.calib, limit=opts.calib_limit) if opts.calib else None
+    if float(opts.channel_prune) > 0 and calib_items is None and record is None:
+        raise ScaleCertError("--channel-prune needs --calib: channel importances come from calibration images")
+    if opts.prune_rate not in ("auto", "0", "0.0") and float(opts.prune_rate) > 0 and calib_items is None and record is None:
+        raise ScaleCertError("--prune-rate above 0 needs --calib DIR: the gate threshold is calibrated on images")
+    return Request(output, loaded.preprocess.to_json(), (image_h, image_w), patch_hw, calib_items, record)
+
+
+def _classes(path: str | None, model: ir.Model, loaded: LoadedModel):
+    """(number of classes, class names or None): from --classes, else the arch's default list."""
+    num_classes = model.graph.outputs[0].shape[-1] if model.graph.outputs[0].shape else None
+    num_classes = num_classes if isinstance(num_classes, int) else None
+    classes = _read_classes(path, num_classes)
+    if classes is None and loaded.arch is not None:
+        from scalecert.export.archs import REGISTRY, class_names
+
+        default = class_names(REGISTRY[loaded.arch].classes)
+        classes = default if default is not None and len(default) == num_classes else None
+    return num_classes, classes
+
+
+def _read_classes(path: str | None, count: int | None):
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            names = [line.strip() for line in f if line.strip()]
+    except OSError as exc:
+        raise ScaleCertError(f"--classes {path}: {exc.strerror}") from None
+    if count is not None and len(names) != count:
+        raise ScaleCertError(f"--classes {path}: {len(names)} names for {count} model outputs")
+    return names
+
+
+def _removal_savings(model: ir.Model, plan: SplitPlan, phi: str, stats: dict) -> dict:
+    channels = plan.layer.shape[0]
+    dense_prefix = graph_stats(with_shapes(build_prefix(model, plan.layer, np.ones(channels, np.float32), -1.0, phi, False)))
+    dense_suffix = graph_stats(with_shapes(build_suffix(model, plan.layer, channels)))
+    return {"prefix_params": dense_prefix["params"] - stats["prefix"]["params"],
+            "prefix_macs": dense_prefix["macs"] - stats["prefix"]["macs"],
+            "suffix_params": dense_suffix["params"] - stats["suffix"]["params"],
+            "suffix_macs_per_window": dense_suffix["macs"] - stats["suffix"]["macs"]}
+
+
+def _manifest(opts, loaded, request, plan: SplitPlan, num_classes, classes, kept_channels, sin_info, margin, stats,
+              started, work) -> dict:
+    layer, rf = plan.layer, plan.layer.rf
+    return {
+        "schema_version": manifest_io.SCHEMA_VERSION,
+        "created": started.isoformat(timespec="seconds"),
+        "source": {"file": os.path.basename(loaded.source), "path": os.path.abspath(loaded.source),
+                   "sha256": manifest_io.sha256(loaded.source), "pretrained": opts.pretrained,
+                   "kind": loaded.kind, "arch": loaded.arch},
+        "input": request.input_spec,
+        "num_classes": num_classes,
+        "classes": classes,
+        "threat_model": {"patch": list(plan.patch_hw), "patch_spec": str(opts.patch), "image": list(plan.image_hw)},
+        "layer": {"name": layer.name, "scope": layer.scope, "requested": opts.layer, "shape": list(layer.shape),
+                  "channels_kept": kept_channels,
+                  "receptive_field": {"y": list(rf.y), "x": list(rf.x), "size": list(rf.size())},
+                  "max_growth": opts.max_growth},
+        "windows": {"footprint": list(plan.window_hw), "stride": plan.stride, "size": list(plan.window_size),
+                    "count": len(plan.windows), "budget": opts.window_budget if opts.stride == "auto" else None},
+        "sin": sin_info,
+        "margin": {manifest_io.margin_key("ort-cpu", "fp32"): margin["delta"]},
+        "margin_measurement": {manifest_io.margin_key("ort-cpu", "fp32"): margin},
+        "tensors": {"prefix": {"inputs": ["image"], "outputs": ["features", "gate"]},
+                    "suffix": {"inputs": ["features", "windows"], "outputs": ["logits"]}},
+        "stats": stats,
+        "tools": _tool_versions(),
+        "files": manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx"]),
+    }
+
+
+def _apply_tune_defaults(opts: ExportOptions, tuned: dict | None) -> dict | None:
+    """Fill unset knobs from a `scalecert tune` record; return its SIN parameters when they apply
+    (no --calib given, same phi), so the exported gate is the one the weights were tuned with."""
+    settings = (tuned or {}).get("settings", {})
+    opts.patch = opts.patch or settings.get("patch") or "2%"
+    opts.layer = opts.layer or settings.get("layer_name") or "auto"
+    opts.stride = opts.stride or (str(settings["stride_chosen"]) if "stride_chosen" in settings else "auto")
+    opts.prune_rate = opts.prune_rate or "auto"  # auto with a tune record: the rate it was tuned at
+    if tuned:
+        opts.say(f"tuned checkpoint: patch {opts.patch}, layer {opts.layer}, stride {opts.stride} "
+                 f"(tune settings unless given here)")
+    record = (tuned or {}).get("sin")
+    if record is None or opts.calib or record.get("phi", "abs") != opts.phi:
+        return None
+    return record
+
+
+def _measure_margin(work: str, input_spec: dict, calibration, windows: np.ndarray, suffix_macs: float) -> dict:
+    """Through the same ONNX Runtime CPU pipeline the runtime will use."""
+    from scalecert.core.margin import measure_margin
+    from scalecert.runtime.images import normalize
+    from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline, window_parallel
+
+    if calibration is not None:
+        image = calibration.images[:1]
+    else:
+        _, h, w = input_spec["input_size"]
+        image = normalize(np.random.default_rng(0).integers(0, 256, (1, h, w, 3), dtype=np.uint8), input_spec)
+    with OrtCpuPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
+                        window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
+        return measure_margin(pipeline, image, windows)
+
+
+def _tool_versions() -> dict:
+    import importlib.metadata as md
+
+    versions = {"scalecert": __version__}
+    for name in ("torch", "onnx", "onnx-ir", "onnxruntime", "onnxscript", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions

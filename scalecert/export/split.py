@@ -1,0 +1,153 @@
+"""The prefix and suffix graphs, as onnx-ir passes over a clone of the whole model.
+
+prefix.onnx: image (N,C,H,W) -> features (N,C',H',W') gated, gate (N,H',W') uint8
+suffix.onnx: features (N|1,C',H',W'), windows (B,4) int64 [y0,x0,y1,x1) -> logits (B,K)
+
+The gate is per position with static alpha and tau (docs/design.md §3.3); the window masks are
+built inside the suffix from the rectangles and zero exactly the window (§3.4). Nodes added here
+are named "scalecert/...": compile/precision.py never converts them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from scalecert.errors import ScaleCertError
+from scalecert.export.channels import RemoveDeadChannels, SliceSuffixInputs
+from scalecert.export.layers import Layer
+from scalecert.graph import add_constant, finish, run_passes, value_named
+
+
+class GatePrefix(ir.passes.InPlacePass):
+    """Cut the model at `layer` and gate it: S = A where sum_c alpha_c phi(A_c) > tau (and the
+    channel is live, when dead channels are zeroed rather than removed), else 0."""
+
+    def __init__(self, layer: Layer, alpha: np.ndarray, threshold: float, phi: str, live_channels=None):
+        self.layer, self.alpha, self.threshold, self.phi = layer, alpha, threshold, phi
+        self.live_channels = live_channels
+
+    def requires(self, model: ir.Model) -> None:
+        value_named(model.graph, self.layer.name)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        feature = value_named(graph, self.layer.name)
+        nodes = []
+
+        def op(op_type, inputs, name, **attrs):
+            node = ir.node(op_type, inputs, attributes=attrs or None, name=f"scalecert/{name}")
+            node.outputs[0].name = name
+            nodes.append(node)
+            return node.outputs[0]
+
+        if feature.producer() is None:  # identity prefix: the layer is the image
+            feature = op("Identity", [feature], "superficial")
+        magnitude = op("Abs" if self.phi == "abs" else "Relu", [feature], "sin_magnitude")
+        alpha_v = add_constant(graph, "sin_alpha", self.alpha.astype(np.float32).reshape(1, -1, 1, 1))
+        weighted = op("Mul", [magnitude, alpha_v], "sin_weighted")
+        score = op("ReduceSum", [weighted, add_constant(graph, "sin_axes", np.array([1], np.int64))], "sin_score", keepdims=1)
+        keep = op("Greater", [score, add_constant(graph, "sin_threshold", np.array(self.threshold, np.float32))], "sin_keep")
+        if self.live_channels is not None:
+            channel_live = add_constant(graph, "sin_live_channels", self.live_channels.reshape(1, -1, 1, 1))
+            keep_all = op("And", [keep, channel_live], "sin_keep_channels")
+        else:
+            keep_all = keep
+        zero = add_constant(graph, "sin_zero", np.array(0.0, np.float32))
+        gated = op("Where", [keep_all, feature, zero], "features")
+        gate8 = op("Cast", [keep], "sin_keep_u8", to=ir.DataType.UINT8)
+        gate = op("Squeeze", [gate8, add_constant(graph, "sin_channel_axis", np.array([1], np.int64))], "gate")
+        graph.extend(nodes)
+        gated.type, gated.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape(["batch", len(self.alpha), *self.layer.shape[1:]])
+        gate.type, gate.shape = ir.TensorType(ir.DataType.UINT8), ir.Shape(["batch", *self.layer.shape[1:]])
+        graph.outputs.clear()
+        graph.outputs.extend([gated, gate])
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        if [v.name for v in model.graph.outputs] != ["features", "gate"]:
+            raise ir.passes.PostconditionError("the prefix must output features and gate")
+
+
+class OcclusionSuffix(ir.passes.InPlacePass):
+    """Make the layer a graph input `features` and zero, per row of `windows`, the window's
+    positions before the rest of the network (one row per window)."""
+
+    def __init__(self, layer: Layer, channels: int):
+        self.layer, self.channels = layer, channels
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        feature = value_named(graph, self.layer.name)
+        fh, fw = self.layer.shape[1], self.layer.shape[2]
+        features_in = ir.Value(name="features", shape=ir.Shape(["batch", self.channels, fh, fw]),
+                               type=ir.TensorType(ir.DataType.FLOAT))
+        windows_in = ir.Value(name="windows", shape=ir.Shape(["windows", 4]), type=ir.TensorType(ir.DataType.INT64))
+        nodes = []
+
+        def op(op_type, inputs, name, n_out=1, **attrs):
+            node = ir.node(op_type, inputs, attributes=attrs or None, name=f"scalecert/{name}", num_outputs=n_out)
+            for i, out in enumerate(node.outputs):
+                out.name = name if n_out == 1 else f"{name}_{i}"
+            nodes.append(node)
+            return node.outputs[0] if n_out == 1 else node.outputs
+
+        y0, x0, y1, x1 = op("Split", [windows_in], "window_bounds", n_out=4, axis=1, num_outputs=4)
+        rows = add_constant(graph, "window_rows", np.arange(fh, dtype=np.int64).reshape(1, fh))
+        cols = add_constant(graph, "window_cols", np.arange(fw, dtype=np.int64).reshape(1, fw))
+        in_rows = op("And", [op("GreaterOrEqual", [rows, y0], "rows_from"), op("Less", [rows, y1], "rows_to")], "in_rows")
+        in_cols = op("And", [op("GreaterOrEqual", [cols, x0], "cols_from"), op("Less", [cols, x1], "cols_to")], "in_cols")
+        axes2 = add_constant(graph, "axes_2", np.array([2], np.int64))
+        axes1 = add_constant(graph, "axes_1", np.array([1], np.int64))
+        inside = op("And", [op("Unsqueeze", [in_rows, axes2], "in_rows_3d"),
+                            op("Unsqueeze", [in_cols, axes1], "in_cols_3d")], "in_window")
+        mask = op("Unsqueeze", [inside, axes1], "window_mask")
+        zero = add_constant(graph, "mask_zero", np.array(0.0, np.float32))
+        masked = op("Where", [mask, zero, features_in], "occluded_features")
+
+        for node, index in list(feature.uses()):
+            node.replace_input_with(index, masked)
+        old_inputs = list(graph.inputs)
+        graph.inputs.clear()
+        graph.inputs.extend([features_in, windows_in])
+        graph.extend(nodes)
+        self.old_inputs = old_inputs
+        return ir.passes.PassResult(model, modified=True)
+
+
+class DropOldInputs(ir.passes.InPlacePass):
+    """After OcclusionSuffix and finishing: nothing may still read the image."""
+
+    def __init__(self, occlusion: OcclusionSuffix):
+        self.occlusion = occlusion
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for old in self.occlusion.old_inputs:
+            if old.uses():
+                raise ScaleCertError(f"layer {self.occlusion.layer.name} does not separate the image from the logits")
+        return ir.passes.PassResult(model, modified=False)
+
+
+def build_prefix(model: ir.Model, layer: Layer, alpha: np.ndarray, threshold: float, phi: str,
+                 remove_dead: bool) -> ir.Model:
+    """The gated prefix, on a clone of `model`. Channels with alpha = 0 are removed from the graph
+    (remove_dead) or zeroed by the gate."""
+    prefix = model.clone()
+    live = alpha > 0
+    passes = []
+    if remove_dead and not live.all():
+        passes.append(RemoveDeadChannels(layer.name, np.flatnonzero(live)))
+        gate = GatePrefix(layer, alpha[live], threshold, phi)
+    else:
+        gate = GatePrefix(layer, alpha, threshold, phi, None if live.all() else live)
+    return run_passes(prefix, *passes, gate, finish())
+
+
+def build_suffix(model: ir.Model, layer: Layer, channels: int, keep: np.ndarray | None = None) -> ir.Model:
+    """The occluding suffix on `channels` feature channels, on a clone of `model`; with `keep`, the
+    Convs reading the features take only those input channels (dead channels removed)."""
+    suffix = model.clone()
+    occlusion = OcclusionSuffix(layer, channels)
+    passes = [occlusion, finish(), DropOldInputs(occlusion)]
+    if keep is not None:
+        passes.append(SliceSuffixInputs(keep))
+    return run_passes(suffix, *passes, finish())

@@ -1,0 +1,69 @@
+"""Image files and uint8 arrays -> normalised network input, as the manifest says (no torch)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from scalecert.errors import ScaleCertError
+
+
+def read_image(path: str):
+    """Decode with Pillow and convert grayscale, RGBA, palette, CMYK and 16-bit images to RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.isdir(path):
+        raise ScaleCertError(f"{path}: is a directory, not an image")
+    if not os.path.exists(path):
+        raise ScaleCertError(f"{path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ScaleCertError(f"{path}: empty file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                wide = np.asarray(img, dtype=np.float64)
+                scale = 257.0 if wide.max() > 255 else 1.0
+                img = Image.fromarray(np.clip(wide / scale, 0, 255).astype(np.uint8))
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ScaleCertError(f"{path}: cannot decode image ({str(exc).splitlines()[0][:100]})") from None
+
+
+def resize_to_input(img, input_spec: dict) -> np.ndarray:
+    """Resize (short side, then centre crop, or straight to size) -> uint8 HxWx3 network image."""
+    from PIL import Image
+
+    _, h, w = input_spec["input_size"]
+    short = input_spec.get("resize_short")
+    if short:
+        scale = short / min(img.size)
+        size = (max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale)))
+        img = img.resize(size, Image.BILINEAR)
+        left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+        img = img.crop((left, top, left + w, top + h))
+    elif img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str, input_spec: dict) -> np.ndarray:
+    return resize_to_input(read_image(path), input_spec)
+
+
+def normalize(images: np.ndarray, input_spec: dict) -> np.ndarray:
+    """uint8 (N,H,W,3) or (H,W,3) -> float32 (N,3,H,W) normalised."""
+    images = np.asarray(images)
+    if images.ndim == 3:
+        images = images[None]
+    _, h, w = input_spec["input_size"]
+    if images.ndim != 4 or images.shape[1:] != (h, w, 3):
+        raise ScaleCertError(f"image array of shape {images.shape[1:]} does not match the input {h}x{w}x3")
+    mean = np.asarray(input_spec["mean"], np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(input_spec["std"], np.float32).reshape(1, 3, 1, 1)
+    x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255.0
+    return np.ascontiguousarray((x - mean) / std, dtype=np.float32)

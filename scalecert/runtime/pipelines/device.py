@@ -1,0 +1,62 @@
+"""Device-side feature buffers shared by the GPU pipelines (ONNX Runtime CUDA, TensorRT).
+
+Both keep the prefix's gated features on the device: the prefix leaves each image's features at
+an aligned device address, `select(i)` picks image i's (no copy), and the suffix reads them there
+for every window batch of that image. Windows go up from the host (four integers each); the gate
+map and the logits come back. A pipeline's features stay valid until its next `prefix` call,
+which is how the certifier uses them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from scalecert.errors import ScaleCertError
+
+ALIGN = 256  # bytes; every device tensor address handed to an engine is a multiple of this
+
+
+def aligned(nbytes: int) -> int:
+    return -(-int(nbytes) // ALIGN) * ALIGN
+
+
+def batches(n: int, limit: int | None) -> list[tuple[int, int]]:
+    """[lo, hi) ranges covering n items, each at most `limit` long (one range without a limit)."""
+    step = max(1, int(limit)) if limit else max(1, n)
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
+class DeviceFeatures:
+    """Gated features of a batch of images in device memory: one aligned address per image
+    (`owner` keeps the memory alive). The prefix runs one image at a time on the GPU pipelines,
+    so an image's features (and with them its gates) never depend on which other images shared
+    its batch, and the suffix always reads them from an aligned address."""
+
+    def __init__(self, owner, ptrs, item_shape, dtype):
+        self.owner, self.ptrs = owner, [int(p) for p in ptrs]
+        self.item_shape, self.dtype = tuple(int(d) for d in item_shape), np.dtype(dtype)
+
+    def __len__(self) -> int:
+        return len(self.ptrs)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.ptrs), *self.item_shape)
+
+    @property
+    def ptr(self) -> int:
+        if len(self.ptrs) != 1:
+            raise ScaleCertError(f"the suffix takes one image's features, got {len(self.ptrs)}; select one first")
+        return self.ptrs[0]
+
+    def image(self, index: int) -> "DeviceFeatures":
+        return DeviceFeatures(self.owner, [self.ptrs[index]], self.item_shape, self.dtype)
+
+
+def host_windows(windows: np.ndarray, dtype) -> np.ndarray:
+    """Window rectangles as a contiguous host array of the engine's integer type."""
+    windows = np.asarray(windows)
+    if windows.ndim != 2 or windows.shape[1] != 4:
+        raise ScaleCertError(f"windows must be (B, 4) rectangles, got shape {windows.shape}")
+    if np.dtype(dtype) == np.int32 and len(windows) and np.abs(windows).max() > np.iinfo(np.int32).max:
+        raise ScaleCertError("window coordinates do not fit int32")
+    return np.ascontiguousarray(windows, dtype)

@@ -1,0 +1,195 @@
+"""ONNX Runtime pipelines (no torch): CPU, and CUDA with IO binding. One session loader for both."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from scalecert.errors import ScaleCertError
+from scalecert.runtime.pipelines.base import Pipeline, Runner
+from scalecert.runtime.pipelines.device import DeviceFeatures, host_windows
+
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_}
+NO_CUDA = "ONNX Runtime has no CUDA execution provider here (install onnxruntime-gpu on a GPU machine)"
+
+
+def require_cuda_provider() -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise ScaleCertError(NO_CUDA)
+
+
+def load_session(path: str, device: str = "cpu", threads: int | None = None, spin: bool = True, device_id: int = 0):
+    """An InferenceSession on the CPU or CUDA execution provider, or one line saying why not.
+
+    CPU: `threads` intra-op threads (default every core; windows arrive in batches, so inter-op
+    parallelism buys nothing); without `spin` idle workers do not busy-wait on cores another
+    session needs. CUDA: cuDNN picks convolution algorithms by heuristic, not by timing, so a
+    shape always gets the same kernels; TF32 is off so fp32 means fp32 (reduced precision belongs
+    to the fp16/int8 variants, where it is explicit)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if device == "cuda":
+        require_cuda_provider()
+        providers = [("CUDAExecutionProvider", {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
+                                                "use_tf32": "0"}), "CPUExecutionProvider"]
+    else:
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+    try:
+        session = ort.InferenceSession(path, options, providers=providers)
+    except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types
+        raise ScaleCertError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
+    if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
+        raise ScaleCertError(f"{path}: ONNX Runtime fell back to the CPU (CUDA libraries or GPU unusable); "
+                             "check the CUDA/cuDNN versions onnxruntime-gpu needs")
+    return session
+
+
+class OrtRunner(Runner):
+    """One ONNX file in an ONNX Runtime CPU session."""
+
+    name = "ort"
+
+    def __init__(self, path: str, threads: int | None = None, spin: bool = True):
+        self.path, self.threads, self.spin = path, threads, spin
+        self.session = None
+
+    def activate_impl(self) -> None:
+        self.session = load_session(self.path, "cpu", self.threads, self.spin)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def infer(self, feeds):
+        return dict(zip(self.output_names, self.session.run(None, feeds)))
+
+    def deactivate_impl(self) -> None:
+        self.session = None
+
+
+WINDOW_PARALLEL_MAX_MACS = 100e6  # suffix MACs per window below which window chunks beat intra-op threads
+
+
+def window_parallel(precision: str, suffix_macs: float) -> bool:
+    """Whether the ORT CPU suffix runs window chunks in parallel (see OrtCpuPipeline): always for
+    int8, for fp32/fp16 only when the suffix is small. Export, build and runtime all ask here, so
+    the margin is measured the way the runtime will run."""
+    return precision == "int8" or suffix_macs < WINDOW_PARALLEL_MAX_MACS
+
+
+class OrtCpuPipeline(Pipeline):
+    """Prefix on all cores (one image batch at a time). Suffix: for a small suffix window-parallel:
+    the window batch is split into one chunk per core, each run single-threaded on the same session
+    concurrently; small convolutions scale poorly with intra-op threads, whole chunks scale well.
+    The same holds for any int8 suffix. A large fp32 suffix runs each batch on all cores. The
+    choice is `window_parallel`; the measurements behind it are in benchmarks/RESULTS.md."""
+
+    name = "ort-cpu"
+    MIN_CHUNK = 4
+
+    def __init__(self, prefix_path: str, suffix_path: str, threads: int | None = None, window_parallel: bool = True):
+        self.workers = max(1, threads or os.cpu_count() or 1)
+        parallel = window_parallel and self.workers > 1
+        # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
+        self.prefix_runner = OrtRunner(prefix_path, self.workers, spin=False)
+        self.suffix_runner = OrtRunner(suffix_path, 1 if parallel else self.workers, spin=not parallel)
+        self.workers = self.workers if parallel else 1
+        self.pool = None
+
+    def activate_impl(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.prefix_runner.activate()
+        self.suffix_runner.activate()
+        self.pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+
+    def deactivate_impl(self) -> None:
+        self.prefix_runner.deactivate()
+        self.suffix_runner.deactivate()
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def prefix(self, image):
+        out = self.prefix_runner.infer({"image": image})
+        return out["features"], out["gate"]
+
+    def select(self, features, index):
+        return features[index:index + 1]
+
+    def suffix(self, features, windows):
+        windows = windows.astype(np.int64, copy=False)
+        chunks = min(self.workers, len(windows) // self.MIN_CHUNK)
+        if self.pool is None or chunks < 2:
+            return self._suffix_chunk(features, windows)
+        parts = np.array_split(windows, chunks)
+        return np.concatenate(list(self.pool.map(lambda part: self._suffix_chunk(features, part), parts)))
+
+    def _suffix_chunk(self, features, windows):
+        return self.suffix_runner.infer({"features": features, "windows": windows})["logits"]
+
+
+class OrtCudaPipeline(Pipeline):
+    """Prefix and suffix sessions on the CUDA execution provider with IO binding: each image's
+    `features` output stays on the device as an OrtValue, which the suffix binds by pointer."""
+
+    name = "ort-cuda"
+
+    def __init__(self, prefix_path: str, suffix_path: str, device: str = "cuda", device_id: int = 0):
+        self.prefix_path, self.suffix_path = prefix_path, suffix_path
+        self.device, self.device_id = device, device_id
+        self.prefix_session = self.suffix_session = None
+
+    def activate_impl(self) -> None:
+        self.prefix_session = load_session(self.prefix_path, self.device, device_id=self.device_id)
+        self.suffix_session = load_session(self.suffix_path, self.device, device_id=self.device_id)
+        self.prefix_binding = self.prefix_session.io_binding()
+        self.suffix_binding = self.suffix_session.io_binding()
+        inputs = {i.name: ORT_TYPES.get(i.type) for i in [*self.prefix_session.get_inputs(), *self.suffix_session.get_inputs()]}
+        self.image_dtype, self.windows_dtype = inputs["image"], inputs["windows"]
+
+    def deactivate_impl(self) -> None:
+        self.prefix_binding = self.suffix_binding = None
+        self.prefix_session = self.suffix_session = None
+
+    def prefix(self, image):
+        binding, values, gates = self.prefix_binding, [], []
+        image = np.ascontiguousarray(image, self.image_dtype)
+        for i in range(len(image)):  # one image per run: see DeviceFeatures
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            binding.bind_cpu_input("image", image[i:i + 1])
+            binding.bind_output("features", self.device, self.device_id)
+            binding.bind_output("gate", "cpu")
+            self.prefix_session.run_with_iobinding(binding)
+            features, gate = binding.get_outputs()
+            values.append(features)
+            gates.append(gate.numpy())
+        if not values:
+            raise ScaleCertError("no images to run")
+        item = values[0].shape()[1:]
+        return DeviceFeatures(values, [v.data_ptr() for v in values], item, ORT_TYPES[values[0].data_type()]), np.concatenate(gates)
+
+    def select(self, features, index):
+        return features.image(index)
+
+    def suffix(self, features, windows):
+        binding = self.suffix_binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        binding.bind_input("features", self.device, self.device_id, features.dtype, [1, *features.item_shape], features.ptr)
+        binding.bind_cpu_input("windows", host_windows(windows, self.windows_dtype))
+        binding.bind_output("logits", "cpu")
+        self.suffix_session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0], np.float32)
+
+

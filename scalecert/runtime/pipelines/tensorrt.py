@@ -1,0 +1,249 @@
+"""TensorRT pipeline (no torch): prefix and suffix engines on one CUDA stream, through Polygraphy.
+
+tensorrt and polygraphy are imported lazily: this module loads on any machine.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+
+from scalecert.errors import ScaleCertError
+from scalecert.runtime.pipelines.base import Activated, Pipeline
+from scalecert.runtime.pipelines.device import DeviceFeatures, aligned, batches, host_windows
+
+
+def require_tensorrt():
+    """The tensorrt module, or one line saying what is missing and what to do."""
+    try:
+        import tensorrt
+    except ImportError:
+        raise ScaleCertError("the TensorRT backend needs TensorRT (pip install 'scalecert[tensorrt]' from NVIDIA's "
+                             "index) and an NVIDIA GPU; use --backend ort here") from None
+    return tensorrt
+
+
+
+TRT_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "INT64": np.int64,
+             "BOOL": np.bool_, "UINT8": np.uint8}  # trt.DataType names (trt.nptype lacks some in older releases)
+
+
+def gpu_identity(device: int = 0) -> tuple[str, tuple[int, int]]:
+    """(name, (major, minor) compute capability) of a CUDA device, through the CUDA runtime
+    library that Polygraphy loads (works on Jetsons, which have no nvidia-smi/NVML)."""
+    try:
+        from polygraphy import cuda
+
+        lib = cuda.wrapper().handle
+    except Exception as exc:  # noqa: BLE001
+        raise ScaleCertError(f"cannot load the CUDA runtime through Polygraphy ({str(exc).splitlines()[0][:120]}); "
+                             "TensorRT needs an NVIDIA GPU with CUDA") from None
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    props = ctypes.create_string_buffer(16384)  # cudaDeviceProp; its first member is char name[256]
+    get_props = getattr(lib, "cudaGetDeviceProperties_v2", None) or lib.cudaGetDeviceProperties
+    for status in (lib.cudaDeviceGetAttribute(ctypes.byref(major), 75, device),  # cudaDevAttrComputeCapabilityMajor
+                   lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, device),  # cudaDevAttrComputeCapabilityMinor
+                   get_props(props, device)):
+        if status != 0:
+            raise ScaleCertError(f"no usable CUDA device {device} (CUDA runtime error {status})")
+    return props.raw[:256].split(b"\0", 1)[0].decode(errors="replace"), (major.value, minor.value)
+
+
+def engine_compatibility(recorded: dict, installed_trt: str, gpu_name: str, compute_capability) -> str | None:
+    """None when engines recorded as built for (TensorRT version, GPU name, compute capability)
+    run here; otherwise the one-line reason. A TensorRT plan only loads on the TensorRT version
+    and GPU model it was built for."""
+    built_cc = tuple(recorded.get("compute_capability") or ())
+    here_cc = tuple(int(v) for v in compute_capability)
+    if (recorded.get("tensorrt"), recorded.get("gpu"), built_cc) == (installed_trt, gpu_name, here_cc):
+        return None
+
+    def cc(value):
+        return "sm_" + "".join(str(v) for v in value) if value else "sm_?"
+
+    precision = recorded.get("precision", "P")
+    return (f"TensorRT engines built for {recorded.get('gpu', '?')} ({cc(built_cc)})/TensorRT "
+            f"{recorded.get('tensorrt', '?')}; this machine has {gpu_name} ({cc(here_cc)})/TensorRT {installed_trt}; "
+            f"rebuild with `scalecert build BUNDLE --backend trt --precision {precision}`")
+
+
+def _copy(dst: int, src: int, nbytes: int, kind, stream) -> None:
+    from polygraphy import cuda
+
+    if nbytes:
+        cuda.wrapper().memcpy(dst, src, nbytes, kind, stream.ptr)
+
+
+class DeviceBuffers:
+    """Named raw device buffers that grow as needed and are reused between calls."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name: str, nbytes: int):
+        from polygraphy import cuda
+
+        array = self.arrays.get(name)
+        if array is None:
+            array = self.arrays[name] = cuda.DeviceArray.raw((max(1, nbytes),))
+        elif nbytes > array.allocated_nbytes:
+            array.resize((nbytes,))
+        return array
+
+    def free(self) -> None:
+        for array in self.arrays.values():
+            array.free()
+        self.arrays = {}
+
+
+class TrtEngine(Activated):
+    """One deserialized engine and its execution context. `run` sets input shapes and tensor
+    addresses and enqueues on the given stream (TensorRT 10/11 name-based API)."""
+
+    def __init__(self, plan_path: str):
+        self.plan_path = plan_path
+        self.engine = self.context = None
+
+    def activate_impl(self) -> None:
+        from polygraphy.backend.trt import EngineFromBytes
+
+        try:
+            with open(self.plan_path, "rb") as f:
+                self.engine = EngineFromBytes(f.read())()
+            self.context = self.engine.create_execution_context()
+        except OSError as exc:
+            raise ScaleCertError(f"{self.plan_path}: cannot read the engine ({exc.strerror})") from None
+        except Exception as exc:  # noqa: BLE001 - Polygraphy raises its own exception type
+            raise ScaleCertError(f"{self.plan_path}: TensorRT cannot load this engine ({str(exc).splitlines()[0][:160]}); "
+                                 "rebuild it with `scalecert build BUNDLE --backend trt`") from None
+        if self.context is None:
+            raise ScaleCertError(f"{self.plan_path}: TensorRT could not create an execution context (GPU memory?)")
+        self.dtypes = {}
+        for name in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)):
+            kind = self.engine.get_tensor_dtype(name).name
+            if kind not in TRT_TYPES:
+                raise ScaleCertError(f"{self.plan_path}: engine tensor {name} is {kind}, which scalecert does not exchange")
+            self.dtypes[name] = np.dtype(TRT_TYPES[kind])
+
+    def deactivate_impl(self) -> None:
+        self.context = None  # the context goes before its engine
+        self.engine = None
+
+    def item_shape(self, name: str) -> tuple:
+        """Shape of one batch item of a tensor (the engine's dims after the dynamic batch axis)."""
+        return tuple(self.engine.get_tensor_shape(name))[1:]
+
+    def run(self, inputs: dict, outputs: dict, stream) -> None:
+        """inputs: name -> (device pointer, shape); outputs: name -> device pointer."""
+        for name, (ptr, shape) in inputs.items():
+            if not self.context.set_input_shape(name, tuple(shape)):
+                raise ScaleCertError(f"{self.plan_path}: input {name} shape {tuple(shape)} is outside the engine's profile")
+            self.context.set_tensor_address(name, ptr)
+        for name, ptr in outputs.items():
+            self.context.set_tensor_address(name, ptr)
+        if not self.context.execute_async_v3(stream.ptr):
+            raise ScaleCertError(f"{self.plan_path}: TensorRT execution failed")
+
+
+class TrtPipeline(Pipeline):
+    """Prefix and suffix TensorRT engines on one CUDA stream. Features stay in a device buffer
+    between the engines; windows go up as int32 rectangles. Batches larger than an engine's
+    optimisation profile are split into profile-sized runs over offsets of the same buffers."""
+
+    name = "trt"
+
+    def __init__(self, prefix_plan: str, suffix_plan: str, max_images: int, max_windows: int):
+        self.prefix_engine, self.suffix_engine = TrtEngine(prefix_plan), TrtEngine(suffix_plan)
+        self.max_images, self.max_windows = int(max_images), int(max_windows)
+        self.stream = None
+
+    @classmethod
+    def from_bundle(cls, bundle, precision: str) -> "TrtPipeline":
+        entry = bundle.engines(precision)
+        where = bundle.path
+        if not entry:
+            raise ScaleCertError(f"{where}: no TensorRT engines for {precision}; build them on the target machine "
+                                 f"with `scalecert build {where} --backend trt --precision {precision}`")
+        trt = require_tensorrt()
+        gpu_name, capability = gpu_identity()
+        reason = engine_compatibility(entry, trt.__version__, gpu_name, capability)
+        if reason:
+            raise ScaleCertError(f"{where}: {reason.replace('BUNDLE', where)}")
+        try:
+            max_images = entry["profiles"]["prefix"]["image"]["max"][0]
+            max_windows = entry["profiles"]["suffix"]["windows"]["max"][0]
+        except (KeyError, IndexError, TypeError):
+            raise ScaleCertError(f"{where}: the trt-{precision} engine record has no optimisation profiles; "
+                                 f"rebuild with `scalecert build {where} --backend trt --precision {precision}`") from None
+        return cls(os.path.join(where, entry["prefix"]), os.path.join(where, entry["suffix"]), max_images, max_windows)
+
+    def activate_impl(self) -> None:
+        from polygraphy import cuda
+
+        require_tensorrt()
+        self.prefix_engine.activate()
+        self.suffix_engine.activate()
+        if self.prefix_engine.dtypes["features"] != self.suffix_engine.dtypes["features"]:
+            raise ScaleCertError(f"{self.prefix_engine.plan_path}: prefix features are {self.prefix_engine.dtypes['features']} "
+                                 f"but the suffix takes {self.suffix_engine.dtypes['features']}; rebuild the engines")
+        if self.suffix_engine.dtypes["windows"] != np.int32:
+            raise ScaleCertError(f"{self.suffix_engine.plan_path}: windows input is not int32; rebuild the engines")
+        self.stream = cuda.Stream()
+        self.buffers = DeviceBuffers()
+
+    def deactivate_impl(self) -> None:
+        """Also after a failed activate: whatever came up (an engine, the stream) goes down."""
+        if self.stream is not None:
+            self.stream.synchronize()
+            self.buffers.free()
+            self.stream.free()
+            self.stream = None
+        self.prefix_engine.deactivate()
+        self.suffix_engine.deactivate()
+
+    def prefix(self, image):
+        """One image per engine run (see DeviceFeatures), each image's features at its own aligned
+        offset of one device buffer; gates come back to the host."""
+        from polygraphy import cuda
+
+        engine = self.prefix_engine
+        image = np.ascontiguousarray(image, engine.dtypes["image"])
+        if not len(image):
+            raise ScaleCertError("no images to run")
+        item = engine.item_shape("features")
+        stride = aligned(int(np.prod(item)) * engine.dtypes["features"].itemsize)
+        gate = np.empty((len(image), *engine.item_shape("gate")), engine.dtypes["gate"])
+        image_dev = self.buffers.get("image", image[0].nbytes)
+        gate_dev = self.buffers.get("gate", gate[0].nbytes)
+        features_dev = self.buffers.get("features", len(image) * stride)
+        for i in range(len(image)):
+            _copy(image_dev.ptr, image[i].ctypes.data, image[i].nbytes, cuda.MemcpyKind.HostToDevice, self.stream)
+            engine.run({"image": (image_dev.ptr, (1, *image.shape[1:]))},
+                       {"features": features_dev.ptr + i * stride, "gate": gate_dev.ptr}, self.stream)
+            _copy(gate[i].ctypes.data, gate_dev.ptr, gate[i].nbytes, cuda.MemcpyKind.DeviceToHost, self.stream)
+        self.stream.synchronize()
+        return DeviceFeatures(features_dev, [features_dev.ptr + i * stride for i in range(len(image))], item,
+                              engine.dtypes["features"]), gate
+
+    def select(self, features, index):
+        return features.image(index)
+
+    def suffix(self, features, windows):
+        """Window batches larger than the engine profile's maximum run in profile-sized pieces,
+        each copied to the start of the device buffers (so every address stays aligned)."""
+        from polygraphy import cuda
+
+        engine = self.suffix_engine
+        windows = host_windows(windows, np.int32)
+        logits = np.empty((len(windows), *engine.item_shape("logits")), engine.dtypes["logits"])
+        piece = min(len(windows), self.max_windows)
+        windows_dev = self.buffers.get("windows", windows[:piece].nbytes)
+        logits_dev = self.buffers.get("logits", logits[:piece].nbytes)
+        for lo, hi in batches(len(windows), self.max_windows):
+            _copy(windows_dev.ptr, windows[lo:hi].ctypes.data, windows[lo:hi].nbytes, cuda.MemcpyKind.HostToDevice, self.stream)
+            engine.run({"features": (features.ptr, (1, *features.item_shape)), "windows": (windows_dev.ptr, (hi - lo, 4))},
+                       {"logits": logits_dev.ptr}, self.stream)
+            _copy(logits[lo:hi].ctypes.data, logits_dev.ptr, logits[lo:hi].nbytes, cuda.MemcpyKind.DeviceToHost, self.stream)
+        self.stream.synchronize()
+        return logits.astype(np.float32, copy=False)

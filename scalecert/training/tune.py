@@ -1,0 +1,325 @@
+"""`scalecert tune`: fine-tune a classifier to live with its sparse superficial layer and windows.
+
+The training graph is the exporter's own split: the model's decomposed ExportedProgram, cut at
+the superficial layer the exporter chooses, gated with the exporter's SIN rule (Taylor alpha,
+static tau for the pruning rate, recalibrated as the weights move; straight-through gradient
+past the hard gate) and occluded with windows of the exact certification family. BatchNorm runs
+with its running statistics (the program is exported in eval mode), as it will at inference.
+
+The checkpoint is a plain state_dict (loads with weights_only=True) plus a `scalecert_tune`
+record: the settings and the final SIN parameters, which `scalecert-export` uses by default.
+torch is used here; never in runtime/.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from scalecert.errors import ScaleCertError
+from scalecert.training.split_program import SplitProgram
+from scalecert.core import geometry
+
+RECORD_KEY = "scalecert_tune"
+
+
+@dataclass
+class TuneOptions:
+    model: str | None
+    arch: str
+    data: str
+    output: str
+    val: str | None = None
+    pretrained: bool = False
+    patch: str = "2%"
+    layer: str = "auto"
+    prune_rate: float = 0.5
+    stride: str = "auto"
+    window_budget: int = 100
+    max_growth: float = 2.0
+    phi: str = "abs"
+    epochs: int = 3
+    batch: int = 128
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    occlusions: int = 1
+    limit: int | None = None
+    val_limit: int = 1000
+    cert_limit: int = 200
+    calib_images: int = 256
+    recalibrate_every: int = 100
+    seed: int = 0
+    resume: bool = False
+    threads: int | None = None
+    quiet: bool = False
+
+
+# -- data --------------------------------------------------------------------------------------
+def load_pixels(items, input_spec: dict, what: str, quiet: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 N x H x W x 3 at network size, int64 labels), decoded once and kept in memory."""
+    from scalecert.runtime.images import load_image
+
+    if any(label is None for _, label in items):
+        raise ScaleCertError(f"{what}: images without labels (use class subfolders or a labels.csv)")
+    _, h, w = input_spec["input_size"]
+    gib = len(items) * h * w * 3 / 2**30
+    if gib > 8:
+        raise ScaleCertError(f"{what}: {len(items)} images at {h}x{w} need {gib:.0f} GiB in memory; pass --limit")
+    pixels = np.empty((len(items), h, w, 3), np.uint8)
+    for i, (path, _) in enumerate(_progress(items, f"reading {what}", quiet)):
+        pixels[i] = load_image(path, input_spec)
+    return pixels, np.array([label for _, label in items], np.int64)
+
+
+def _progress(iterable, desc: str, quiet: bool, total=None):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm comes with the dev extra; without it, no bar
+        quiet = True
+    if quiet:
+        return _Plain(iterable)
+
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class _Plain:
+    """The iterable, with tqdm's set_postfix as a no-op."""
+
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, **_):
+        pass
+
+
+def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random translation (zero padding of 1/8 of the side) and horizontal flip."""
+    n, h, w, _ = pixels.shape
+    pad = max(1, h // 8)
+    padded = np.pad(pixels, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    dy, dx = rng.integers(0, 2 * pad + 1, n), rng.integers(0, 2 * pad + 1, n)
+    out = np.stack([padded[i, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    return out
+
+
+# -- the split network --------------------------------------------------------------------------
+class SplitNetwork(SplitProgram):
+    """The exporter's split of the model, trained through: a straight-through gate, calibration
+    of alpha and tau as the weights move, and certified accuracy on validation images."""
+
+    def __init__(self, module, layer: str, input_spec: dict, windows: np.ndarray, feature_hw, phi: str,
+                 device: str = "cpu"):
+        super().__init__(module, layer, input_spec, windows, feature_hw, [1.0], -1.0, phi, device)
+
+    def gated(self, a, straight_through: bool = False):
+        """The prefix's gate; with straight_through the forward value is the same and the gradient
+        also reaches the score through a sigmoid of (score - tau)."""
+        score = self.score(a)
+        s = self._apply_gate(a, score)
+        if straight_through and self.tau >= 0:
+            temperature = max(abs(self.tau), 1e-3) * 0.1
+            soft = self.torch.sigmoid((score - self.tau) / temperature)[:, None]
+            s = s + a * (self.alpha > 0) * (soft - soft.detach())
+        return s
+
+    def calibrate(self, pixels: np.ndarray, labels: np.ndarray, rate: float) -> dict:
+        """alpha (Taylor), the score distribution and tau for `rate`, as the exporter computes them."""
+        from scalecert.core import sin
+        from scalecert.export.taylor import taylor_scores
+
+        x = self.normalize(pixels).cpu().numpy()
+        activation, gradient = taylor_scores(self.module, self.layer_node.name, x, list(labels))
+        alpha = sin.taylor_importance(activation, gradient)
+        score = sin.scores(activation, alpha, self.phi)
+        table = [sin.threshold_for_rate(score, r / 100) for r in range(100)]
+        self.alpha = self.torch.from_numpy(alpha).reshape(1, -1, 1, 1).to(self.device)
+        self.tau = table[round(rate * 100)] if rate > 0 else -1.0
+        return {"alpha": [float(a) for a in alpha], "threshold_by_rate": table, "threshold": self.tau,
+                "prune_rate": rate, "phi": self.phi, "calibration_images": len(pixels),
+                "importance": "taylor |A*dL/dA|"}
+
+    def evaluate(self, pixels: np.ndarray, labels: np.ndarray, cert_limit: int, batch: int = 256) -> dict:
+        """Clean accuracy (gated, no window) on all; certified accuracy (every window of the family
+        predicts the label) on the first cert_limit."""
+        torch = self.torch
+        correct, certified = 0, 0
+        with torch.no_grad():
+            for lo in range(0, len(pixels), batch):
+                s = self.gated(self.superficial(self.normalize(pixels[lo:lo + batch])))
+                predicted = self.suffix(s).argmax(1).cpu().numpy()
+                correct += int((predicted == labels[lo:lo + batch]).sum())
+                for i in range(min(len(s), max(0, cert_limit - lo))):
+                    if predicted[i] != labels[lo + i]:
+                        continue
+                    ok = True
+                    for w0 in range(0, len(self.windows), batch):
+                        index = np.arange(w0, min(w0 + batch, len(self.windows)))
+                        occluded = self.occlude(s[i:i + 1].expand(len(index), -1, -1, -1), index)
+                        if (self.suffix(occluded).argmax(1).cpu().numpy() != labels[lo + i]).any():
+                            ok = False
+                            break
+                    certified += ok
+        n_cert = min(cert_limit, len(pixels))
+        return {"clean_accuracy": correct / len(pixels), "certified_accuracy": certified / max(1, n_cert),
+                "images": len(pixels), "certified_on": n_cert}
+
+
+# -- setup shared with the exporter -------------------------------------------------------------
+def plan(loaded, patch: str, layer_spec: str, stride_spec: str, window_budget: int, max_growth: float):
+    """(program, split plan): what scalecert-export would choose for this model (export/plan.py)."""
+    from scalecert.export.plan import plan_split
+    from scalecert.export.to_onnx import to_onnx
+
+    _, image_h, image_w = loaded.preprocess.input_size
+    patch_hw = geometry.parse_patch(patch, (image_h, image_w))
+    model, program = to_onnx(loaded)
+    if program is None:
+        raise ScaleCertError("tune needs a PyTorch model (a state_dict with --arch), not an ONNX or TorchScript file")
+    return program, plan_split(model, (image_h, image_w), patch_hw, layer_spec, stride_spec, window_budget, max_growth)
+
+
+def _check_output(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ScaleCertError(f"{path}: cannot write there (no such directory or not writable)")
+    if os.path.isdir(path):
+        raise ScaleCertError(f"{path}: is a directory, expected a checkpoint file name")
+
+
+def _save(path: str, payload: dict) -> None:
+    import torch
+
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def tune(opts: TuneOptions, say=print) -> dict:
+    """Fine-tune a state_dict checkpoint through the exporter's split (export/plan.py): the SIN gate
+    with a straight-through gradient, recalibrated every `recalibrate_every` steps, and `occlusions`
+    copies of every training image with a random window of the certification family zeroed.
+    Validates each epoch (clean and certified accuracy), keeps the best checkpoint at opts.output
+    and the resumable state at opts.output + ".last". Returns {"output", "best", "history"}."""
+    import torch
+
+    from scalecert.runtime.datasets import image_set
+    from scalecert.export.loading import load_model
+
+    _check_output(opts.output)
+    if opts.epochs < 1 or opts.batch < 1 or opts.lr <= 0:
+        raise ScaleCertError("--epochs and --batch must be positive and --lr above 0")
+    if not 0 <= opts.prune_rate <= 0.99:
+        raise ScaleCertError(f"--prune-rate {opts.prune_rate}: expected a number in [0, 0.99]")
+    loaded = load_model(opts.model, opts.arch, None, False, opts.pretrained)
+    if loaded.kind != "torch":
+        raise ScaleCertError("tune needs a state_dict checkpoint with --arch (it writes one back)")
+    train_items = image_set(opts.data, seed=opts.seed, limit=opts.limit)
+    if opts.val:
+        val_items = image_set(opts.val, seed=opts.seed, limit=opts.val_limit)
+    else:
+        held = min(opts.val_limit, max(1, len(train_items) // 20))
+        val_items, train_items = train_items[:held], train_items[held:]
+        say(f"no --val: holding out {held} training images for validation")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    input_spec = loaded.preprocess.to_json()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    program, split = plan(loaded, opts.patch, opts.layer, opts.stride, opts.window_budget, opts.max_growth)
+    layer, window_hw, stride, windows = split.layer, split.window_hw, split.stride, split.windows
+    say(f"device {device}; layer {layer.name} ({layer.scope or 'root'}), features {layer.shape}, window {window_hw}, "
+        f"stride {stride}, {len(windows)} windows, prune rate {opts.prune_rate}")
+    module = program.module().to(device)
+    net = SplitNetwork(module, layer.name, input_spec, windows, layer.shape[1:], opts.phi, device)
+    train_x, train_y = load_pixels(train_items, input_spec, "training images", opts.quiet)
+    val_x, val_y = load_pixels(val_items, input_spec, "validation images", opts.quiet)
+    calib_rng = np.random.default_rng(opts.seed + 1)
+    calib_index = calib_rng.choice(len(train_x), min(opts.calib_images, len(train_x)), replace=False)
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=opts.lr, momentum=0.9, weight_decay=opts.weight_decay, nesterov=True)
+    steps_per_epoch = (len(train_x) + opts.batch - 1) // opts.batch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, opts.lr, total_steps=opts.epochs * steps_per_epoch,
+                                                    pct_start=0.15, anneal_strategy="cos")
+    settings = {k: v for k, v in asdict(opts).items() if k not in ("quiet", "resume", "threads", "output")}
+    settings.update({"layer_name": layer.name, "stride_chosen": stride, "windows": len(windows),
+                     "footprint": list(window_hw), "source": os.path.abspath(loaded.source)})
+    last_path = opts.output + ".last"
+    start_epoch, best, history = 0, None, []
+    if opts.resume and os.path.exists(last_path):
+        state = torch.load(last_path, map_location="cpu", weights_only=True)
+        if state["settings"] != json.loads(json.dumps(settings)):
+            raise ScaleCertError(f"{last_path}: was written with other settings; drop --resume or match them")
+        module.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        say(f"resumed from {last_path} after epoch {start_epoch}")
+    elif opts.resume:
+        say(f"--resume: no {last_path} yet, starting from the model's weights")
+
+    net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
+    if start_epoch == 0 and best is None:
+        before = net.evaluate(val_x, val_y, opts.cert_limit)
+        history.append({"epoch": 0, **before})
+        say(f"before tuning: clean {before['clean_accuracy']:.1%}, certified {before['certified_accuracy']:.1%} "
+            f"(on {before['certified_on']} validation images)")
+    for epoch in range(start_epoch, opts.epochs):
+        rng = np.random.default_rng([opts.seed, epoch])
+        order = rng.permutation(len(train_x))
+        bar = _progress(range(steps_per_epoch), f"epoch {epoch + 1}/{opts.epochs}", opts.quiet)
+        seen = correct = 0
+        loss_sum = 0.0
+        started = time.perf_counter()
+        for step in bar:
+            if step and step % opts.recalibrate_every == 0:
+                net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
+            index = order[step * opts.batch:(step + 1) * opts.batch]
+            x = net.normalize(augment(train_x[index], rng))
+            y = torch.from_numpy(train_y[index]).to(device)
+            s = net.gated(net.superficial(x), straight_through=True)
+            occluded = [net.occlude(s, rng.integers(0, len(windows), len(index))) for _ in range(opts.occlusions)]
+            logits = net.suffix(torch.cat([s, *occluded]))
+            targets = y.repeat(1 + opts.occlusions)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            seen += len(targets)
+            correct += int((logits.argmax(1) == targets).sum())
+            loss_sum += float(loss) * len(targets)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}")
+        record = net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
+        metrics = net.evaluate(val_x, val_y, opts.cert_limit)
+        metrics.update({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                        "seconds": time.perf_counter() - started})
+        history.append(metrics)
+        improved = best is None or (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (
+            best["certified_accuracy"], best["clean_accuracy"])
+        say(f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}, val clean {metrics['clean_accuracy']:.1%}, "
+            f"certified {metrics['certified_accuracy']:.1%} ({metrics['seconds']:.0f} s)" + ("  [best]" if improved else ""))
+        state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+        if improved:
+            best = metrics
+            _save(opts.output, {"state_dict": state_dict, RECORD_KEY: {
+                "settings": settings, "sin": record, "epoch": epoch + 1, "validation": metrics,
+                "history": history, "scalecert_version": _version()}})
+        _save(last_path, {"state_dict": state_dict, "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
+                          "history": history, "settings": json.loads(json.dumps(settings))})
+    return {"output": opts.output, "best": best, "history": history}
+
+
+def _version() -> str:
+    from scalecert import __version__
+
+    return __version__
