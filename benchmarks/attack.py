@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     parser.add_argument("--all-variants", action="store_true", help="every variant at every position")
     parser.add_argument("--backend", default="ort")
     parser.add_argument("--precision", default="fp32", help="bundle variant: fp32, fp16 or int8 (scalecert build)")
+    parser.add_argument("--threshold", type=float, default=None, help="confidence threshold T (default: the bundle's)")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores; "
                         "1 per worker with --workers)")
     parser.add_argument("--workers", type=int, default=1, help="attack images in this many processes "
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown content(s) {unknown}; known: {', '.join(CONTENTS)}")
     pgd_positions = args.pgd_positions if args.pgd_positions == "all" else int(args.pgd_positions)
     certifier = Certifier.load(args.bundle, backend=args.backend, early_exit=args.early_exit, threads=args.threads,
-                               precision=args.precision)
+                               precision=args.precision, threshold=args.threshold)
     reference = None
     if "pgd" in contents:
         if not args.model:
@@ -85,6 +86,7 @@ def main(argv=None) -> int:
     spec = None
     if args.workers > 1:
         spec = {"bundle": args.bundle, "backend": args.backend, "precision": args.precision, "early_exit": args.early_exit,
+                "threshold": args.threshold,
                 "threads": args.threads or 1, "model": args.model if "pgd" in contents else None,
                 "arch": args.arch, "input_size": parse_input_size(args.input_size) if args.input_size else None}
     files, labels, classes = _image_files(args.data)
@@ -125,9 +127,11 @@ def main(argv=None) -> int:
           f"{out['images_scanned']} scanned), positions per image {out['positions_per_image']}")
     for content, c in out["per_content"].items():
         print(f"  {content:8s} attacked {c['attacked']:7d}  certified-same {c['certified_same']:7d}  "
-              f"alert {c['alert']:7d} (base flipped {c['base_flipped']:6d})  violations {c['violations']}")
+              f"uncertified-same {c['uncertified_same']:6d}  alert {c['alert']:7d} (base flipped {c['base_flipped']:6d})"
+              f"  violations {c['violations']}")
     print(f"  {'TOTAL':8s} attacked {t['attacked']:7d}  certified-same {t['certified_same']:7d}  "
-          f"alert {t['alert']:7d} (base flipped {t['base_flipped']:6d})  violations {t['violations']}")
+          f"uncertified-same {t['uncertified_same']:6d}  alert {t['alert']:7d} (base flipped {t['base_flipped']:6d})"
+          f"  violations {t['violations']}")
     print(f"  {out['seconds']} s")
     if args.out:
         write(out)

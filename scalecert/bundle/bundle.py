@@ -62,6 +62,11 @@ class Bundle:
         return self.manifest.get("classes")
 
     @property
+    def default_threshold(self) -> float:
+        """The confidence threshold T the bundle was exported with (docs/design.md §7)."""
+        return float(self.manifest.get("decision", {}).get("threshold", 0.0))
+
+    @property
     def suffix_macs(self) -> float:
         return self.manifest.get("stats", {}).get("suffix", {}).get("macs") or 0
 

@@ -18,11 +18,15 @@ from scalecert.runtime import pipelines
 @click.option("--workspace-mb", default=4096, show_default=True, help="TensorRT builder workspace limit")
 @click.option("--max-windows", default=128, show_default=True, help="TensorRT profile: most windows per suffix call")
 @click.option("--max-images", default=16, show_default=True, help="TensorRT profile: most images per prefix call")
-@click.option("--quiet", is_flag=True)
-def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_windows, max_images, quiet):
+@click.option("--min-agreement", default=0.95, show_default=True,
+              help="int8: least top-1 agreement with fp32 on held-back calibration images")
+@click.option("--accept-loss", is_flag=True, help="int8: keep a variant below the floor (agreement, certified rate)")
+@click.option("--quiet", is_flag=True, help="print nothing but errors")
+def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_windows, max_images, min_agreement,
+          accept_loss, quiet):
     """Add a precision variant, its numeric margin and (with --backend trt) engines to BUNDLE."""
     from scalecert.compile.build import build as run_build
 
     run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
-              say=(lambda _: None) if quiet else click.echo)
+              say=(lambda _: None) if quiet else click.echo, accept_loss=accept_loss, min_agreement=min_agreement)
     click.echo(f"updated {bundle}")

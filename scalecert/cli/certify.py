@@ -24,7 +24,9 @@ from scalecert.runtime import pipelines
 @click.option("--early-exit", is_flag=True, help="stop at the first disagreeing window (deployment)")
 @click.option("--png-dir", help="write a PNG per image: input, gate map, disagreeing windows")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
-def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads):
+@click.option("--threshold", type=float, help="confidence threshold T: only windows at least this confident "
+              "raise the alert (docs/design.md §7) [default: the bundle's]")
+def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold):
     """Certify IMAGES against BUNDLE: a label no patch could force, or an alert."""
     from scalecert.runtime import Certifier
 
@@ -33,7 +35,7 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
     failed = 0
     rows = []
     with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
-                        precision=precision) as cert:
+                        precision=precision, threshold=threshold) as cert:
         for path in images:
             try:
                 pixels = cert.prepare(path)

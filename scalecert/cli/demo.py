@@ -61,5 +61,6 @@ def demo(out, patch, fresh):
     photos = write_photos(os.path.join(out, "images"))
     ctx = click.get_current_context()
     ctx.invoke(certify, bundle=bundle, images=tuple(photos), backend="auto", precision="fp32", as_json=False, batch=64,
-               early_exit=False, png_dir=os.path.join(out, "png"), threads=None)
+               early_exit=False, png_dir=os.path.join(out, "png"), threads=None,
+               threshold=None)
     click.echo(f"\nPNGs (image, gate map, disagreeing windows) in {os.path.join(out, 'png')}")

@@ -20,16 +20,21 @@ def _export_options(f):
         click.option("--max-growth", default=2.0, show_default=True, help="--layer auto: window share / patch share bound"),
         click.option("--calib", type=str, help="calibration images (folder) for SIN importances and threshold"),
         click.option("--calib-limit", default=128, show_default=True, help="calibration images used at most"),
-        click.option("--prune-tolerance", default=0.01, show_default=True, help="--prune-rate auto: accuracy loss allowed"),
+        click.option("--budget", default=37.0, show_default=True,
+                     help="with --calib: cost budget of the measured plan, in full-model forwards per image "
+                          "(37 = the pixel-masking baseline: the clean image and 36 masks)"),
+        click.option("--threshold", default=0.0, show_default=True,
+                     help="the bundle's default confidence threshold T for alerts (docs/design.md §7)"),
         click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
         click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
-        click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True),
+        click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True,
+                     help="SIN score of a feature value: |a| or max(a, 0)"),
         click.option("--classes", help="text file with one class name per line"),
         click.option("--trust-pickle", is_flag=True, help="allow unpickling a whole nn.Module (runs code from the file)"),
         click.option("-o", "--output", help="bundle directory (default: MODEL stem + .scalecert)"),
         click.option("--force", is_flag=True, help="replace an existing bundle"),
         click.option("--list-archs", is_flag=True, help="list built-in architectures and exit"),
-        click.option("--quiet", is_flag=True),
+        click.option("--quiet", is_flag=True, help="print nothing but errors"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -37,7 +42,7 @@ def _export_options(f):
 
 
 def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, stride, window_budget, max_growth,
-               calib, calib_limit, prune_tolerance, channel_prune, keep_dead_channels, phi, classes, trust_pickle, output, force,
+               calib, calib_limit, budget, threshold, channel_prune, keep_dead_channels, phi, classes, trust_pickle, output, force,
                list_archs, quiet):
     if list_archs:
         from scalecert.export.archs import REGISTRY
@@ -51,12 +56,11 @@ def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, st
     opts = ExportOptions(model=model, output=output, arch=arch, pretrained=pretrained,
                          input_size=parse_input_size(input_size) if input_size else None, patch=patch, layer=layer,
                          prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
-                         calib=calib, calib_limit=calib_limit, prune_tolerance=prune_tolerance,
-                         channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi, classes=classes, trust_pickle=trust_pickle, force=force)
+                         calib=calib, calib_limit=calib_limit, budget=budget, threshold=threshold,
+                         channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi,
+                         classes=classes, trust_pickle=trust_pickle, force=force, echo=None if quiet else click.echo)
     path = export_bundle(opts)
     if not quiet:
-        for line in opts.log:
-            click.echo(line)
         click.echo(f"wrote {path}")
 
 

@@ -14,7 +14,8 @@ from scalecert.cli.app import main
 @click.option("--val", help="validation images (default: hold out 5% of --data, at most --val-limit)")
 @click.option("--patch", default="2%", show_default=True, help="patch size: N, HxW or P% of the input area")
 @click.option("--layer", default="auto", show_default=True, help="superficial layer, as for export")
-@click.option("--prune-rate", default=0.5, show_default=True, help="fraction of feature positions gated off in training")
+@click.option("--prune-rate", default=0.0, show_default=True,
+              help="fraction of feature positions gated off in training (0: no gate)")
 @click.option("--stride", default="auto", show_default=True, help="occluding stride, as for export")
 @click.option("--window-budget", default=100, show_default=True)
 @click.option("--epochs", default=3, show_default=True)

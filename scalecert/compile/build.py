@@ -59,20 +59,37 @@ def _window_logits(pipeline, images: np.ndarray, windows: np.ndarray) -> np.ndar
     return np.stack(out)
 
 
+INT8_FLOOR = {"top1_agreement": 0.95, "certified_drop": 0.02}  # refused below, unless the loss is accepted
+
+
+def int8_family(backend: str) -> str:
+    """The int8 variant a backend gets. ONNX Runtime CPU: asymmetric uint8 activations (the ReLU/ReLU6
+    ranges fold into them) and 7-bit weights (x86 u8s8 kernels without VNNI saturate on full-range
+    weights). GPUs (TensorRT, ONNX Runtime CUDA): symmetric int8 activations and full-range weights,
+    the explicit quantisation TensorRT accepts."""
+    return "cpu" if backend == "ort-cpu" else "gpu"
+
+
 def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, backend: str = "ort",
           calib_limit: int = 64, workspace_mb: int = 4096, max_windows: int = 128, max_images: int = 16,
-          say=print) -> dict:
+          say=print, accept_loss: bool = False, min_agreement: float = INT8_FLOOR["top1_agreement"]) -> dict:
     """Add a precision variant (fp16: explicit casts; int8: static QDQ calibrated on `calib`), its
     numeric margin on `backend` and, for trt, TensorRT engines to the bundle, in place (staged and
-    swapped). Returns the new manifest."""
+    swapped). An int8 variant is compared with fp32 on held-back calibration images (top-1
+    agreement over the base and every window, certified rates) and refused below INT8_FLOOR unless
+    `accept_loss`. Returns the new manifest."""
     if precision not in manifest_io.PRECISIONS:
         raise ScaleCertError(f"--precision {precision!r}: expected one of {', '.join(manifest_io.PRECISIONS)}")
+    if not 0 <= min_agreement <= 1:
+        raise ScaleCertError(f"--min-agreement {min_agreement:g}: expected a fraction in [0, 1]")
     backend = pipelines.canonical(backend)
     bundle = Bundle.open(bundle_dir, verify=True)
     pipelines.require(backend)
     manifest = bundle.manifest
-    if precision == "int8" and calib is None and "int8" not in bundle.precisions:
-        raise ScaleCertError("--precision int8 needs --calib DIR: activation scales are calibrated on images")
+    existing = bundle.precisions.get(precision)
+    rebuild_int8 = precision == "int8" and (existing is None or existing.get("family", "gpu") != int8_family(backend))
+    if rebuild_int8 and calib is None:
+        raise ScaleCertError(f"--precision int8 for {backend} needs --calib DIR: activation scales are calibrated on images")
     images = _calibration_images(calib, calib_limit, bundle.input_spec)
     windows = bundle.windows()
     with staging(bundle_dir, ".scalecert-build-") as work:
@@ -84,9 +101,15 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
 
             h, w = bundle.image_hw
             images = normalize(np.random.default_rng(0).integers(0, 256, (4, h, w, 3), dtype=np.uint8), bundle.input_spec)
-        if precision not in variants or (precision == "int8" and calib is not None):
-            variants[precision] = _make_variant(staged, precision, images, windows)
+        if precision not in variants or (precision == "int8" and (calib is not None or rebuild_int8)):
+            family = int8_family(backend)
+            variants[precision] = _make_variant(staged, precision, images, windows, family)
             say(f"{precision}: wrote {variants[precision]['prefix']} and {variants[precision]['suffix']}")
+            if precision == "int8":
+                _int8_verdict(variants[precision], accept_loss, min_agreement, say)
+                for key in [k for k in manifest["margin"] if k.endswith("-int8")]:  # measured on the old variant
+                    del manifest["margin"][key]
+                    manifest.get("margin_measurement", {}).pop(key, None)
         if backend == "trt":
             from scalecert.compile.tensorrt import build_engines
 
@@ -106,7 +129,7 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
     return manifest
 
 
-def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: np.ndarray) -> dict:
+def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: np.ndarray, family: str = "gpu") -> dict:
     from scalecert.compile import precision as conversions
     from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline
 
@@ -114,29 +137,57 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
     src = staged.files("fp32")
     names = {part: f"{part}.{precision}.onnx" for part in ("prefix", "suffix")}
     info: dict = {"conversion": {}}
+    held = images[:max(8, len(images) // 4)] if precision == "int8" and len(images) >= 16 else images[:16]
     if precision == "fp16":
         for part in ("prefix", "suffix"):
             info["conversion"][part] = conversions.to_fp16(src[part], os.path.join(work, names[part]), part)
     else:
+        fit = images[len(held):] if len(images) >= 16 else images  # ranges from the rest: `held` judges them
         with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
-            suffix_feeds = _suffix_feeds(fp32, images, windows)
-        prefix_feeds = [{"image": images[i:i + 16]} for i in range(0, len(images), 16)]
-        info["conversion"]["prefix"] = conversions.to_int8(src["prefix"], os.path.join(work, names["prefix"]), "prefix",
-                                                           prefix_feeds)
-        info["conversion"]["suffix"] = conversions.to_int8(src["suffix"], os.path.join(work, names["suffix"]), "suffix", suffix_feeds)
-        info["calibration_images"] = len(images)
+            suffix_feeds = _suffix_feeds(fp32, fit, windows)
+        prefix_feeds = [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]
+        options = ({"activations": "uint8", "reduce_range": True} if family == "cpu" else
+                   {"activations": "int8", "reduce_range": False})
+        for part, feeds in (("prefix", prefix_feeds), ("suffix", suffix_feeds)):
+            info["conversion"][part] = conversions.to_int8(src[part], os.path.join(work, names[part]), part, feeds,
+                                                           **options)
+        info.update({"family": family, "calibration_images": len(fit), "held_back_images": len(held)})
     for part in ("prefix", "suffix"):
         problems = conversions.check_static_precision(os.path.join(work, names[part]))
         if problems:
             raise ScaleCertError(f"{names[part]}: {problems[0]}")
-    sample = images[:16]
     with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32, \
             OrtCpuPipeline(os.path.join(work, names["prefix"]), os.path.join(work, names["suffix"])) as variant:
-        ref, got = _window_logits(fp32, sample, windows[:32]), _window_logits(variant, sample, windows[:32])
-    info["vs_fp32"] = {"images": len(sample), "windows_per_image": 1 + min(32, len(windows)),
-                       "max_abs_logit_diff": float(np.abs(ref - got).max()),
-                       "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())}
+        ref, got = _window_logits(fp32, held, windows), _window_logits(variant, held, windows)
+    ref_labels, got_labels = ref.argmax(-1), got.argmax(-1)
+    ref_cert, got_cert = (ref_labels == ref_labels[:, :1]).all(1), (got_labels == got_labels[:, :1]).all(1)
+    info["vs_fp32"] = {"images": len(held), "held_back": precision == "int8" and len(images) >= 16,
+                       "windows_per_image": 1 + len(windows), "max_abs_logit_diff": float(np.abs(ref - got).max()),
+                       "top1_agreement": float((ref_labels == got_labels).mean()),
+                       "base_agreement": float((ref_labels[:, 0] == got_labels[:, 0]).mean()),
+                       "certified_rate_fp32": float(ref_cert.mean()), "certified_rate": float(got_cert.mean()),
+                       "status_agreement": float((ref_cert == got_cert).mean())}
     return {**names, **info}
+
+
+def _int8_verdict(variant: dict, accept_loss: bool, min_agreement: float, say) -> None:
+    """Print the comparison with fp32; refuse a variant below the floor unless the loss is accepted."""
+    v = variant["vs_fp32"]
+    drop = v["certified_rate_fp32"] - v["certified_rate"]
+    say(f"int8 ({variant['family']}) vs fp32 on {v['images']} held-back images: top-1 agreement "
+        f"{v['top1_agreement']:.1%} over the base and {v['windows_per_image'] - 1} windows, certified "
+        f"{v['certified_rate']:.1%} vs {v['certified_rate_fp32']:.1%}")
+    problems = []
+    if v["top1_agreement"] < min_agreement:
+        problems.append(f"top-1 agreement {v['top1_agreement']:.1%} is below {min_agreement:.0%}")
+    if drop > INT8_FLOOR["certified_drop"] + 1 / max(1, v["images"]):  # one image of slack on a small sample
+        problems.append(f"certified rate falls {drop:.1%}")
+    variant["accepted_loss"] = bool(problems) and accept_loss
+    if problems and not accept_loss:
+        raise ScaleCertError(f"int8 variant refused: {'; '.join(problems)} (floor: docs/design.md §3.7); "
+                             "pass --accept-loss to keep it anyway, or use fp16")
+    if problems:
+        say(f"warning: int8 kept with --accept-loss although {'; '.join(problems)}")
 
 
 def _bundle_files(root: str) -> list[str]:

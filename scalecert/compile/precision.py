@@ -215,8 +215,13 @@ def _one_qdq_pair_per_consumer(model: ir.Model) -> int:
     return added
 
 
+def _is_depthwise(node: ir.Node) -> bool:
+    group = node.attributes.get("group")
+    return node.op_type == "Conv" and group is not None and group.as_int() > 1
+
+
 def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dict[str, np.ndarray]],
-            activations: str = "int8") -> dict:
+            activations: str = "int8", keep_float: str = "none", reduce_range: bool = True) -> dict:
     """Static QDQ INT8 variant calibrated once on `calibration_feeds` (MinMax ranges).
 
     activations="int8" (default): symmetric int8 activations and per-channel symmetric int8
@@ -239,14 +244,17 @@ def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dic
     symmetric = activations == "int8"
     model = _load_typed(src_path)
     graph = model.graph
+    if keep_float not in ("none", "depthwise"):
+        raise ValueError(f"keep_float must be none or depthwise, not {keep_float!r}")
     excluded = [n.name for n in graph if (n.name or "").startswith(PROTECTED)
-                or any(out.is_graph_output() for out in n.outputs)]
+                or any(out.is_graph_output() for out in n.outputs)
+                or (keep_float == "depthwise" and _is_depthwise(n))]
     with tempfile.TemporaryDirectory() as tmp, _without_preprocess_advice():
         typed = os.path.join(tmp, "typed.onnx")
         ir.save(model, typed)
         quantize_static(
             typed, dst_path, _Feeds(calibration_feeds), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=INT8_OPS, per_channel=True, reduce_range=False,
+            op_types_to_quantize=INT8_OPS, per_channel=True, reduce_range=reduce_range,
             activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8, weight_type=QuantType.QInt8,
             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False})
@@ -261,9 +269,11 @@ def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dic
     return {"method": "static QDQ (onnxruntime.quantization.quantize_static)", "kind": kind,
             "onnxruntime": onnxruntime.__version__,
             "activation_type": "int8 symmetric" if symmetric else "uint8 asymmetric",
-            "weight_type": "int8 symmetric per-channel", "bias": "float32", "tensorrt": symmetric,
+            "weight_type": "int8 symmetric per-channel" + (", 7-bit range" if reduce_range else ""),
+            "bias": "float32", "tensorrt": symmetric,
             "calibration_method": "MinMax", "calibration_inputs": len(calibration_feeds),
-            "nodes_quantized": len(computed), "nodes_excluded": excluded, "qdq_pairs_split": pairs}
+            "nodes_quantized": len(computed), "nodes_excluded": excluded, "float_kept": keep_float,
+            "qdq_pairs_split": pairs}
 
 
 # --- checks --------------------------------------------------------------------------------

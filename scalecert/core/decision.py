@@ -1,22 +1,38 @@
-"""The certification decision as pure functions over a window-prediction map.
+"""The certification decision as pure functions over a window-prediction map (docs/design.md §2,
+§3.6, §7).
 
-Given the base prediction y0 = argmax g(S) and, for every window W, p_W = argmax g(S_W) with its
-margin (top-1 minus top-2 logit): the image is certified with label y0 iff every p_W equals y0
-and every margin is at least delta (delta > 0 only where the engine is not bit-exact across
-batch positions). Otherwise it is an alert, and the disagreeing windows localise the patch.
+Inputs: the base prediction y0 = argmax g(S) and, for every window W, p_W = argmax g(S_W), each
+with its margin (top-1 minus top-2 logit) and its log-confidence (log-softmax of the top-1 logit).
+Two parameters: delta, the numeric margin of the engine (0 where it is bit-exact across batch
+positions), and T, the confidence threshold of the alert operating point (0 by default).
+
+- A window *disagrees* when it predicts another label with confidence >= T. Any disagreeing
+  window raises the alert, and the disagreeing windows localise the patch.
+- The image is *certified* with label y0 when every window (and the base) predicts y0 with
+  margin >= delta and log-confidence >= log T + delta.
+- Otherwise the status is *uncertified*: the label is reported, with neither an alert nor a
+  certificate. With T = 0 every other label disagrees, so this happens only for thin margins on
+  an engine that is not bit-exact.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+STATUSES = ("certified", "alert", "uncertified")
+
 
 @dataclass(frozen=True)
 class Decision:
-    certified: bool
+    status: str  # one of STATUSES
     label: int
-    alert_windows: np.ndarray  # indices into the window family
+    alert_windows: np.ndarray  # indices into the window family: the disagreeing windows
+
+    @property
+    def certified(self) -> bool:
+        return self.status == "certified"
 
 
 def top2_margin(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -28,6 +44,25 @@ def top2_margin(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, part[:, -1] - part[:, -2]
 
 
+def log_confidence(logits: np.ndarray) -> np.ndarray:
+    """log softmax of the top-1 logit per row (<= 0), computed in float64."""
+    z = np.asarray(logits, np.float64)
+    top = z.max(axis=1)
+    return -np.log(np.exp(z - top[:, None]).sum(axis=1))
+
+
+def check_threshold(threshold: float) -> float:
+    from scalecert.errors import ScaleCertError
+
+    if not 0.0 <= float(threshold) < 1.0:
+        raise ScaleCertError(f"--threshold {threshold:g}: expected a confidence in [0, 1)")
+    return float(threshold)
+
+
+def log_threshold(threshold: float) -> float:
+    return -math.inf if threshold <= 0 else math.log(threshold)
+
+
 def expand_groups(group_of_window: np.ndarray, group_values: np.ndarray, empty_value) -> np.ndarray:
     """Per-window values from per-distinct-window values; windows that hold no kept position
     (group -1) see exactly the un-occluded features and take the base value."""
@@ -37,13 +72,31 @@ def expand_groups(group_of_window: np.ndarray, group_values: np.ndarray, empty_v
     return out
 
 
-def disagreeing(base_label: int, window_labels: np.ndarray, window_margins: np.ndarray, delta: float) -> np.ndarray:
-    """Windows that break the certificate: another label, or too thin a margin for the engine."""
-    return np.flatnonzero((window_labels != base_label) | (window_margins < delta))
+def disagreeing(base_label: int, window_labels: np.ndarray, window_logconf: np.ndarray | None = None,
+                threshold: float = 0.0) -> np.ndarray:
+    """Windows that raise the alert: another label, predicted with confidence >= threshold."""
+    other = window_labels != base_label
+    if threshold > 0:
+        other &= np.asarray(window_logconf) >= log_threshold(threshold)
+    return np.flatnonzero(other)
+
+
+def certifying(label: int, labels: np.ndarray, margins: np.ndarray, logconf: np.ndarray | None, delta: float,
+               threshold: float = 0.0) -> np.ndarray:
+    """Per row: does this prediction hold `label` robustly enough to certify (§3.6, §7)?"""
+    ok = (labels == label) & (margins >= delta)
+    if threshold > 0:
+        ok &= np.asarray(logconf) >= log_threshold(threshold) + delta
+    return ok
 
 
 def decide(base_label: int, base_margin: float, window_labels: np.ndarray, window_margins: np.ndarray,
-           delta: float = 0.0) -> Decision:
-    bad = disagreeing(base_label, window_labels, window_margins, delta)
-    certified = bad.size == 0 and base_margin >= delta
-    return Decision(bool(certified), int(base_label), bad)
+           delta: float = 0.0, base_logconf: float = 0.0, window_logconf: np.ndarray | None = None,
+           threshold: float = 0.0) -> Decision:
+    bad = disagreeing(base_label, window_labels, window_logconf, threshold)
+    if bad.size:
+        return Decision("alert", int(base_label), bad)
+    base_ok = certifying(base_label, np.array([base_label]), np.array([base_margin]), np.array([base_logconf]),
+                         delta, threshold)[0]
+    windows_ok = certifying(base_label, window_labels, window_margins, window_logconf, delta, threshold).all()
+    return Decision("certified" if base_ok and windows_ok else "uncertified", int(base_label), bad)

@@ -3,7 +3,7 @@
 Claim under test (docs/design.md §3): if the runtime certifies image ``x`` with label ``y``, then
 for any ``x'`` equal to ``x`` outside one axis-aligned ``ph x pw`` patch (the bundle's
 ``threat_model.patch``, network-input pixels, uint8 values), the runtime outputs ``y`` or ALERT on
-``x'``. A *violation* is an attacked image certified with a label other than ``y``.
+``x'``. A *violation* is an attacked image given a label other than ``y`` without an alert.
 
 For each certified image the harness places a patch at EVERY top-left position
 (``(H-ph+1) * (W-pw+1)``, 784 for a 5x5 patch on 32x32) with these contents:
@@ -54,7 +54,8 @@ VARIANTS = {
     "donor": ("same", "shift"),
     "pgd": ("pgd",),
 }
-COUNT_KEYS = ("attacked", "certified_same", "alert", "violations", "base_flipped")
+# a violation: another label than the certified one, without an alert (certified or not: §7)
+COUNT_KEYS = ("attacked", "certified_same", "alert", "uncertified_same", "violations", "base_flipped")
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -213,15 +214,16 @@ class Tally:
     def add(self, image: str, label: int, content: str, variants, positions, patches, results) -> dict:
         row = dict.fromkeys(COUNT_KEYS, 0)
         for v, pos, patch, res in zip(variants, positions, patches, results):
-            certified = res.status == "certified"
-            c = {"attacked": 1, "certified_same": int(certified and res.label == label), "alert": int(not certified),
-                 "violations": int(certified and res.label != label), "base_flipped": int(res.label != label)}
+            alert, same = res.status == "alert", res.label == label
+            c = {"attacked": 1, "certified_same": int(res.status == "certified" and same), "alert": int(alert),
+                 "uncertified_same": int(res.status == "uncertified" and same),
+                 "violations": int(not alert and not same), "base_flipped": int(not same)}
             for target in (row, self.content[content], self.variant[f"{content}:{v}"]):
                 for key in COUNT_KEYS:
                     target[key] += c[key]
             if c["violations"] and len(self.violations) < self.keep:
                 self.violations.append({"image": image, "label": int(label), "content": content, "variant": v,
-                                        "position": [int(pos[0]), int(pos[1])], "certified_label": int(res.label),
+                                        "position": [int(pos[0]), int(pos[1])], "status": res.status, "output_label": int(res.label),
                                         "patch": np.asarray(patch).tolist()})
         return row
 
@@ -442,7 +444,7 @@ def _worker_init(spec: dict) -> None:
 
     _WORKER["certifier"] = Certifier.load(spec["bundle"], backend=spec.get("backend", "ort"),
                                           early_exit=spec.get("early_exit", False), threads=spec.get("threads", 1),
-                                          precision=spec.get("precision", "fp32"))
+                                          precision=spec.get("precision", "fp32"), threshold=spec.get("threshold"))
     _WORKER["reference"] = None
     if spec.get("model"):
         import torch

@@ -11,7 +11,7 @@ import tempfile
 import numpy as np
 
 from scalecert.bundle import Bundle
-from scalecert.evaluation.report import SCHEMA, metrics
+from scalecert.evaluation.report import SCHEMA, accuracy_metrics, metrics
 from scalecert.errors import ScaleCertError
 
 
@@ -26,24 +26,34 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, unit="img", leave=True)
 
 
-def run_config(bundle: str, pixels, labels, batch: int, threads, quiet: bool, desc: str, precision: str = "fp32"):
-    """-> (metrics row, per-image latencies, per-image windows evaluated)."""
+def run_config(bundle: str, pixels, labels, batch: int, threads, quiet: bool, desc: str, precision: str = "fp32",
+               thresholds=(0.0,)):
+    """-> (metrics row, per-image latencies, per-image windows evaluated). Every window is evaluated
+    (no early exit), so the decision at each confidence threshold comes from the same predictions."""
+    from scalecert.core import decision
     from scalecert.runtime import Certifier
 
     bar = _progress(len(pixels), desc, quiet)
-    with Certifier.load(bundle, backend="ort", batch=batch, threads=threads, precision=precision) as cert:
+    with Certifier.load(bundle, backend="ort", batch=batch, threads=threads, precision=precision,
+                        threshold=0.0) as cert:
         cert.certify(pixels[0])  # warm-up
         results = []
         for px in pixels:
             results.append(cert.certify(px))
             if bar:
                 bar.update()
-        windows_total = len(cert.windows)
+        windows_total, delta = len(cert.windows), cert.delta
     if bar:
         bar.close()
     lat = np.array([r.latency_ms for r in results])
-    out = metrics(labels, [r.label for r in results], [r.status == "certified" for r in results], lat,
-                  [r.prefix_ms for r in results], [r.suffix_ms for r in results], [r.windows_evaluated for r in results])
+    preds = [r.label for r in results]
+    out = metrics(labels, preds, [r.status for r in results], lat, [r.prefix_ms for r in results],
+                  [r.suffix_ms for r in results], [r.windows_evaluated for r in results])
+    out["thresholds"] = {}
+    for threshold in thresholds:
+        statuses = [decision.decide(r.label, r.base_margin, r.window_labels, r.window_margins, delta, r.base_logconf,
+                                    r.window_logconf, threshold).status for r in results]
+        out["thresholds"][f"{threshold:g}"] = accuracy_metrics(labels, preds, statuses)
     out["windows_total"] = windows_total
     out["kept_fraction_mean"] = float(np.mean([r.kept_fraction for r in results]))
     return out, lat, [r.windows_evaluated for r in results]
@@ -60,7 +70,7 @@ def run_baseline(baseline, x_normalised, labels, quiet: bool) -> tuple[dict, np.
     if bar:
         bar.close()
     lat = np.array([r["latency_ms"] for r in rows])
-    out = metrics(labels, [r["label"] for r in rows], [r["certified"] for r in rows], lat)
+    out = metrics(labels, [r["label"] for r in rows], ["certified" if r["certified"] else "alert" for r in rows], lat)
     out["masks"] = rows[0]["masks"]
     out["engine"] = baseline.engine
     return out, lat
@@ -90,7 +100,7 @@ def _machine() -> dict:
 
 def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, prune_rates=None, strides=None,
               baseline_engines=(), masks_per_axis=6, model=None, arch=None, batch=64, threads=None, quiet=False,
-              precisions=None) -> dict:
+              precisions=None, thresholds=None) -> dict:
     from scalecert.runtime.datasets import image_set
     from scalecert.bundle.summary import summary
     from scalecert.runtime.images import load_image, normalize
@@ -106,6 +116,7 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
     rates = prune_rates or [manifest["sin"]["prune_rate"]]
     strides = strides or [opened.stride]
     precisions = precisions or ["fp32"]
+    thresholds = thresholds or [opened.default_threshold]
     missing = [p for p in precisions if p not in opened.precisions]
     if missing:
         raise ScaleCertError(f"{bundle} has no {missing[0]} variant; add it with `scalecert build {bundle} "
@@ -124,7 +135,8 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
                 for stride in strides:
                     variant = derive(bundle, os.path.join(scratch, f"r{rate}-s{stride}"), prune_rate=rate, stride=stride)
                     name = f"{precision} prune {rate} stride {stride}"
-                    row, lat, evaluated = run_config(variant, pixels, labels, batch, threads, quiet, name, precision)
+                    row, lat, evaluated = run_config(variant, pixels, labels, batch, threads, quiet, name, precision,
+                                                     thresholds)
                     report["configs"].append({"precision": precision, "prune_rate": rate, "stride": stride, **row})
                     report["windows_evaluated_hist"][f"{precision} r{rate} s{stride}"] = evaluated
                     latencies.append(lat)
@@ -143,34 +155,53 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
 
 
 def _baselines(report, bundle: Bundle, x, labels, engines, masks_per_axis, model, arch, threads, quiet, scratch) -> dict:
-    from scalecert.evaluation.baseline import PixelMaskingBaseline, mask_set
-    from scalecert.export.loading import load_model
+    """Each baseline engine in a process of its own (spawned, nothing else loaded), so no ONNX
+    Runtime thread pool of ours competes with PyTorch's and neither pays for the other's memory;
+    images arrive decoded and normalised, as the bundle's do."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from scalecert.evaluation.baseline import mask_set
 
     source = bundle.manifest["source"]
     path = model or source.get("path")
     arch = arch or source.get("arch")
     if path is None or not os.path.exists(path):
-        raise ScaleCertError("--baseline needs the model: pass --model FILE (and --arch) ")
-    loaded = load_model(path, arch)
+        raise ScaleCertError("--baseline needs the model: pass --model FILE (and --arch)")
     masks = mask_set(bundle.image_hw, bundle.patch_hw, (masks_per_axis,) * 2)
+    images = os.path.join(scratch, "baseline-images.npy")
+    np.save(images, x)
     out = {}
     for engine in engines:
-        if engine == "torch":
-            module = loaded.model.module() if loaded.kind == "exported" else loaded.model
-            baseline = PixelMaskingBaseline.torch_eager(module, masks, threads)
-        elif engine == "ort":
-            import onnx_ir as ir
-
-            from scalecert.export.to_onnx import to_onnx
-
-            full, _ = to_onnx(loaded)
-            full_path = os.path.join(scratch, "full.onnx")
-            ir.save(full, full_path)
-            baseline = PixelMaskingBaseline.onnx_runtime(full_path, masks, threads)
-        else:
+        if engine not in ("torch", "ort"):
             raise ScaleCertError(f"unknown baseline engine {engine!r} (torch, ort)")
-        with baseline:
-            row, lat = run_baseline(baseline, x, labels, quiet)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            row, lat = pool.submit(_baseline_process, engine, path, arch, images, masks, labels, threads,
+                                   quiet, scratch).result()
+        row["process"] = "own (spawned)"
         report["baseline"][engine] = row
         out[engine] = lat
     return out
+
+
+def _baseline_process(engine: str, path: str, arch, images: str, masks, labels, threads, quiet: bool, scratch: str):
+    """Runs in the spawned process: load the model, run the baseline on every image."""
+    from scalecert.evaluation.baseline import PixelMaskingBaseline
+    from scalecert.export.loading import load_model
+
+    loaded = load_model(path, arch)
+    threads = threads or os.cpu_count()
+    if engine == "torch":
+        module = loaded.model.module() if loaded.kind == "exported" else loaded.model
+        baseline = PixelMaskingBaseline.torch_eager(module, masks, threads)
+    else:
+        import onnx_ir as ir
+
+        from scalecert.export.to_onnx import to_onnx
+
+        full, _ = to_onnx(loaded)
+        full_path = os.path.join(scratch, "full.onnx")
+        ir.save(full, full_path)
+        baseline = PixelMaskingBaseline.onnx_runtime(full_path, masks, threads)
+    with baseline:
+        return run_baseline(baseline, np.load(images), labels, quiet)

@@ -3,10 +3,13 @@
 Report schema "scalecert-bench/1" (JSON): {schema, date, machine, versions, data, bundle (inspect
 summary), configs: [ {precision, prune_rate, stride, windows_total, <metrics>} ], baseline: {torch|ort:
 <metrics> + masks}, ratios: {config index: {vs_torch, vs_ort}}}. <metrics>: images, clean_accuracy,
-certified_accuracy, false_alert_rate (alerts among clean images), accuracy_non_alerted,
+certified_accuracy, accuracy_without_alert, false_alert_rate (alerts among clean images),
+uncertified_rate, accuracy_non_alerted,
 windows_evaluated_mean/p95, latency_ms_median/p95/mean, images_per_s, prefix_ms_median,
 suffix_ms_median, peak_rss_mb (process peak so far). Ratios are per image (baseline latency over
 scalecert latency on the same image), summarised by their median, plus the ratio of medians.
+Each config also has "thresholds": {T: accuracy metrics at confidence threshold T} (docs/design.md §7),
+decided from the same window predictions. Each baseline ran in a process of its own ("process").
 """
 from __future__ import annotations
 
@@ -21,16 +24,26 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def metrics(labels, preds, certified, latencies, prefix_ms=None, suffix_ms=None, evaluated=None) -> dict:
-    y, p, c = np.asarray(labels), np.asarray(preds), np.asarray(certified, bool)
-    lat = np.asarray(latencies, float)
-    correct = p == y
-    out = {
-        "images": int(len(y)),
+def accuracy_metrics(labels, preds, statuses) -> dict:
+    """Over clean images: certified accuracy, accuracy without alert, false alerts (alerts on clean
+    images), and the share that is neither certified nor alerted (thresholds above 0)."""
+    y, p, s = np.asarray(labels), np.asarray(preds), np.asarray(statuses)
+    correct, certified, alert = p == y, s == "certified", s == "alert"
+    return {
         "clean_accuracy": float(correct.mean()),
-        "certified_accuracy": float((correct & c).mean()),
-        "false_alert_rate": float((~c).mean()),
-        "accuracy_non_alerted": float(correct[c].mean()) if c.any() else None,
+        "certified_accuracy": float((correct & certified).mean()),
+        "accuracy_without_alert": float((correct & ~alert).mean()),
+        "false_alert_rate": float(alert.mean()),
+        "uncertified_rate": float((s == "uncertified").mean()),
+        "accuracy_non_alerted": float(correct[~alert].mean()) if (~alert).any() else None,
+    }
+
+
+def metrics(labels, preds, statuses, latencies, prefix_ms=None, suffix_ms=None, evaluated=None) -> dict:
+    lat = np.asarray(latencies, float)
+    out = {
+        "images": int(len(labels)),
+        **accuracy_metrics(labels, preds, statuses),
         "latency_ms_median": float(np.median(lat)),
         "latency_ms_p95": float(np.percentile(lat, 95)),
         "latency_ms_mean": float(lat.mean()),
@@ -60,6 +73,10 @@ def bench_table(report) -> str:
                      f"{c['clean_accuracy']:.1%}", f"{c['certified_accuracy']:.1%}", f"{c['false_alert_rate']:.1%}",
                      f"{c['windows_evaluated_mean']:.1f}", f"{c['latency_ms_median']:.1f}", f"{c['latency_ms_p95']:.1f}",
                      *(f"{ratio[k]['median_of_per_image_ratios']:.2f}" if k in ratio else "-" for k in ("vs_torch", "vs_ort"))))
+        for threshold, t in c.get("thresholds", {}).items():
+            if float(threshold) > 0:
+                rows.append((f"  at confidence threshold {threshold}", "", f"{t['certified_accuracy']:.1%}",
+                             f"{t['false_alert_rate']:.1%}", "", "", "", "", ""))
     for engine, b in report["baseline"].items():
         rows.append((f"baseline {engine} ({b['masks']} masks)", f"{b['clean_accuracy']:.1%}", f"{b['certified_accuracy']:.1%}",
                      f"{b['false_alert_rate']:.1%}", str(b["masks"]), f"{b['latency_ms_median']:.1f}",
@@ -73,7 +90,7 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
     configs = report["configs"]
     for ax, key, xlabel in ((axes[0], "latency_ms_median", "median latency per image (ms)"),
                             (axes[1], "windows_evaluated_mean", "windows evaluated per image (mean)")):
@@ -98,6 +115,20 @@ def plot(report: dict, path: str) -> None:
     axes[2].set_ylabel("images")
     if hist:
         axes[2].legend(fontsize=8)
+    for c in configs:  # the alert operating points: certified accuracy against false alerts, per threshold
+        points = sorted((float(t), v) for t, v in c.get("thresholds", {}).items())
+        if points:
+            xs, ys = [100 * v["false_alert_rate"] for _, v in points], [100 * v["certified_accuracy"] for _, v in points]
+            axes[3].plot(xs, ys, marker="o", label=f"{c.get('precision', 'fp32')} r{c['prune_rate']} s{c['stride']}")
+            for (t, _), x, y in zip(points, xs, ys):
+                axes[3].annotate(f"T={t:g}", (x, y), fontsize=7)
+    for engine, b in report["baseline"].items():
+        axes[3].scatter([100 * b["false_alert_rate"]], [100 * b["certified_accuracy"]], marker="x", s=80,
+                        label=f"baseline ({engine})")
+    axes[3].set_xlabel("false alerts on clean images (%)")
+    axes[3].set_ylabel("certified accuracy (%)")
+    axes[3].set_title("confidence thresholds")
+    axes[3].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

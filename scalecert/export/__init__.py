@@ -27,9 +27,11 @@ import onnx_ir as ir
 from scalecert import __version__
 from scalecert.bundle import manifest as manifest_io
 from scalecert.bundle.staging import staging
-from scalecert.core import geometry
+from scalecert.core import decision, geometry
 from scalecert.errors import ScaleCertError
 from scalecert.export.calibrate import CalibrationSet, channel_importance, choose_gate
+
+PLAN_IMAGES = 128  # calibration images the measured plan scores candidates on (--calib-limit caps them too)
 from scalecert.export.channels import dead_channel_plan
 from scalecert.export.loading import LoadedModel, load_model
 from scalecert.export.plan import SplitPlan, plan_split
@@ -53,7 +55,8 @@ class ExportOptions:
     max_growth: float = 2.0
     calib: str | None = None
     calib_limit: int = 128
-    prune_tolerance: float = 0.01
+    budget: float = 37.0  # full-model forwards per image: the pixel baseline's clean + 36 masked
+    threshold: float = 0.0
     channel_prune: float = 0.0
     remove_dead_channels: bool = True
     phi: str = "abs"
@@ -62,9 +65,12 @@ class ExportOptions:
     pretrained: bool = False
     force: bool = False
     log: list = field(default_factory=list)
+    echo: object = None  # called with each line as it happens (the CLI's click.echo), besides `log`
 
     def say(self, message: str) -> None:
         self.log.append(message)
+        if self.echo is not None:
+            self.echo(message)
 
 
 @dataclass
@@ -85,13 +91,15 @@ def export_bundle(opts: ExportOptions) -> str:
     started = datetime.datetime.now(datetime.timezone.utc)
     loaded = load_model(opts.model, opts.arch, opts.input_size, opts.trust_pickle, opts.pretrained)
     request = check_request(opts, loaded)
+    if opts.budget <= 0:
+        raise ScaleCertError(f"--budget {opts.budget:g}: expected a positive number of full forwards per image")
+    decision.check_threshold(opts.threshold)
     model, program = to_onnx(loaded)
-    plan = plan_split(model, request.image_hw, request.patch_hw, opts.layer, opts.stride, opts.window_budget,
-                      opts.max_growth)
     num_classes, classes = _classes(opts.classes, model, loaded)
-    opts.say(plan.describe())
     calibration = CalibrationSet.load(request.calibration_items, request.input_spec) if request.calibration_items else None
     with staging(request.output) as work:
+        plan, plan_record = choose_plan(opts, request, model, program, calibration)
+        opts.say(plan.describe())
         importance = channel_importance(model, program, plan.layer, calibration, request.record, opts.phi,
                                         float(opts.channel_prune), work)
         live = importance.alpha > 0
@@ -101,8 +109,8 @@ def export_bundle(opts: ExportOptions) -> str:
         kept_channels = int(live.sum()) if removable else plan.layer.shape[0]
         suffix = build_suffix(model, plan.layer, kept_channels, np.flatnonzero(live) if removable else None)
         save_checked(suffix, os.path.join(work, "suffix.onnx"))
-        gate = choose_gate(importance, calibration, request.record, os.path.join(work, "suffix.onnx"), live, removable,
-                           opts.prune_rate, opts.prune_tolerance, opts.phi)
+        rate = str(plan_record["chosen"]["prune_rate"]) if plan_record.get("chosen") else opts.prune_rate
+        gate = choose_gate(importance, calibration, request.record, live, rate, opts.phi)
         for note in gate.notes:
             opts.say(note)
         prefix = build_prefix(model, plan.layer, importance.alpha, gate.threshold, opts.phi, remove_dead=removable)
@@ -116,7 +124,7 @@ def export_bundle(opts: ExportOptions) -> str:
         if gate.threshold_by_rate is not None:
             sin_info["threshold_by_rate"] = gate.threshold_by_rate
         sin_info.update({"prune_rate": gate.rate, "threshold": gate.threshold, "alpha": [float(a) for a in importance.alpha],
-                         "prune_rate_auto": gate.auto, "channel_prune": float(opts.channel_prune),
+                         "channel_prune": float(opts.channel_prune),
                          "dead_channels": np.flatnonzero(~live).tolist(),
                          "dead_channels_removed": bool(removable and not live.all()), "dead_channels_note": why,
                          "calibration_images": len(calibration.images) if calibration is not None else 0})
@@ -125,8 +133,60 @@ def export_bundle(opts: ExportOptions) -> str:
             opts.say(f"removed {int((~live).sum())} dead channels: {sin_info['removal_savings']}")
         manifest = _manifest(opts, loaded, request, plan, num_classes, classes, kept_channels, sin_info, margin, stats,
                              started, work)
+        manifest["plan"] = plan_record
+        manifest["decision"] = {"threshold": opts.threshold}
         manifest_io.write(work, manifest)
     return request.output
+
+
+def choose_plan(opts: ExportOptions, request: Request, model: ir.Model, program, calibration) -> tuple[SplitPlan, dict]:
+    """The split: measured on the calibration images when any of layer, stride and rate is auto
+    (export/plan.py: the best certified rate within --budget), else as given; without calibration
+    images the geometric rule of layers.choose_layer and the stride window budget."""
+    import tempfile
+
+    from scalecert.export.layers import choose_layer, list_layers
+
+    searching = calibration is not None and "auto" in (opts.layer, opts.stride, opts.prune_rate)
+    if not searching:
+        if calibration is None and "auto" in (opts.layer, opts.stride) and request.record is None:
+            opts.say("no --calib images: layer and stride by the geometric rule (--max-growth, --window-budget), "
+                     "not measured")
+        plan = plan_split(model, request.image_hw, request.patch_hw, opts.layer, opts.stride, opts.window_budget,
+                          opts.max_growth)
+        return plan, {"method": "given" if "auto" not in (opts.layer, opts.stride) else "geometric"}
+    from scalecert.export.plan import PlanSearch, candidate_layers
+
+    images = calibration.images[:PLAN_IMAGES]
+    labels = calibration.labels[:PLAN_IMAGES] if calibration.labelled else None
+    layers = list_layers(model)
+    layers = (candidate_layers(layers, request.patch_hw, request.image_hw) if opts.layer == "auto" else
+              [choose_layer(layers, opts.layer, request.patch_hw, request.image_hw, opts.max_growth, model=model)])
+    alphas: dict = {}
+
+    def alpha_for(layer):
+        if layer.name not in alphas:
+            subset = CalibrationSet(images, calibration.labels[:PLAN_IMAGES])
+            alphas[layer.name] = channel_importance(model, program, layer, subset, None, opts.phi, 0.0, scratch).alpha
+        return alphas[layer.name]
+
+    opts.say(f"plan: scoring {len(layers)} layers on {len(images)} calibration images "
+             f"({'certified accuracy' if labels is not None else 'certified rate of own predictions'}), "
+             f"budget {opts.budget:g} full forwards per image")
+    with tempfile.TemporaryDirectory(prefix="scalecert-plan-") as scratch:
+        search = PlanSearch(model, program, images, labels, request.image_hw, request.patch_hw, opts.budget, opts.phi,
+                            scratch, opts.say)
+        table, best = search.search(layers, opts.stride, opts.prune_rate, alpha_for)
+    window_hw = geometry.window_size(request.patch_hw, request.image_hw, (best.layer.rf.y, best.layer.rf.x),
+                                     best.layer.shape[1:])
+    plan = SplitPlan(best.layer, request.patch_hw, request.image_hw, window_hw, best.stride,
+                     geometry.window_family(window_hw, best.stride, best.layer.shape[1:]))
+    record = {"method": "measured", "budget_forwards": opts.budget, "images": len(images),
+              "metric": "certified accuracy" if labels is not None else "certified rate (own predictions)",
+              "candidates": [c.row() for c in table], "chosen": best.row()}
+    opts.say(f"plan chose layer {best.layer.name}, stride {best.stride}, rate {best.rate:g}: certified {best.certified:.1%} "
+             f"at {best.cost:.1f} full forwards per image")
+    return plan, record
 
 
 def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:

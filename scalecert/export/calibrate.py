@@ -1,8 +1,7 @@
 """SIN calibration at export: channel importances alpha and the gate threshold tau, both static
 (docs/design.md §3.3), from calibration images, from a `scalecert tune` record, or uniform.
 
-The rate choice (`--prune-rate auto`) runs the real suffix on gated calibration features: the
-largest rate in AUTO_RATES whose accuracy stays within the tolerance of the dense model.
+The pruning rate is chosen with the layer and stride by the measured plan (export/plan.py).
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ from scalecert.core import sin
 from scalecert.export.layers import Layer
 from scalecert.graph import save_checked
 
-AUTO_RATES = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 
 
 @dataclass
@@ -48,7 +46,6 @@ class GateChoice:
     rate: float = 0.0
     threshold: float = -1.0  # below every score: the dense model, exactly
     threshold_by_rate: list | None = None
-    auto: dict | None = None
     notes: list = field(default_factory=list)
 
 
@@ -93,42 +90,18 @@ def channel_importance(model: ir.Model, program, layer: Layer, calibration: Cali
     return Importance(np.ones(layer.shape[0], np.float32), "uniform (no calibration data)")
 
 
-def choose_gate(importance: Importance, calibration: CalibrationSet | None, record: dict | None, suffix_path: str,
-                live: np.ndarray, removed: bool, prune_rate: str, tolerance: float, phi: str) -> GateChoice:
-    """The pruning rate and its threshold; the full threshold table when calibrated (bench sweeps
-    rates without re-export)."""
+def choose_gate(importance: Importance, calibration: CalibrationSet | None, record: dict | None, live: np.ndarray,
+                prune_rate: str, phi: str) -> GateChoice:
+    """The threshold for the pruning rate (chosen by the plan, given, or the tune record's), and
+    the full threshold table when calibrated (bench sweeps rates without re-export)."""
     from scalecert.errors import ScaleCertError
 
     choice = GateChoice()
     if calibration is not None:
         score = sin.scores(importance.features, importance.alpha, phi)
         choice.threshold_by_rate = [sin.threshold_for_rate(score, r / 100) for r in range(100)]
-        features = importance.features
-        suffix_feats = features[:, live] if removed else features * live.reshape(1, -1, 1, 1)
-
-        def logits_at(tau):
-            gated = suffix_feats * sin.gate(score, tau)[:, None]
-            return run_onnx(suffix_path, [{"features": gated[i:i + 1], "windows": np.zeros((1, 4), np.int64)}
-                                          for i in range(len(gated))], "logits")
-
-        if prune_rate == "auto":
-            dense_logits = logits_at(-1.0)
-            reference = calibration.labels if calibration.labelled else dense_logits.argmax(1)
-            dense = _accuracy(dense_logits, reference)
-            choice.auto = {"metric": "accuracy" if calibration.labelled else "agreement with the dense model",
-                           "dense": dense, "tolerance": tolerance, "candidates": {}}
-            for candidate in AUTO_RATES:
-                tau = sin.threshold_for_rate(score, candidate)
-                accuracy = _accuracy(logits_at(tau), reference)
-                choice.auto["candidates"][str(candidate)] = accuracy
-                if accuracy >= dense - tolerance:
-                    choice.rate, choice.threshold = candidate, tau
-                    break
-            choice.notes.append(f"--prune-rate auto chose {choice.rate} ({choice.auto['metric']} within "
-                                f"{tolerance:.0%} of dense {dense:.1%} on {len(calibration.images)} calibration images)")
-        else:
-            choice.rate = float(prune_rate)
-            choice.threshold = sin.threshold_for_rate(score, choice.rate)
+        choice.rate = 0.0 if prune_rate == "auto" else float(prune_rate)
+        choice.threshold = sin.threshold_for_rate(score, choice.rate)
     elif record is not None:
         choice.threshold_by_rate = table = record["threshold_by_rate"]
         choice.rate = record["prune_rate"] if prune_rate == "auto" else float(prune_rate)
@@ -137,9 +110,5 @@ def choose_gate(importance: Importance, calibration: CalibrationSet | None, reco
         choice.threshold = table[round(choice.rate * 100)] if choice.rate > 0 else -1.0
         choice.notes.append(f"SIN gate from the tune record: prune rate {choice.rate}, threshold {choice.threshold:.6g}")
     elif prune_rate == "auto":
-        choice.notes.append("--prune-rate auto chose 0 (no --calib images to measure its accuracy cost)")
+        choice.notes.append("--prune-rate auto chose 0 (no --calib images to measure what a gate costs)")
     return choice
-
-
-def _accuracy(logits: np.ndarray, reference) -> float:
-    return float(np.mean(logits.argmax(1) == np.asarray(reference)))

@@ -63,3 +63,211 @@ def plan_split(model: ir.Model, image_hw, patch_hw, layer_spec: str, stride_spec
     stride = choose_stride(stride_spec, window_hw, feature_hw, window_budget)
     return SplitPlan(layer, tuple(patch_hw), tuple(image_hw), tuple(window_hw), stride,
                      geometry.window_family(window_hw, stride, feature_hw))
+
+
+# --- the measured plan ----------------------------------------------------------------------------
+#
+# With calibration images, layer, stride and pruning rate are chosen together by what they certify
+# (docs/design.md §4): every candidate is exported in memory, run on the calibration images through
+# ONNX Runtime, and scored by its certified rate; the best rate within the cost budget wins, ties to
+# the cheaper plan.
+
+AUTO_RATES = (0.1, 0.2, 0.3, 0.5)
+MAX_LAYER_GROWTH = 4.0  # window share / patch share: beyond this a window hides too much to certify
+STRIDES_PER_LAYER = 3  # the smallest stride within the budget, and the next cheaper window counts
+
+
+@dataclass
+class Candidate:
+    layer: Layer
+    stride: int
+    rate: float
+    windows: int
+    prefix_macs: int
+    suffix_macs: int
+    certified: float | None = None  # certified accuracy (labelled) or certified rate (label-free)
+    clean: float | None = None  # accuracy or agreement of the (gated) base prediction
+    windows_run: float | None = None  # mean distinct windows evaluated per image (dedupe)
+    cost: float | None = None  # expected MACs per image, in full-model forwards
+    chosen: bool = False
+    pruned: bool = False  # stopped once it could not win: `certified` is then an upper bound
+
+    def row(self) -> dict:
+        return {"layer": self.layer.name, "scope": self.layer.scope, "feature_shape": list(self.layer.shape),
+                "stride": self.stride, "prune_rate": self.rate, "windows": self.windows,
+                "windows_run_mean": self.windows_run, "cost_forwards": self.cost, "certified": self.certified,
+                "clean": self.clean, "chosen": self.chosen, "pruned": self.pruned}
+
+
+def candidate_layers(layers: list[Layer], patch_hw, image_hw) -> list[Layer]:
+    """The image (pixel-space windows) and, per (feature resolution, footprint), the deepest usable
+    cut layer (the cheapest suffix for that window geometry) whose window growth is bounded."""
+    from scalecert.export.layers import _layer_ratio
+
+    groups: dict[tuple, Layer] = {}
+    for layer in layers:
+        if not layer.usable or layer.shape[1] < 2 or layer.shape[2] < 2:
+            continue
+        if layer.index and _layer_ratio(layer, patch_hw, image_hw) > MAX_LAYER_GROWTH:
+            continue
+        window = geometry.window_size(patch_hw, image_hw, (layer.rf.y, layer.rf.x), layer.shape[1:])
+        groups[(tuple(layer.shape[1:]), window)] = layer  # topological order: the last is the deepest
+    return sorted(groups.values(), key=lambda layer: layer.index)
+
+
+def candidate_strides(window_hw, feature_hw, prefix_macs: int, suffix_macs: int, full_macs: int,
+                      budget: float) -> list[int]:
+    """The smallest stride whose dense cost fits the budget, then strides with fewer windows."""
+    out, last = [], None
+    for stride in range(1, max(feature_hw) + 1):
+        n = geometry.count_windows(window_hw, stride, feature_hw)
+        if (prefix_macs + (1 + n) * suffix_macs) / full_macs > budget or n == last:
+            continue
+        out.append(stride)
+        last = n
+        if len(out) == STRIDES_PER_LAYER:
+            break
+    return out
+
+
+class PlanSearch:
+    """Scores candidate splits on calibration images (normalised (N,C,H,W) and labels or None)."""
+
+    def __init__(self, model: ir.Model, program, images: np.ndarray, labels, image_hw, patch_hw, budget: float,
+                 phi: str, work: str, say=lambda _: None):
+        from scalecert.export.stats import graph_stats
+
+        self.model, self.program, self.images, self.labels = model, program, images, labels
+        self.image_hw, self.patch_hw, self.budget, self.phi = tuple(image_hw), tuple(patch_hw), budget, phi
+        self.work, self.say = work, say
+        self.full_macs = max(1, graph_stats(model)["macs"])
+        self._layers: dict[str, tuple] = {}
+
+    def _graphs(self, layer: Layer):
+        """(ungated features on the calibration images, suffix path, prefix MACs, suffix MACs)."""
+        if layer.name not in self._layers:
+            import os
+
+            from scalecert.export.calibrate import run_onnx
+            from scalecert.export.split import build_prefix, build_suffix
+            from scalecert.export.stats import graph_stats, with_shapes
+            from scalecert.graph import save_checked
+
+            channels = layer.shape[0]
+            prefix = build_prefix(self.model, layer, np.ones(channels, np.float32), -1.0, "abs", remove_dead=False)
+            suffix = build_suffix(self.model, layer, channels)
+            tag = f"plan-{len(self._layers)}"
+            prefix_path, suffix_path = (os.path.join(self.work, f"{tag}-{p}.onnx") for p in ("prefix", "suffix"))
+            save_checked(prefix, prefix_path)
+            save_checked(suffix, suffix_path)
+            x = self.images
+            features = run_onnx(prefix_path, [{"image": x[i:i + 32]} for i in range(0, len(x), 32)], "features")
+            self._layers[layer.name] = (features, suffix_path, graph_stats(with_shapes(prefix))["macs"],
+                                        graph_stats(with_shapes(suffix))["macs"])
+        return self._layers[layer.name]
+
+    def evaluate(self, layer: Layer, stride: int, rate: float = 0.0, alpha: np.ndarray | None = None,
+                 beat: "Candidate | None" = None) -> Candidate:
+        """Score one candidate. With `beat`, stop as soon as the candidate can no longer beat it
+        (then `certified` is the upper bound it could still have reached, and `pruned` is set)."""
+        from scalecert.core import sin
+        from scalecert.runtime.pipelines.onnxruntime import OrtRunner
+
+        features, suffix_path, prefix_macs, suffix_macs = self._graphs(layer)
+        feature_hw = layer.shape[1:]
+        window_hw = geometry.window_size(self.patch_hw, self.image_hw, (layer.rf.y, layer.rf.x), feature_hw)
+        windows = geometry.window_family(window_hw, stride, feature_hw)
+        masks = geometry.window_masks(windows, feature_hw)
+        if rate > 0:
+            score = sin.scores(features, alpha, self.phi)
+            gates = sin.gate(score, sin.threshold_for_rate(score, rate))
+        else:
+            gates = np.ones((len(features), *feature_hw), bool)
+        live = (alpha > 0).reshape(1, -1, 1, 1) if alpha is not None else True
+        n_images = len(features)
+        certified = correct = 0
+        run = []
+        pruned = False
+        with OrtRunner(suffix_path) as suffix:
+            for i in range(n_images):
+                gated = np.where(gates[i][None, None] & live, features[i:i + 1], np.float32(0))
+                distinct = geometry.distinct_windows(windows, masks, gates[i])
+                run.append(len(distinct.representatives))
+                base = int(suffix.infer({"features": gated, "windows": np.zeros((1, 4), np.int64)})["logits"].argmax())
+                truth = base if self.labels is None else self.labels[i]
+                correct += base == truth
+                if base == truth and self._all_agree(suffix, gated, distinct.representatives, base):
+                    certified += 1
+                if beat is not None and not _can_still_win(certified + n_images - i - 1, n_images, beat):
+                    pruned = True
+                    certified += n_images - i - 1  # the bound
+                    break
+        n = float(np.mean(run))
+        return Candidate(layer, stride, rate, len(windows), prefix_macs, suffix_macs, certified / n_images,
+                         correct / max(1, len(run)), n, (prefix_macs + (1 + n) * suffix_macs) / self.full_macs,
+                         pruned=pruned)
+
+    @staticmethod
+    def _all_agree(suffix, gated: np.ndarray, windows: np.ndarray, label: int) -> bool:
+        """Every window predicts `label`; stops at the first that does not (small batches first)."""
+        lo = 0
+        for size in (4, 16, 64, 256):
+            if lo >= len(windows):
+                break
+            chunk = windows[lo:lo + size]
+            if (suffix.infer({"features": gated, "windows": chunk})["logits"].argmax(1) != label).any():
+                return False
+            lo += size
+        while lo < len(windows):
+            chunk = windows[lo:lo + 64]
+            if (suffix.infer({"features": gated, "windows": chunk})["logits"].argmax(1) != label).any():
+                return False
+            lo += 64
+        return True
+
+    def search(self, layers: list[Layer], stride_spec: str, rate_spec: str, alpha_for) -> tuple[list[Candidate], Candidate]:
+        """Every candidate (layer x stride at rate 0, then the best split's rates) and the winner.
+        `alpha_for(layer)` gives the static channel importances for a rate above 0."""
+        table = []
+
+        def better(a: Candidate, b: Candidate | None) -> bool:
+            return b is None or (a.certified, -a.cost) > (b.certified, -b.cost)
+
+        best = None
+        for layer in layers:
+            _, _, prefix_macs, suffix_macs = self._graphs(layer)
+            window_hw = geometry.window_size(self.patch_hw, self.image_hw, (layer.rf.y, layer.rf.x), layer.shape[1:])
+            strides = ([choose_stride(stride_spec, window_hw, layer.shape[1:], 0)] if stride_spec != "auto" else
+                       candidate_strides(window_hw, layer.shape[1:], prefix_macs, suffix_macs, self.full_macs, self.budget))
+            for stride in strides:
+                rate = 0.0 if rate_spec == "auto" else float(rate_spec)
+                candidate = self.evaluate(layer, stride, rate, alpha_for(layer) if rate > 0 else None, best)
+                table.append(candidate)
+                self.say(_describe(candidate))
+                if not candidate.pruned and candidate.cost <= self.budget and better(candidate, best):
+                    best = candidate
+        if best is None:
+            raise ScaleCertError(f"no split fits --budget {self.budget:g} full forwards per image; raise --budget")
+        if rate_spec == "auto":
+            alpha = alpha_for(best.layer)
+            for rate in AUTO_RATES:
+                candidate = self.evaluate(best.layer, best.stride, rate, alpha, best)
+                table.append(candidate)
+                self.say(_describe(candidate))
+                if not candidate.pruned and candidate.cost <= self.budget and better(candidate, best):
+                    best = candidate
+        best.chosen = True
+        return table, best
+
+
+def _can_still_win(reachable: int, n_images: int, best: Candidate) -> bool:
+    """Could a candidate that certifies at most `reachable` images still beat `best`? (Ties go to
+    the cheaper plan, and a candidate's cost is known only at the end, so a tie can still win.)"""
+    return reachable / n_images >= best.certified
+
+
+def _describe(c: Candidate) -> str:
+    scored = f"certified <= {c.certified:.1%} (stopped: cannot win)" if c.pruned else f"certified {c.certified:.1%}"
+    return (f"plan: layer {c.layer.name} {'x'.join(map(str, c.layer.shape))}, stride {c.stride}, rate {c.rate:g}: "
+            f"{c.windows} windows ({c.windows_run:.1f} distinct), cost {c.cost:.1f} forwards, {scored}, "
+            f"clean {c.clean:.1%}")

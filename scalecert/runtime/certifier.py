@@ -20,7 +20,7 @@ EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occlude
 @dataclass
 class Result:
     image: str
-    status: str  # "certified" | "alert"
+    status: str  # "certified" | "alert" | "uncertified" (core/decision.py)
     label: int
     class_name: str | None
     windows_total: int
@@ -30,16 +30,25 @@ class Result:
     suffix_ms: float
     kept_fraction: float
     base_margin: float
+    confidence: float = 1.0  # softmax probability of the label on the un-occluded features
+    threshold: float = 0.0  # the confidence threshold T of the decision
     alert_windows: list = field(default_factory=list)  # feature-space [y0, x0, y1, x1)
-    window_labels: np.ndarray | None = None  # per window of the family (evaluation mode)
+    # per window of the family, for evaluation (bench re-decides at other thresholds from these)
+    window_labels: np.ndarray | None = None
+    window_margins: np.ndarray | None = None
+    window_logconf: np.ndarray | None = None
+    base_logconf: float = 0.0
     gate: np.ndarray | None = None
 
+    EVALUATION_ONLY = ("window_labels", "window_margins", "window_logconf", "base_logconf", "gate", "class_name")
+
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("window_labels", "gate", "class_name")}
+        out = {k: v for k, v in asdict(self).items() if k not in self.EVALUATION_ONLY}
         out["class"] = self.class_name
         out["latency_ms"] = round(self.latency_ms, 3)
         out["prefix_ms"], out["suffix_ms"] = round(self.prefix_ms, 3), round(self.suffix_ms, 3)
         out["base_margin"] = float(self.base_margin)
+        out["confidence"] = round(self.confidence, 6)
         if self.status != "alert":
             out.pop("alert_windows")
         return out
@@ -53,10 +62,12 @@ class Certifier:
     image: the prefix once, then the suffix on the un-occluded features and on one representative
     of every distinct non-empty window intersection (docs/design.md §2, §3.5), in batches of
     `batch`; the decision is core.decision.decide over the expanded window-prediction map.
-    `early_exit` stops at the first disagreeing batch (an alert is then all that is known)."""
+    `early_exit` stops at the first batch with a disagreeing window (the alert is then certain).
+    `threshold` is the confidence threshold T of the alert operating point (docs/design.md §7;
+    default: the bundle's)."""
 
     def __init__(self, bundle: Bundle, backend: str = "ort-cpu", precision: str = "fp32",
-                 batch: int = 64, early_exit: bool = False, threads=None):
+                 batch: int = 64, early_exit: bool = False, threads=None, threshold: float | None = None):
         self.bundle, self.bundle_dir, self.manifest = bundle, bundle.path, bundle.manifest
         self.backend, self.precision = backend, precision
         self.batch, self.early_exit = max(1, int(batch)), early_exit
@@ -68,15 +79,16 @@ class Certifier:
         if delta is None:
             raise ScaleCertError(f"{bundle.path}: no numeric margin measured for {backend} at {precision}")
         self.delta = delta
+        self.threshold = bundle.default_threshold if threshold is None else decision.check_threshold(threshold)
         self.classes = bundle.classes
         self._pipeline = pipelines.open_pipeline(bundle, backend, precision, threads)
 
     @classmethod
     def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, early_exit: bool = False,
-             threads: int | None = None, precision: str = "fp32") -> "Certifier":
+             threads: int | None = None, precision: str = "fp32", threshold: float | None = None) -> "Certifier":
         bundle = Bundle.open(bundle_dir, verify=True)
         bundle.files(precision)
-        return cls(bundle, pipelines.pick(backend, precision, bundle), precision, batch, early_exit, threads)
+        return cls(bundle, pipelines.pick(backend, precision, bundle), precision, batch, early_exit, threads, threshold)
 
     @property
     def pipeline(self) -> Pipeline:
@@ -141,35 +153,38 @@ class Certifier:
     def _certify_features(self, features, gate, start, after_prefix, name) -> Result:
         distinct = geometry.distinct_windows(self.windows, self.masks, gate[0])
         reps = distinct.representatives
-        rep_labels = np.empty(len(reps), np.int64)
-        rep_margins = np.empty(len(reps), np.float32)
-        evaluated, base_label, base_margin = 0, None, None
+        rep_labels = np.full(len(reps), -1, np.int64)  # -1, -inf: not evaluated (early exit), never agreeing
+        rep_margins = np.full(len(reps), -np.inf, np.float32)
+        rep_logconf = np.full(len(reps), -np.inf)
+        evaluated, base = 0, None
         queue = np.concatenate([EMPTY_WINDOW, reps])
         for lo in range(0, len(queue), self.batch):
             logits = self.window_logits(features, queue[lo:lo + self.batch])
             labels, margins = decision.top2_margin(logits)
+            logconf = decision.log_confidence(logits)
             if lo == 0:
-                base_label, base_margin = int(labels[0]), float(margins[0])
-                labels, margins, offset = labels[1:], margins[1:], 0
+                base = int(labels[0]), float(margins[0]), float(logconf[0])
+                labels, margins, logconf, offset = labels[1:], margins[1:], logconf[1:], 0
             else:
                 offset = lo - 1
             rep_labels[offset:offset + len(labels)] = labels
             rep_margins[offset:offset + len(labels)] = margins
+            rep_logconf[offset:offset + len(labels)] = logconf
             evaluated = offset + len(labels)
-            if self.early_exit and ((labels != base_label) | (margins < self.delta)).any():
-                rep_labels[evaluated:] = -1  # not evaluated: counts as disagreeing, never as agreeing
-                rep_margins[evaluated:] = -np.inf
-                break
-        window_labels = decision.expand_groups(distinct.group_of_window, rep_labels, base_label)
-        window_margins = decision.expand_groups(distinct.group_of_window, rep_margins, np.float32(base_margin))
-        verdict = decision.decide(base_label, base_margin, window_labels, window_margins, self.delta)
-        if self.early_exit and not verdict.certified:
-            bad = verdict.alert_windows[window_labels[verdict.alert_windows] != -1]
-            verdict = decision.Decision(False, verdict.label, bad)
+            if self.early_exit and decision.disagreeing(base[0], labels, logconf, self.threshold).size:
+                break  # the alert is certain; the windows left stay "not evaluated"
+        base_label, base_margin, base_logconf = base
+        group = distinct.group_of_window
+        window_labels = decision.expand_groups(group, rep_labels, base_label)
+        window_margins = decision.expand_groups(group, rep_margins, np.float32(base_margin))
+        window_logconf = decision.expand_groups(group, rep_logconf, base_logconf)
+        verdict = decision.decide(base_label, base_margin, window_labels, window_margins, self.delta, base_logconf,
+                                  window_logconf, self.threshold)
+        alerts = verdict.alert_windows[window_labels[verdict.alert_windows] != -1]  # evaluated ones only
         end = time.perf_counter()
         return Result(
             image=name,
-            status="certified" if verdict.certified else "alert",
+            status=verdict.status,
             label=verdict.label,
             class_name=self.classes[verdict.label] if self.classes else None,
             windows_total=len(self.windows),
@@ -179,7 +194,12 @@ class Certifier:
             suffix_ms=(end - after_prefix) * 1e3,
             kept_fraction=float(gate.mean()),
             base_margin=base_margin,
-            alert_windows=self.windows[verdict.alert_windows].tolist(),
+            confidence=float(np.exp(base_logconf)),
+            threshold=self.threshold,
+            alert_windows=self.windows[alerts].tolist(),
             window_labels=window_labels,
+            window_margins=window_margins,
+            window_logconf=window_logconf,
+            base_logconf=base_logconf,
             gate=gate[0],
         )

@@ -24,6 +24,7 @@ from scalecert.training.split_program import SplitProgram
 from scalecert.core import geometry
 
 RECORD_KEY = "scalecert_tune"
+MIN_VALIDATION = 200  # validation images below which one checkpoint cannot be told from another
 
 
 @dataclass
@@ -36,7 +37,7 @@ class TuneOptions:
     pretrained: bool = False
     patch: str = "2%"
     layer: str = "auto"
-    prune_rate: float = 0.5
+    prune_rate: float = 0.0
     stride: str = "auto"
     window_budget: int = 100
     max_growth: float = 2.0
@@ -266,12 +267,19 @@ def tune(opts: TuneOptions, say=print) -> dict:
     elif opts.resume:
         say(f"--resume: no {last_path} yet, starting from the model's weights")
 
-    net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
+    if len(val_x) < MIN_VALIDATION:
+        say(f"warning: {len(val_x)} validation images are too few to tell a better checkpoint from noise "
+            f"(at least {MIN_VALIDATION}: pass --val or more --data)")
+    record = net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
     if start_epoch == 0 and best is None:
-        before = net.evaluate(val_x, val_y, opts.cert_limit)
-        history.append({"epoch": 0, **before})
-        say(f"before tuning: clean {before['clean_accuracy']:.1%}, certified {before['certified_accuracy']:.1%} "
-            f"(on {before['certified_on']} validation images)")
+        # the input is the checkpoint to beat: the output is never worse on validation than what came in
+        best = {"epoch": 0, **net.evaluate(val_x, val_y, opts.cert_limit)}
+        history.append(best)
+        say(f"before tuning: clean {best['clean_accuracy']:.1%}, certified {best['certified_accuracy']:.1%} "
+            f"(on {best['certified_on']} validation images)")
+        _save(opts.output, {"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+                            RECORD_KEY: {"settings": settings, "sin": record, "epoch": 0, "validation": best,
+                                         "history": history, "scalecert_version": _version()}})
     for epoch in range(start_epoch, opts.epochs):
         rng = np.random.default_rng([opts.seed, epoch])
         order = rng.permutation(len(train_x))
@@ -303,7 +311,7 @@ def tune(opts: TuneOptions, say=print) -> dict:
         metrics.update({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                         "seconds": time.perf_counter() - started})
         history.append(metrics)
-        improved = best is None or (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (
+        improved = (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (
             best["certified_accuracy"], best["clean_accuracy"])
         say(f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}, val clean {metrics['clean_accuracy']:.1%}, "
             f"certified {metrics['certified_accuracy']:.1%} ({metrics['seconds']:.0f} s)" + ("  [best]" if improved else ""))
@@ -316,6 +324,9 @@ def tune(opts: TuneOptions, say=print) -> dict:
         _save(last_path, {"state_dict": state_dict, "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "best": best,
                           "history": history, "settings": json.loads(json.dumps(settings))})
+    if best["epoch"] == 0:
+        say(f"no epoch beat the input on validation (certified {best['certified_accuracy']:.1%}, clean "
+            f"{best['clean_accuracy']:.1%}): {opts.output} holds the input weights, unchanged")
     return {"output": opts.output, "best": best, "history": history}
 
 
