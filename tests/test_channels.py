@@ -6,19 +6,9 @@ import json
 import os
 
 import numpy as np
-import pytest
-from PIL import Image
 
 from conftest import export, skimage_photos
 from scalecert.runtime import Certifier
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calib_photos")
-    for name, array in skimage_photos().items():
-        Image.fromarray(array).save(folder / f"{name}.png")
-    return str(folder)
 
 
 def test_removed_channels_equal_zeroed_channels(tmp_path_factory, photo_dir):

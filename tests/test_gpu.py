@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 
 from conftest import R20, cifar_files, export
-from scalecert import manifest as manifest_io
-from scalecert.calibration.margin import delta_from_spread, measure_logit_spread
-from scalecert.runtime import Certifier, geometry, gpu
-from scalecert.runtime.backends import OrtCpuPipeline
-from scalecert.runtime.preprocess import load_image, normalize
+from scalecert.bundle import Bundle
+from scalecert.bundle import manifest as manifest_io
+from scalecert.core.margin import delta_from_spread, measure_logit_spread
+from scalecert.runtime import Certifier
+from scalecert.runtime.images import load_image, normalize
+from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline, OrtCudaPipeline
+from scalecert.runtime.pipelines.tensorrt import TrtPipeline
 
 
 def _cuda_ep() -> bool:
@@ -34,29 +36,19 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda_ep(), reason="needs 
 
 
 @pytest.fixture(scope="module")
-def gpu_bundle(tmp_path_factory):
+def gpu_bundle(tmp_path_factory, request):
     """$SCALECERT_GPU_BUNDLE (a bundle exported elsewhere: no torch needed here), else ResNet-20
-    exported from ../shared, else a seeded random ResNet-20."""
+    exported from ../shared, else the seeded random ResNet-20 (conftest's tiny_checkpoint)."""
     given = os.environ.get("SCALECERT_GPU_BUNDLE")
-    out = str(tmp_path_factory.mktemp("gpu") / "bundle")
     if given:
+        out = str(tmp_path_factory.mktemp("gpu") / "bundle")
         shutil.copytree(given, out)
         return out
+    pytest.importorskip("torch", reason="exporting a bundle needs torch; or set SCALECERT_GPU_BUNDLE")
     if os.path.exists(R20):
         return export(tmp_path_factory, "gpu-r20", R20, "--arch", "resnet20-cifar", "--patch", "5")
-    pytest.importorskip("torch", reason="exporting a bundle needs torch; or set SCALECERT_GPU_BUNDLE")
-    return export(tmp_path_factory, "gpu-tiny", _tiny_checkpoint(tmp_path_factory), "--arch", "resnet20-cifar", "--patch", "5")
-
-
-def _tiny_checkpoint(tmp_path_factory) -> str:
-    import torch
-
-    from scalecert.exporter.archs import REGISTRY
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("tinyck") / "tiny-r20.pt")
-    torch.save({"state_dict": REGISTRY["resnet20-cifar"].build().state_dict()}, path)
-    return path
+    return export(tmp_path_factory, "gpu-tiny", request.getfixturevalue("tiny_checkpoint"), "--arch", "resnet20-cifar",
+                  "--patch", "5")
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +62,13 @@ def pixels(gpu_bundle):
 
 
 def _paths(bundle, precision="fp32"):
-    files = manifest_io.read(bundle).get("precisions", {}).get(precision) or {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}
-    return os.path.join(bundle, files["prefix"]), os.path.join(bundle, files["suffix"])
+    files = Bundle.open(bundle).files(precision)
+    return files["prefix"], files["suffix"]
 
 
 def _windows(manifest):
-    w = manifest["windows"]
-    family = geometry.window_family(tuple(w["footprint"]), w["stride"], tuple(manifest["layer"]["shape"][1:]))
-    return np.concatenate([np.zeros((1, 4), np.int64), family])
+    """The empty window, then the bundle's whole family."""
+    return np.concatenate([np.zeros((1, 4), np.int64), Bundle(None, manifest).windows()])
 
 
 def _measure_delta(pipeline, manifest, pixels) -> float:
@@ -104,7 +95,7 @@ def test_ort_cuda_prefix_and_suffix_match_cpu(gpu_bundle, pixels):
     manifest = manifest_io.read(gpu_bundle)
     image = normalize(pixels[:8], manifest["input"])
     windows = _windows(manifest)
-    with gpu.OrtCudaPipeline(*_paths(gpu_bundle)) as cuda, OrtCpuPipeline(*_paths(gpu_bundle)) as cpu:
+    with OrtCudaPipeline(*_paths(gpu_bundle)) as cuda, OrtCpuPipeline(*_paths(gpu_bundle)) as cpu:
         fg, gg = cuda.prefix(image)
         fc, gc = cpu.prefix(image)
         host = np.concatenate([v.numpy() for v in fg.owner])
@@ -117,17 +108,16 @@ def test_ort_cuda_prefix_and_suffix_match_cpu(gpu_bundle, pixels):
 
 def _outcomes(bundle, backend, pixels, precision="fp32"):
     with Certifier.load(bundle, backend=backend, precision=precision) as cert:
-        return [(r.status, r.label, tuple(r.window_labels)) for r in cert.certify_batch(pixels)], cert.delta
+        return [(r.status, r.label, tuple(r.window_labels)) for r in cert.certify_batch(pixels)]
 
 
 def test_certifier_outcomes_equal_between_ort_cuda_and_cpu(gpu_bundle, pixels, tmp_path):
     manifest = manifest_io.read(gpu_bundle)
-    with gpu.OrtCudaPipeline(*_paths(gpu_bundle)) as cuda:
+    with OrtCudaPipeline(*_paths(gpu_bundle)) as cuda:
         delta = _measure_delta(cuda, manifest, pixels)
     bundle = _with_margin(gpu_bundle, tmp_path, "ort-cuda-fp32", delta)
-    want, _ = _outcomes(bundle, "ort-cpu", pixels)
-    got, used = _outcomes(bundle, "ort-cuda", pixels)
-    assert used == delta
+    want = _outcomes(bundle, "ort-cpu", pixels)
+    got = _outcomes(bundle, "ort-cuda", pixels)
     assert got == want, [i for i, (a, b) in enumerate(zip(want, got)) if a != b]
 
 
@@ -139,7 +129,7 @@ def test_ort_cuda_reduced_precision_variants(gpu_bundle, pixels, tmp_path):
     image = normalize(pixels[:8], manifest["input"])
     windows = _windows(manifest)
     for precision in variants:
-        with gpu.OrtCudaPipeline(*_paths(gpu_bundle, precision)) as cuda, OrtCpuPipeline(*_paths(gpu_bundle, precision)) as cpu:
+        with OrtCudaPipeline(*_paths(gpu_bundle, precision)) as cuda, OrtCpuPipeline(*_paths(gpu_bundle, precision)) as cpu:
             fg, _ = cuda.prefix(image)
             fc, _ = cpu.prefix(image)
             a, b = cuda.suffix(cuda.select(fg, 0), windows), cpu.suffix(cpu.select(fc, 0), windows)
@@ -160,7 +150,7 @@ def _tensorrt():
 @pytest.fixture(scope="module")
 def trt_bundle(gpu_bundle, tmp_path_factory):
     _tensorrt()
-    from scalecert.trt_build import build_engines
+    from scalecert.compile.tensorrt import build_engines
 
     work = str(tmp_path_factory.mktemp("trt") / "bundle")
     shutil.copytree(gpu_bundle, work)
@@ -177,7 +167,7 @@ def test_trt_matches_cpu_and_splits_window_batches(trt_bundle, pixels):
     manifest = manifest_io.read(trt_bundle)
     image = normalize(pixels[:4], manifest["input"])
     windows = _windows(manifest)  # more than the profile's 48: split into pieces
-    with gpu.TrtPipeline.from_bundle(trt_bundle, manifest, "fp32") as trt, OrtCpuPipeline(*_paths(trt_bundle)) as cpu:
+    with TrtPipeline.from_bundle(Bundle.open(trt_bundle), "fp32") as trt, OrtCpuPipeline(*_paths(trt_bundle)) as cpu:
         ft, gt = trt.prefix(image)
         fc, gc = cpu.prefix(image)
         assert (gt != gc).mean() < 1e-3
@@ -188,10 +178,9 @@ def test_trt_matches_cpu_and_splits_window_batches(trt_bundle, pixels):
 
 def test_certifier_outcomes_equal_between_trt_and_cpu(trt_bundle, pixels, tmp_path):
     manifest = manifest_io.read(trt_bundle)
-    with gpu.TrtPipeline.from_bundle(trt_bundle, manifest, "fp32") as trt:
+    with TrtPipeline.from_bundle(Bundle.open(trt_bundle), "fp32") as trt:
         delta = _measure_delta(trt, manifest, pixels)
     bundle = _with_margin(trt_bundle, tmp_path, "trt-fp32", delta)
-    want, _ = _outcomes(bundle, "ort-cpu", pixels)
-    got, used = _outcomes(bundle, "trt", pixels)
-    assert used == delta
+    want = _outcomes(bundle, "ort-cpu", pixels)
+    got = _outcomes(bundle, "trt", pixels)
     assert got == want, [i for i, (a, b) in enumerate(zip(want, got)) if a != b]

@@ -1,6 +1,6 @@
-"""FP16 and INT8 variants of prefix.onnx / suffix.onnx (scalecert.calibration.precision).
+"""FP16 and INT8 variants of prefix.onnx / suffix.onnx (scalecert.compile.precision, docs/design.md §3.7).
 
-Real bundles exported through the CLI, real ONNX Runtime CPU sessions, real images:
+Real bundles exported with the CLI's export command (conftest), real ONNX Runtime CPU sessions, real images:
 - the variants keep the graph inputs/outputs and agree with fp32 on CIFAR-10 (pretrained ResNet-20);
 - every scale is a static initializer (and a dynamically quantized model is caught);
 - the prefix gate stays local: a patch changes gate and features only inside its footprint;
@@ -18,15 +18,13 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from conftest import CIFAR_TRAIN, cifar_files, need
-from scalecert import manifest as manifest_io
-from scalecert.calibration import precision
-from scalecert.exporter.receptive import RF, receptive_fields
-from scalecert.runtime import geometry
-from scalecert.runtime.backends import OrtRunner
-from scalecert.runtime.preprocess import load_image, normalize
-from test_gate_locality import _bits, _contents, _positions
-from test_gate_locality import calib_dir, tiny_deep_pruned_bundle, tiny_pruned_bundle  # noqa: F401 (fixtures)
+from conftest import CIFAR_TRAIN, bits, cifar_files, need, patch_contents, patch_positions
+from scalecert.bundle import manifest as manifest_io
+from scalecert.compile import precision
+from scalecert.core import geometry
+from scalecert.export.receptive import RF, receptive_fields
+from scalecert.runtime.images import load_image, normalize
+from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
 EMPTY = np.zeros((1, 4), np.int64)
 PRECISIONS = ("fp16", "int8")
@@ -174,9 +172,9 @@ def _patch_outside_changes(prefix_path: str, m: dict, images: list[np.ndarray], 
             ref_gate, ref_feat = ref["gate"][0], ref["features"][0]
             assert 0 < ref_gate.mean() < 1
             jobs = []
-            for i, (py, px) in enumerate(_positions(patch_hw, (h, w), rng, every)):
+            for i, (py, px) in enumerate(patch_positions(patch_hw, (h, w), rng, every)):
                 image = clean[0].copy()
-                image[:, py:py + patch_hw[0], px:px + patch_hw[1]] = _contents(rng, patch_hw, m["input"], i % 3)
+                image[:, py:py + patch_hw[0], px:px + patch_hw[1]] = patch_contents(rng, patch_hw, m["input"], i % 3)
                 jobs.append(((py, px), image))
             for start in range(0, len(jobs), 64):  # in batches: the other images must not matter either
                 part = jobs[start:start + 64]
@@ -185,7 +183,7 @@ def _patch_outside_changes(prefix_path: str, m: dict, images: list[np.ndarray], 
                     y0, x0, y1, x1 = geometry.footprint((py, px), patch_hw, rf_yx, feature_hw)
                     outside = np.ones(feature_hw, bool)
                     outside[y0:y1, x0:x1] = False
-                    moved = (gate != ref_gate) | (_bits(feat) != _bits(ref_feat)).any(axis=0)
+                    moved = (gate != ref_gate) | (bits(feat) != bits(ref_feat)).any(axis=0)
                     if (moved & outside).any():
                         leaks.append((py, px))
                     flipped += bool((gate != ref_gate).any())
@@ -254,7 +252,7 @@ def test_window_masks_stay_exact(name, variants, request):
             occluded = suffix.infer({"features": features, "windows": windows[k:k + 1]})["logits"]
             zeroed = np.where(masks[k].reshape(1, 1, *features.shape[2:]), np.float32(0), features)
             direct = suffix.infer({"features": zeroed, "windows": EMPTY})["logits"]
-            assert np.array_equal(_bits(occluded), _bits(direct)), f"{name}: window {windows[k].tolist()}"
+            assert np.array_equal(bits(occluded), bits(direct)), f"{name}: window {windows[k].tolist()}"
 
 
 @pytest.mark.parametrize("name", PRECISIONS)

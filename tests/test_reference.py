@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 
 from conftest import IMAGENET, R20, cifar_files, export, need
-from scalecert.exporter.loading import load_model
-from scalecert.reference import TorchReference
+from scalecert.export.loading import load_model
+from scalecert.training.reference import TorchReference
 from scalecert.runtime import Certifier
 
 # CI compares a sample; SCALECERT_REFERENCE_FULL=1 runs the full sizes (200 CIFAR, 10 ImageNet).

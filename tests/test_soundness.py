@@ -1,4 +1,5 @@
-"""Soundness by attack through the real runtime (benchmarks/attack.py is the harness).
+"""Soundness by attack through the real runtime (scalecert.evaluation.attack is the harness;
+benchmarks/attack.py is its command line). docs/design.md §3.8 (the chain), §6.
 
 A certified image patched anywhere (every one of the (H-ph+1)*(W-pw+1) top-left positions) with
 random, saturated, foreign (donor) or gradient-optimised (PGD, at a subset of positions here; the
@@ -13,15 +14,15 @@ Sizes are kept for a 2-core CI box: "mix" mode gives each position one of the ch
 from __future__ import annotations
 
 import os
-import sys
+import shutil
 
 import numpy as np
 import pytest
 
-from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, cifar_files, export, need, skimage_photos
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import attack  # noqa: E402
+from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, cifar_files, export, in_process, need, skimage_photos
+from scalecert.core import geometry
+from scalecert.evaluation import attack
+from scalecert.runtime import Certifier
 
 POSITIONS_5x5_32 = (32 - 5 + 1) ** 2  # 784
 
@@ -125,8 +126,8 @@ def tiny(tmp_path_factory):
     """(bundle, TorchReference, images, labels, names) for a tiny CNN trained for ~300 steps."""
     import torch
 
-    from scalecert.exporter.loading import load_model
-    from scalecert.reference import TorchReference
+    from scalecert.export.loading import load_model
+    from scalecert.training.reference import TorchReference
 
     torch.manual_seed(0)
     model = _tiny_module()
@@ -161,10 +162,8 @@ def _thinnest(certifier, images, labels, names, n):
     return images[chosen], labels[chosen], [names[i] for i in chosen]
 
 
-def _load(bundle, cls=None, **kw):
-    from scalecert.runtime import Certifier
-
-    return (cls or Certifier).load(bundle, backend="ort", **kw)
+def _load(bundle, cls=Certifier, **kw):
+    return cls.load(bundle, backend="ort", **kw)
 
 
 # -- (i) tiny CNN, every position, noise + extreme + donor, PGD at a subset ----------------------
@@ -194,13 +193,13 @@ def _cifar_targets(per_class: int):
 
 @pytest.fixture(scope="module")
 def r20_model():
-    from scalecert.exporter.loading import load_model
+    from scalecert.export.loading import load_model
 
     return load_model(R20, arch="resnet20-cifar")
 
 
 def test_resnet20_attacked_everywhere_never_certified_wrong(r20_bundle, r20_model):
-    from scalecert.reference import TorchReference
+    from scalecert.training.reference import TorchReference
 
     certifier = _load(r20_bundle)  # the default path: no early exit
     reference = TorchReference(r20_model, r20_bundle)
@@ -215,7 +214,7 @@ def test_resnet20_attacked_everywhere_never_certified_wrong(r20_bundle, r20_mode
 
 # -- (iii) pretrained ResNet-20 with 30% of positions gated off by static thresholds -------------
 def test_resnet20_pruned_gates_attacked_everywhere_never_certified_wrong(r20_pruned_bundle, r20_model):
-    from scalecert.reference import TorchReference
+    from scalecert.training.reference import TorchReference
 
     certifier = _load(r20_pruned_bundle, early_exit=True)
     assert certifier.manifest["sin"]["prune_rate"] > 0
@@ -229,35 +228,30 @@ def test_resnet20_pruned_gates_attacked_everywhere_never_certified_wrong(r20_pru
 
 
 # -- (iv) negative control: deliberately unsound window families are caught ----------------------
-from scalecert.runtime import Certifier  # noqa: E402
-from scalecert.runtime import geometry  # noqa: E402
-
-
-class _SubsetCertifier(Certifier):
-    """A Certifier whose window family is cut down after loading (the manifest check passes)."""
-
-    def keep(self, windows: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+class _UnsoundCertifier(Certifier):
+    """A Certifier whose window family is replaced by `unsound_family()` after loading (the
+    manifest check passes)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.windows = self.windows[self.keep(self.windows)]
+        self.windows = self.unsound_family()
         self.masks = geometry.window_masks(self.windows, self.feature_hw)
 
 
-class _NoWindows(_SubsetCertifier):
+class _NoWindows(_UnsoundCertifier):
     """No occlusion at all: certifies whatever the base prediction is."""
 
-    def keep(self, windows):
-        return np.zeros(len(windows), bool)
+    def unsound_family(self):
+        return self.windows[:0]
 
 
-class _HoleInTheMiddle(_SubsetCertifier):
+class _HoleInTheMiddle(_UnsoundCertifier):
     """Drops every window that meets the central 6x6 feature positions: a patch there is never
-    hidden by any window (the 'gap in the window family' bug of DESIGN.md)."""
+    hidden by any window (the 'gap in the window family' bug that docs/design.md §3.4 rules out)."""
 
-    def keep(self, windows):
-        return ~((windows[:, 0] < 19) & (windows[:, 2] > 13) & (windows[:, 1] < 19) & (windows[:, 3] > 13))
+    def unsound_family(self):
+        w = self.windows
+        return w[~((w[:, 0] < 19) & (w[:, 2] > 13) & (w[:, 1] < 19) & (w[:, 3] > 13))]
 
 
 def test_negative_control_harness_finds_violations_in_unsound_certifiers(tiny):
@@ -302,19 +296,14 @@ def test_negative_control_harness_finds_violations_in_unsound_certifiers(tiny):
     assert sound_out["total"]["violations"] == 0
 
 
-class _FootprintTooSmall(_SubsetCertifier):
+class _FootprintTooSmall(_UnsoundCertifier):
     """The window family of a footprint 2 smaller than the true one (window_family(footprint-2)):
-    the 'footprint computed too small' bug of DESIGN.md. Most footprints then stick out of every
-    window by one feature row or column, which only the patch's border pixels reach."""
+    the 'footprint computed too small' bug that docs/design.md §3.2 rules out. Most footprints then
+    stick out of every window by one feature row or column, which only the patch's border pixels reach."""
 
-    def keep(self, windows):
-        return np.ones(len(windows), bool)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        w = self.manifest["windows"]
-        self.windows = geometry.window_family(tuple(v - 2 for v in w["footprint"]), w["stride"], self.feature_hw)
-        self.masks = geometry.window_masks(self.windows, self.feature_hw)
+    def unsound_family(self):
+        return geometry.window_family(tuple(v - 2 for v in self.bundle.footprint), self.bundle.stride,
+                                      self.feature_hw)
 
 
 @pytest.mark.slow
@@ -351,14 +340,9 @@ def test_negative_control_footprint_too_small_is_caught(tiny):
 
 # -- (v) the int8 variant (static QDQ) of pretrained ResNet-20: its own certificate holds -------
 def test_resnet20_int8_variant_attacked_everywhere_never_certified_wrong(r20_bundle, tmp_path):
-    import shutil
-
-    from conftest import CIFAR_TRAIN, need, run_cli
-
     bundle = str(tmp_path / "r20-int8")
     shutil.copytree(r20_bundle, bundle)
-    run_cli("scalecert", "build", bundle, "--precision", "int8", "--calib", need(CIFAR_TRAIN), "--calib-limit", "64",
-            "--quiet", check=True)
+    in_process("build", bundle, "--precision", "int8", "--calib", need(CIFAR_TRAIN), "--calib-limit", "64", "--quiet")
     certifier = _load(bundle, precision="int8", early_exit=True)
     images, labels, names = _cifar_targets(2)
     out = attack.attack_images(certifier, images, labels=labels, names=names, max_images=2, mix=True,

@@ -13,29 +13,27 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from conftest import export, run_cli, skimage_photos
-from scalecert import manifest as manifest_io
+from conftest import skimage_photos
+from scalecert.bundle import Bundle
+from scalecert.bundle import manifest as manifest_io
+from scalecert.compile import precision
+from scalecert.compile.parser_support import check_onnx, table
+from scalecert.compile.tensorrt import build_engines
+from scalecert.compile.trt_passes import Uint8CastLast, WindowsToInt32, prepare_onnx
+from scalecert.core import geometry
 from scalecert.errors import ScaleCertError
-from scalecert.runtime import geometry, gpu
-from scalecert.trt_build import build_engines, prepare_onnx, windows_to_int32
-from scalecert.trt_support import check_onnx, table
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory, tiny_checkpoint):
-    return export(tmp_path_factory, "trt-tiny", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5")
+from scalecert.runtime import Certifier
+from scalecert.runtime.pipelines import device
+from scalecert.runtime.pipelines import tensorrt as gpu
+from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline, OrtCudaPipeline
 
 
 def _variants(bundle: str, tmp) -> dict:
-    """fp32 files of the bundle, plus fp16/int8 variants when scalecert.calibration.precision exists."""
-    files = {"fp32": {k: os.path.join(bundle, f"{k}.onnx") for k in ("prefix", "suffix")}}
-    try:
-        from scalecert.calibration import precision
-    except ImportError:
-        return files
-    image = np.random.default_rng(0).standard_normal((4, *manifest_io.read(bundle)["input"]["input_size"])).astype(np.float32)
+    """fp32 files of the bundle, plus fp16/int8 variants (scalecert.compile.precision)."""
     import onnxruntime as ort
 
+    files = {"fp32": {k: os.path.join(bundle, f"{k}.onnx") for k in ("prefix", "suffix")}}
+    image = np.random.default_rng(0).standard_normal((4, *manifest_io.read(bundle)["input"]["input_size"])).astype(np.float32)
     features = ort.InferenceSession(files["fp32"]["prefix"]).run(["features"], {"image": image})[0]
     feeds = {"prefix": [{"image": image}], "suffix": [{"features": features[:1], "windows": np.array([[0, 0, 0, 0], [0, 0, 3, 3]])}]}
     files["fp16"], files["int8"] = {}, {}
@@ -50,11 +48,11 @@ def _variants(bundle: str, tmp) -> dict:
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "effnet_bundle"])
 def test_every_bundle_graph_is_within_trt_parser_support(bundle_fixture, request, tmp_path):
     bundle = request.getfixturevalue(bundle_fixture)
-    for precision, files in _variants(bundle, tmp_path).items():
+    for name, files in _variants(bundle, tmp_path).items():
         for kind, path in files.items():
-            ready = str(tmp_path / f"{kind}.{precision}.trt.onnx")
+            ready = str(tmp_path / f"{kind}.{name}.trt.onnx")
             prepare_onnx(path, ready)
-            assert check_onnx(ready) == [], (precision, kind)
+            assert check_onnx(ready) == [], (name, kind)
             # what the TensorRT pass fixes in the bundle's own file: uint8 only in the shape op before the gate output
             assert all("UINT8" in p and "Squeeze" in p for p in check_onnx(path)), check_onnx(path)
 
@@ -121,7 +119,8 @@ def test_int32_windows_pass_gives_identical_logits(tiny_bundle, tmp_path):
 
     manifest = manifest_io.read(tiny_bundle)
     ready = str(tmp_path / "suffix.fp32.trt.onnx")
-    assert prepare_onnx(os.path.join(tiny_bundle, "suffix.onnx"), ready)["windows_int32"]
+    assert prepare_onnx(os.path.join(tiny_bundle, "suffix.onnx"), ready) == {"windows_int32": True,
+                                                                             "uint8_casts_moved": 0}
     model = onnx.load(ready)
     assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input}["windows"] == TensorProto.INT32
     assert not [n for n in model.graph.node if n.op_type == "Cast"]  # the whole mask path is int32, no cast back
@@ -148,7 +147,8 @@ def test_int32_windows_pass_casts_back_where_it_must():
                    [_vi("windows", TensorProto.INT64, ["n", 4])],
                    [_vi("moved", TensorProto.INT64, ["n", 4]), _vi("small", TensorProto.BOOL, ["n", 4])], [offset, limit])
     ir_model = ir.from_proto(model)
-    assert windows_to_int32(ir_model)
+    windows_pass = WindowsToInt32()
+    assert windows_pass(ir_model).modified and windows_pass.changed
     from onnx_ir.passes.common import TopologicalSortPass
 
     TopologicalSortPass()(ir_model)
@@ -163,8 +163,13 @@ def test_int32_windows_pass_casts_back_where_it_must():
 def test_prefix_pass_keeps_outputs_identical(tiny_bundle, tmp_path):
     import onnxruntime as ort
 
+    import onnx_ir as ir
+
+    casts = Uint8CastLast()
+    assert casts(ir.load(os.path.join(tiny_bundle, "prefix.onnx"))).modified and casts.moves == 1
     ready = str(tmp_path / "prefix.fp32.trt.onnx")
-    assert prepare_onnx(os.path.join(tiny_bundle, "prefix.onnx"), ready)["uint8_casts_moved"] == 1
+    assert prepare_onnx(os.path.join(tiny_bundle, "prefix.onnx"), ready) == {"windows_int32": False,
+                                                                             "uint8_casts_moved": 1}
     image = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
     a = ort.InferenceSession(os.path.join(tiny_bundle, "prefix.onnx")).run(None, {"image": image})
     b = ort.InferenceSession(ready).run(None, {"image": image})
@@ -188,15 +193,15 @@ def test_engine_compatibility():
 
 
 def test_batches_and_device_features():
-    assert gpu.batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
-    assert gpu.batches(3, None) == [(0, 3)] and gpu.batches(0, 4) == []
-    assert gpu.aligned(1) == 256 and gpu.aligned(512) == 512
-    feats = gpu.DeviceFeatures(None, [256, 1024], (16, 8, 8), np.float32)
+    assert device.batches(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert device.batches(3, None) == [(0, 3)] and device.batches(0, 4) == []
+    assert device.aligned(1) == 256 and device.aligned(512) == 512
+    feats = device.DeviceFeatures(None, [256, 1024], (16, 8, 8), np.float32)
     assert feats.shape == (2, 16, 8, 8) and feats.image(1).ptr == 1024 and feats.image(1).shape == (1, 16, 8, 8)
     with pytest.raises(ScaleCertError, match="select one"):
         feats.ptr
     with pytest.raises(ScaleCertError, match=r"\(B, 4\)"):
-        gpu.host_windows(np.zeros((3, 2)), np.int32)
+        device.host_windows(np.zeros((3, 2)), np.int32)
 
 
 def test_io_binding_pipeline_on_the_cpu_device(tiny_bundle):
@@ -204,16 +209,14 @@ def test_io_binding_pipeline_on_the_cpu_device(tiny_bundle):
     run on the CPU device: same gates, logits and certificates as the plain CPU pipeline."""
     from PIL import Image
 
-    from scalecert.runtime import Certifier
-
     photos = np.stack([np.asarray(Image.fromarray(p).resize((32, 32))) for p in skimage_photos().values()])
     with Certifier.load(tiny_bundle, backend="ort", batch=16) as reference:
         want = reference.certify_batch(photos)
     with Certifier.load(tiny_bundle, backend="ort", batch=16) as cert:
-        cert.pipeline.deactivate()
-        cert.pipeline = gpu.OrtCudaPipeline(os.path.join(tiny_bundle, "prefix.onnx"), os.path.join(tiny_bundle, "suffix.onnx"),
-                                            device="cpu")
-        cert.pipeline.activate()
+        cert._pipeline.deactivate()
+        cert._pipeline = OrtCudaPipeline(os.path.join(tiny_bundle, "prefix.onnx"), os.path.join(tiny_bundle, "suffix.onnx"),
+                                         device="cpu")
+        assert isinstance(cert.pipeline, OrtCudaPipeline) and cert.pipeline.is_active  # activated on first use
         got = cert.certify_batch(photos, prefix_batch=3)
     for a, b in zip(want, got):
         assert (a.status, a.label, a.windows_evaluated) == (b.status, b.label, b.windows_evaluated)
@@ -244,8 +247,8 @@ class _HostCuda:
             return array
 
         def resize(self, shape):
-            self.memory = np.zeros(int(shape[0]) + gpu.ALIGN, np.uint8)
-            self.ptr = gpu.aligned(self.memory.ctypes.data)
+            self.memory = np.zeros(int(shape[0]) + device.ALIGN, np.uint8)
+            self.ptr = device.aligned(self.memory.ctypes.data)
             self.allocated_nbytes = int(shape[0])
 
         def free(self):
@@ -284,7 +287,7 @@ class _OrtAsEngine:
     def run(self, inputs, outputs, stream):
         import ctypes
 
-        assert all(ptr % gpu.ALIGN == 0 for ptr in [*(p for p, _ in inputs.values()), *outputs.values()])
+        assert all(ptr % device.ALIGN == 0 for ptr in [*(p for p, _ in inputs.values()), *outputs.values()])
         feeds = {}
         for name, (ptr, shape) in inputs.items():
             n = int(np.prod(shape)) * self.dtypes[name].itemsize
@@ -301,8 +304,6 @@ def test_trt_pipeline_bookkeeping_with_host_stand_ins(tiny_bundle, tmp_path, mon
     pipeline on the bundle's own files."""
     import sys
     import types
-
-    from scalecert.runtime.backends import OrtCpuPipeline
 
     fake = types.ModuleType("polygraphy")
     fake.cuda = _HostCuda
@@ -350,28 +351,16 @@ def test_build_engines_needs_tensorrt_and_a_gpu(tiny_bundle, tmp_path):
 
 
 def test_trt_pipeline_refuses_missing_or_foreign_engines(tiny_bundle, monkeypatch):
-    manifest = manifest_io.read(tiny_bundle)
+    bundle = Bundle.open(tiny_bundle)
     with pytest.raises(ScaleCertError, match="no TensorRT engines for fp16"):
-        gpu.TrtPipeline.from_bundle(tiny_bundle, manifest, "fp16")
-    manifest = json.loads(json.dumps(manifest))
+        gpu.TrtPipeline.from_bundle(bundle, "fp16")
+    manifest = json.loads(json.dumps(bundle.manifest))
     manifest["engines"] = {"trt-fp32": {**RECORD, "precision": "fp32", "prefix": "engines/trt-fp32/prefix.plan",
                                         "suffix": "engines/trt-fp32/suffix.plan"}}
     monkeypatch.setattr(gpu, "require_tensorrt", lambda: type("trt", (), {"__version__": "10.7.0.23"}))
     monkeypatch.setattr(gpu, "gpu_identity", lambda device=0: ("NVIDIA H100 80GB HBM3", (9, 0)))
     with pytest.raises(ScaleCertError) as info:
-        gpu.TrtPipeline.from_bundle(tiny_bundle, manifest, "fp32")
+        gpu.TrtPipeline.from_bundle(Bundle(tiny_bundle, manifest), "fp32")
     assert str(info.value).startswith(f"{tiny_bundle}: TensorRT engines built for Orin (sm_87)/TensorRT 10.3.0.30; "
                                       "this machine has NVIDIA H100 80GB HBM3 (sm_90)/TensorRT 10.7.0.23")
     assert str(info.value).endswith(f"`scalecert build {tiny_bundle} --backend trt --precision fp32`")
-
-
-def test_certify_with_trt_backend_gives_one_error_line(tiny_bundle, tmp_path):
-    from PIL import Image
-
-    image = str(tmp_path / "photo.png")
-    Image.fromarray(next(iter(skimage_photos().values()))).save(image)
-    proc = run_cli("scalecert", "certify", tiny_bundle, image, "--backend", "trt")
-    assert proc.returncode != 0 and "Traceback" not in proc.stdout + proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(errors) == 1 and errors[0].startswith("error:"), proc.stderr
-    assert "TensorRT" in errors[0] or "--backend trt" in errors[0], errors[0]

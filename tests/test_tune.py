@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import run_cli, skimage_photos
+from conftest import in_process, run_cli, skimage_photos
 
 TUNE_ARGS = ("--arch", "resnet20-cifar", "--patch", "5", "--stride", "8", "--prune-rate", "0.5", "--batch", "16",
              "--val-limit", "12", "--cert-limit", "4", "--quiet")
@@ -33,27 +33,13 @@ def photo_folder(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def start_checkpoint(tmp_path_factory) -> str:
-    """Seeded random ResNet-20 with a 3-way head trained nowhere: tuning must move it."""
-    import torch
-
-    from scalecert.exporter.archs import REGISTRY
-
-    torch.manual_seed(0)
-    path = str(tmp_path_factory.mktemp("start") / "start.pt")
-    torch.save({"state_dict": REGISTRY["resnet20-cifar"].build().state_dict()}, path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tuned(tmp_path_factory, photo_folder, start_checkpoint) -> str:
+def tuned(tmp_path_factory, photo_folder, tiny_checkpoint) -> str:
     out = str(tmp_path_factory.mktemp("tuned") / "tuned.pt")
-    run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "2", "-o", out, *TUNE_ARGS,
-            check=True)
+    in_process("tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "2", "-o", out, *TUNE_ARGS)
     return out
 
 
-def test_checkpoint_is_a_plain_state_dict_with_its_record(tuned, start_checkpoint):
+def test_checkpoint_is_a_plain_state_dict_with_its_record(tuned, tiny_checkpoint):
     import torch
 
     data = torch.load(tuned, map_location="cpu", weights_only=True)
@@ -63,7 +49,7 @@ def test_checkpoint_is_a_plain_state_dict_with_its_record(tuned, start_checkpoin
     assert [h["epoch"] for h in record["history"]] == list(range(record["epoch"] + 1))  # best epoch kept
     last = torch.load(tuned + ".last", map_location="cpu", weights_only=True)
     assert [h["epoch"] for h in last["history"]] == [0, 1, 2] and last["best"]["epoch"] == record["epoch"]
-    start = torch.load(start_checkpoint, weights_only=True)["state_dict"]
+    start = torch.load(tiny_checkpoint, weights_only=True)["state_dict"]
     assert set(data["state_dict"]) == set(start)
     assert not torch.equal(data["state_dict"]["conv1.weight"], start["conv1.weight"]), "tuning changed nothing"
 
@@ -73,19 +59,21 @@ def test_tuned_checkpoint_exports_with_its_gate_and_certifies(tuned, tmp_path, p
     training gate (off float ties at tau) and its features equal the training features."""
     import torch
 
-    from scalecert.exporter.loading import load_model
+    from scalecert.export.loading import load_model
     from scalecert.runtime import Certifier
-    from scalecert.tune import SplitNetwork, plan
+    from scalecert.training.tune import SplitNetwork, plan
 
     bundle = str(tmp_path / "tuned.scalecert")
-    run_cli("scalecert-export", tuned, "--arch", "resnet20-cifar", "-o", bundle, "--quiet", check=True)
+    in_process("export", tuned, "--arch", "resnet20-cifar", "-o", bundle, "--quiet")
     manifest = json.load(open(os.path.join(bundle, "manifest.json")))
     record = torch.load(tuned, weights_only=True)["scalecert_tune"]
     assert manifest["threat_model"]["patch"] == [5, 5] and manifest["windows"]["stride"] == 8
     assert manifest["sin"]["threshold"] == record["sin"]["threshold"] and manifest["sin"]["prune_rate"] == 0.5
 
     loaded = load_model(tuned, "resnet20-cifar")
-    program, layer, _, _, windows = plan(loaded, "5", "auto", "8", 100, 2.0)
+    program, split = plan(loaded, "5", "auto", "8", 100, 2.0)
+    layer, windows = split.layer, split.windows
+    assert (layer.name, split.stride) == (manifest["layer"]["name"], manifest["windows"]["stride"])
     net = SplitNetwork(program.module(), layer.name, manifest["input"], windows, layer.shape[1:], "abs")
     net.alpha = torch.tensor(record["sin"]["alpha"]).reshape(1, -1, 1, 1)
     net.tau = record["sin"]["threshold"]
@@ -107,45 +95,68 @@ def test_tuned_checkpoint_exports_with_its_gate_and_certifies(tuned, tmp_path, p
     assert result.status in ("certified", "alert") and result.windows_total == len(windows)
 
 
-def test_resume_continues_from_the_last_epoch(tmp_path, photo_folder, start_checkpoint):
+def test_resume_continues_from_the_last_epoch(tmp_path, photo_folder, tiny_checkpoint):
     import torch
 
     out = str(tmp_path / "r.pt")
-    run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out, *TUNE_ARGS,
-            check=True)
-    proc = run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "2", "-o", out,
+    in_process("tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out, *TUNE_ARGS)
+    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "2", "-o", out,
                    "--resume", *TUNE_ARGS)
-    assert proc.returncode != 0 and "other settings" in proc.stderr  # epochs changed the schedule: refused
-    proc = run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out,
+    lines = proc.stderr.strip().splitlines()  # epochs changed the schedule: refused
+    assert proc.returncode == 2 and len(lines) == 1 and "r.pt.last: was written with other settings" in lines[0], proc.stderr
+    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out,
                    "--resume", *[a for a in TUNE_ARGS if a != "--quiet"], check=True)
     assert "resumed" in proc.stdout
     last = torch.load(out + ".last", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 2
 
 
-def test_same_seed_same_weights(tmp_path, photo_folder, start_checkpoint):
+def test_same_seed_same_weights(tmp_path, photo_folder, tiny_checkpoint):
     import torch
 
     outs = []
     for name in ("a", "b"):
         outs.append(str(tmp_path / f"{name}.pt"))
-        run_cli("scalecert", "tune", start_checkpoint, "--data", photo_folder, "--epochs", "1", "--limit", "32",
+        run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "--limit", "32",
                 "-o", outs[-1], "--threads", "1", *TUNE_ARGS, check=True)
     a, b = (torch.load(p, weights_only=True)["state_dict"] for p in outs)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("case", ["missing data", "unknown arch", "unwritable output", "no model", "onnx model"])
-def test_bad_input_is_one_line(case, tmp_path, photo_folder, start_checkpoint):
-    args = {"missing data": [start_checkpoint, "--arch", "resnet20-cifar", "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o.pt")],
-            "unknown arch": [start_checkpoint, "--arch", "resnet21", "--data", photo_folder, "-o", str(tmp_path / "o.pt")],
-            "unwritable output": [start_checkpoint, "--arch", "resnet20-cifar", "--data", photo_folder, "-o", str(tmp_path / "no-such-dir" / "o.pt")],
-            "no model": ["--arch", "resnet20-cifar", "--data", photo_folder, "-o", str(tmp_path / "o.pt")],
-            "onnx model": [str(tmp_path / "m.onnx"), "--arch", "resnet20-cifar", "--data", photo_folder, "-o", str(tmp_path / "o.pt")]}[case]
-    if case == "onnx model":
-        (tmp_path / "m.onnx").write_bytes(b"not an onnx file")
+def _valid_onnx(path) -> str:
+    """A well-formed ONNX classifier (global average pool): a model tune cannot write weights back to."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("GlobalAveragePool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])],
+                              "pool", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return str(path)
+
+
+BAD_INPUT = {  # case -> (arguments, expected message fragment); MODEL, DATA and TMP are filled in
+    "missing data": (["MODEL", "--arch", "resnet20-cifar", "--data", "TMP/nope", "-o", "TMP/o.pt"],
+                     "nope: no such directory"),
+    "unknown arch": (["MODEL", "--arch", "resnet21", "--data", "DATA", "-o", "TMP/o.pt"],
+                     "unknown --arch 'resnet21'; known: efficientnet-lite0"),
+    "unwritable output": (["MODEL", "--arch", "resnet20-cifar", "--data", "DATA", "-o", "TMP/no-such-dir/o.pt"],
+                          "o.pt: cannot write there"),
+    "no model": (["--arch", "resnet20-cifar", "--data", "DATA", "-o", "TMP/o.pt"], "no model file given"),
+    "onnx model": (["ONNX", "--arch", "resnet20-cifar", "--data", "DATA", "-o", "TMP/o.pt"],
+                   "tune needs a state_dict checkpoint with --arch"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_is_one_line(case, tmp_path, photo_folder, tiny_checkpoint):
+    template, expected = BAD_INPUT[case]
+    onnx_model = _valid_onnx(tmp_path / "m.onnx") if "ONNX" in template else None
+    named = {"MODEL": tiny_checkpoint, "DATA": photo_folder, "ONNX": onnx_model}
+    args = [named.get(a, str(tmp_path) + a[3:] if a.startswith("TMP/") else a) for a in template]
     proc = run_cli("scalecert", "tune", *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+    assert expected in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "o.pt")
