@@ -56,16 +56,9 @@ def certify(bundle: str, images: list[str], precision: str = "fp32") -> list[dic
 
 def tiny_checkpoint(path: str) -> str:
     """A CIFAR ResNet-20 state_dict with seeded random weights (tests/conftest.py builds the same)."""
-    import torch
+    from scalecert.export.archs import random_checkpoint
 
-    try:
-        from scalecert.export.archs import REGISTRY
-    except ImportError:  # the layout before issue 10
-        from scalecert.export.archs import REGISTRY
-
-    torch.manual_seed(0)
-    torch.save({"state_dict": REGISTRY["resnet20-cifar"].build().state_dict()}, path)
-    return path
+    return random_checkpoint("resnet20-cifar", path, seed=0)
 
 
 def photo_folder(folder: str, count: int = 24) -> list[str]:
@@ -97,7 +90,7 @@ def cases_small(work: str) -> dict:
     bundle = os.path.join(work, "tiny.scalecert")
     _run(_exe("scalecert-export"), ckpt, "--arch", "resnet20-cifar", "--patch", "5", "--layer", "relu_2",
          "--stride", "4", "--prune-rate", "0.3", "--calib", calib, "-o", bundle, "--quiet")
-    _run(_exe("scalecert"), "build", bundle, "--precision", "int8", "--calib", calib, "--quiet")
+    _run(_exe("scalecert"), "build", bundle, "--precision", "int8", "--calib", calib, "--accept-loss", "--quiet")
     return {"tiny-r20-fp32": certify(bundle, photos[8:]), "tiny-r20-int8": certify(bundle, photos[8:], "int8")}
 
 

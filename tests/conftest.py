@@ -162,9 +162,9 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_pruned_bundle(tmp_path_factory, tiny_checkpoint, calib_dir) -> str:
-    """Random-weight ResNet-20, auto (shallow) layer, 30% of positions gated off."""
+    """Random-weight ResNet-20, the shallow layer, 30% of positions gated off."""
     return export(tmp_path_factory, "gate-tiny", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
-                  "--calib", calib_dir, "--prune-rate", "0.3")
+                  "--layer", "relu", "--stride", "3", "--calib", calib_dir, "--prune-rate", "0.3")
 
 
 @pytest.fixture(scope="session")
@@ -185,8 +185,8 @@ def r20_bundle(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def r20_pruned_bundle(tmp_path_factory) -> str:
     """ResNet-20 with a 5x5 patch and 30% of positions gated off (calibrated on CIFAR train)."""
-    return export(tmp_path_factory, "r20p", need(R20), "--arch", "resnet20-cifar", "--patch", "5",
-                  "--calib", need(CIFAR_TRAIN), "--calib-limit", "200", "--prune-rate", "0.3")
+    return export(tmp_path_factory, "r20p", need(R20), "--arch", "resnet20-cifar", "--patch", "5", "--layer", "relu",
+                  "--stride", "3", "--calib", need(CIFAR_TRAIN), "--calib-limit", "200", "--prune-rate", "0.3")
 
 
 @pytest.fixture(scope="session")

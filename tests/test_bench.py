@@ -61,7 +61,7 @@ def test_bench_end_to_end_report_schema(tmp_path_factory, tiny_checkpoint):
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / cls / f"{i}.png")
     bundle = export(tmp_path_factory, "benchb", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
-                    "--calib", str(data))
+                    "--layer", "relu", "--stride", "3", "--calib", str(data))
     report_path, plot_path = str(data / "report.json"), str(data / "plot.png")
     proc = run_cli("scalecert", "bench", bundle, "--data", str(data), "--prune-rate", "0,0.3", "--stride", "3,6",
                    "--baseline", "--baseline-engine", "both", "--model", tiny_checkpoint, "--arch", "resnet20-cifar",

@@ -17,8 +17,8 @@ from scalecert.bundle import manifest as manifest_io
 def built(tmp_path_factory, tiny_checkpoint, photo_dir) -> str:
     bundle = export(tmp_path_factory, "built", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
                     "--stride", "6", "--calib", photo_dir, "--prune-rate", "0.3")
-    for precision in ("fp16", "int8"):
-        in_process("build", bundle, "--precision", precision, "--calib", photo_dir, "--quiet")
+    for precision in ("fp16", "int8"):  # random weights: the int8 floor is not what these tests are about
+        in_process("build", bundle, "--precision", precision, "--calib", photo_dir, "--accept-loss", "--quiet")
     return bundle
 
 
@@ -100,3 +100,23 @@ def test_bench_sweeps_precisions(built, tmp_path, photo_dir):
     report = json.load(open(report_path))
     assert [c["precision"] for c in report["configs"]] == ["fp32", "int8"]
     assert all(c["images"] == 4 for c in report["configs"])
+
+
+def test_int8_below_the_floor_is_refused_unless_accepted(tmp_path, tiny_bundle, photo_dir):
+    """The variant is compared with fp32 on the calibration images (base and every window); below
+    the agreement floor (here raised to 100% so that any flip counts) build refuses in one line and
+    leaves the bundle as it was; --accept-loss keeps it and says so."""
+    bundle = str(tmp_path / "b")
+    shutil.copytree(tiny_bundle, bundle)
+    before = open(os.path.join(bundle, "manifest.json")).read()
+    proc = run_cli("scalecert", "build", bundle, "--precision", "int8", "--calib", photo_dir, "--min-agreement", "1")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: int8 variant refused: top-1 agreement") and "--accept-loss" in lines[0]
+    assert "int8 (cpu) vs fp32 on 4" in proc.stdout  # both numbers printed before the verdict
+    assert open(os.path.join(bundle, "manifest.json")).read() == before
+    proc = run_cli("scalecert", "build", bundle, "--precision", "int8", "--calib", photo_dir, "--min-agreement", "1",
+                   "--accept-loss")
+    assert proc.returncode == 0 and "warning: int8 kept with --accept-loss" in proc.stdout, proc.stderr
+    variant = _manifest(bundle)["precisions"]["int8"]
+    assert variant["accepted_loss"] and variant["family"] == "cpu" and variant["vs_fp32"]["top1_agreement"] < 1

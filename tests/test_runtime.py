@@ -20,12 +20,12 @@ from scalecert.runtime.images import load_image, read_image, resize_to_input
 def test_decision_rule():
     labels = np.array([3, 3, 3, 3])
     margins = np.array([1.0, 0.5, 2.0, 0.3], np.float32)
-    assert decision.decide(3, 1.0, labels, margins).certified
-    assert not decision.decide(3, 1.0, labels, margins, delta=0.4).certified
-    assert decision.decide(3, 1.0, labels, margins, delta=0.4).alert_windows.tolist() == [3]
+    assert decision.decide(3, 1.0, labels, margins).status == "certified"
+    thin = decision.decide(3, 1.0, labels, margins, delta=0.4)  # every window agrees, one too thinly to certify
+    assert thin.status == "uncertified" and thin.alert_windows.tolist() == []
     bad = decision.decide(3, 1.0, np.array([3, 5, 3, 5]), margins)
-    assert not bad.certified and bad.alert_windows.tolist() == [1, 3] and bad.label == 3
-    assert not decision.decide(3, 0.01, labels, margins, delta=0.1).certified  # thin base margin
+    assert bad.status == "alert" and bad.alert_windows.tolist() == [1, 3] and bad.label == 3
+    assert decision.decide(3, 0.01, labels, margins, delta=0.1).status == "uncertified"  # thin base margin
     group = np.array([-1, 0, 1, 0, -1])
     assert decision.expand_groups(group, np.array([7, 8]), 3).tolist() == [3, 7, 8, 7, 3]
     lab, marg = decision.top2_margin(np.array([[0.0, 2.0, 1.5], [3.0, -1.0, 0.0]]))

@@ -41,7 +41,7 @@ def _assert_sound(out: dict, min_images: int, min_attacked: int) -> None:
     t = out["total"]
     assert out["images_attacked"] >= min_images, f"too few certified images to attack: {out['images_attacked']}"
     assert t["attacked"] >= min_attacked, t
-    assert t["attacked"] == t["certified_same"] + t["alert"] + t["violations"]
+    assert t["attacked"] == t["certified_same"] + t["uncertified_same"] + t["alert"] + t["violations"]
     assert t["violations"] == 0, out["violations_detail"][:3]
     # every certified image was attacked at every position (pgd positions come on top)
     plain = sum(c["attacked"] for name, c in out["per_content"].items() if name != "pgd")
@@ -349,3 +349,36 @@ def test_resnet20_int8_variant_attacked_everywhere_never_certified_wrong(r20_bun
                                contents=("noise", "extreme", "donor"), seed=3)
     _report("resnet20-int8", out)
     _assert_sound(out, min_images=1, min_attacked=POSITIONS_5x5_32)
+
+
+# -- (v) the confidence-threshold decision (docs/design.md §7) -----------------------------------
+@pytest.mark.parametrize("threshold", [0.5, 0.8])
+def test_threshold_decision_attacked_everywhere_never_wrong_without_alert(tiny, threshold):
+    """At T > 0 a window only alerts when it disagrees confidently, and certification needs every
+    window confident. Certified images attacked at every position: the output is the certified
+    label or an alert, never another label without alert (certified or uncertified)."""
+    bundle, reference, images, labels, names = tiny
+    certifier = _load(bundle, early_exit=True, threshold=threshold)
+    assert certifier.threshold == threshold
+    thin = _thinnest(certifier, images, labels, names, 2)
+    assert len(thin[0]) >= 1, f"nothing certifies at T={threshold}"
+    out = attack.attack_images(certifier, thin[0], labels=thin[1], names=thin[2], mix=True,
+                               donor_pool=images, donor_labels=labels,
+                               contents=("noise", "extreme", "donor", "pgd"), reference=reference,
+                               pgd_positions=16, pgd_steps=8, pgd_views=2, seed=5)
+    _report(f"tiny, T={threshold}", out)
+    _assert_sound(out, min_images=1, min_attacked=POSITIONS_5x5_32)
+    assert out["total"]["alert"] + out["total"]["uncertified_same"] > 0
+
+
+def test_threshold_negative_control_is_caught(tiny):
+    """The same harness at T = 0.5 on a certifier without windows: base flips are violations."""
+    bundle, reference, images, labels, names = tiny
+    nothing = _load(bundle, cls=_NoWindows, early_exit=True, threshold=0.5)
+    thin = _thinnest(_load(bundle, threshold=0.5), images, labels, names, 2)
+    out = attack.attack_images(nothing, thin[0], labels=thin[1], names=thin[2], mix=True,
+                               donor_pool=images, donor_labels=labels,
+                               contents=("noise", "extreme", "donor", "pgd"), reference=reference,
+                               pgd_positions=24, pgd_steps=10, pgd_views=0, seed=3)
+    _report("negative at T=0.5: no windows", out)
+    assert out["total"]["violations"] > 0

@@ -54,6 +54,23 @@ def test_checkpoint_is_a_plain_state_dict_with_its_record(tuned, tiny_checkpoint
     assert not torch.equal(data["state_dict"]["conv1.weight"], start["conv1.weight"]), "tuning changed nothing"
 
 
+def test_tune_keeps_its_input_when_training_hurts(tuned, tmp_path, photo_folder):
+    """A learning rate that wrecks the weights: validation runs before the first epoch, no epoch
+    beats the input, and the output holds the input's weights unchanged (one line says so)."""
+    import torch
+
+    out = str(tmp_path / "hurt.pt")
+    proc = run_cli("scalecert", "tune", tuned, "--data", photo_folder, "--epochs", "1", "--lr", "1000", "-o", out,
+                   *[a for a in TUNE_ARGS if a != "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    assert "no epoch beat the input on validation" in proc.stdout
+    assert "warning: 3 validation images are too few" in proc.stdout
+    kept = torch.load(out, map_location="cpu", weights_only=True)
+    start = torch.load(tuned, map_location="cpu", weights_only=True)["state_dict"]
+    assert kept["scalecert_tune"]["epoch"] == 0
+    assert all(torch.equal(kept["state_dict"][k], start[k]) for k in start)
+
+
 def test_tuned_checkpoint_exports_with_its_gate_and_certifies(tuned, tmp_path, photo_folder):
     """Export takes patch/stride/layer/gate from the record; the prefix's gate is bitwise the
     training gate (off float ties at tau) and its features equal the training features."""

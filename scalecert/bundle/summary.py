@@ -24,6 +24,8 @@ def summary(m: dict) -> dict:
         "dead_channels": len(sin.get("dead_channels", [])),
         "dead_channels_removed": sin.get("dead_channels_removed", False),
         "margin": m["margin"],
+        "threshold": m.get("decision", {}).get("threshold", 0.0),
+        "plan": m.get("plan"),
         "prefix": stats.get("prefix"),
         "suffix": stats.get("suffix"),
         "full_model": stats.get("full"),
@@ -55,5 +57,50 @@ def render(s: dict) -> str:
             rows.append((part.replace("_", " "), f"{_num(s[part]['params'])} params, {_num(s[part]['macs'])} MACs"
                          + (" per window" if part == "suffix" else " per image")))
     rows.append(("files", ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in s["files"].items())))
+    rows.append(("alert threshold", f"confidence T = {s['threshold']:g} (docs/design.md §7)"))
+    plan = s.get("plan") or {}
+    rows.append(("plan", {"measured": f"measured on {plan.get('images')} calibration images ({plan.get('metric')}), "
+                                      f"budget {plan.get('budget_forwards')} full forwards per image",
+                          "geometric": "geometric rule (no calibration images)",
+                          "given": "layer and stride given"}.get(plan.get("method"), "not recorded")))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    text = "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+    if plan.get("candidates"):
+        text += "\n\n" + plan_table(plan["candidates"])
+    return text
+
+
+def plan_table(candidates: list[dict]) -> str:
+    """The measured plan's candidates, one row each (<= marks an upper bound: scoring stopped
+    once the candidate could not win; * marks the chosen one)."""
+    from scalecert.tables import format_table
+
+    header = ("", "layer", "features", "stride", "rate", "windows", "run", "cost (fwd)", "certified", "clean")
+    rows = [("*" if c["chosen"] else "", c["layer"], "x".join(map(str, c["feature_shape"])), str(c["stride"]),
+             f"{c['prune_rate']:g}", str(c["windows"]), f"{c['windows_run_mean']:.1f}", f"{c['cost_forwards']:.1f}",
+             ("<= " if c["pruned"] else "") + f"{c['certified']:.1%}", f"{c['clean']:.1%}") for c in candidates]
+    return format_table(header, rows)
+
+
+def plot_plan(candidates: list[dict], path: str) -> None:
+    """Certified rate against cost per candidate (upper bounds hollow), the chosen one starred."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for layer in dict.fromkeys(c["layer"] for c in candidates):
+        rows = [c for c in candidates if c["layer"] == layer]
+        ax.scatter([c["cost_forwards"] for c in rows], [100 * c["certified"] for c in rows], label=layer,
+                   facecolors=["none" if c["pruned"] else f"C{list(dict.fromkeys(x['layer'] for x in candidates)).index(layer)}" for c in rows],
+                   edgecolors=f"C{list(dict.fromkeys(x['layer'] for x in candidates)).index(layer)}")
+    chosen = [c for c in candidates if c["chosen"]]
+    ax.scatter([c["cost_forwards"] for c in chosen], [100 * c["certified"] for c in chosen], marker="*", s=250,
+               color="gold", edgecolors="black", label="chosen", zorder=3)
+    ax.set_xlabel("cost per image (full-model forwards)")
+    ax.set_ylabel("certified on calibration images (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -67,6 +67,6 @@ def _table(results) -> str:
     header = ("image", "status", "label", "class", "windows run", "ms")
     lines = [(os.path.basename(r.image), r.status, str(r.label), (r.class_name or "-")[:28],
               f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for r in results]
-    from scalecert.evaluation.report import format_table
+    from scalecert.tables import format_table
 
     return format_table(header, lines)

@@ -89,7 +89,7 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
     existing = bundle.precisions.get(precision)
     rebuild_int8 = precision == "int8" and (existing is None or existing.get("family", "gpu") != int8_family(backend))
     if rebuild_int8 and calib is None:
-        raise ScaleCertError(f"--precision int8 for {backend} needs --calib DIR: activation scales are calibrated on images")
+        raise ScaleCertError(f"--precision int8 needs --calib DIR: activation scales are calibrated on images (for {backend})")
     images = _calibration_images(calib, calib_limit, bundle.input_spec)
     windows = bundle.windows()
     with staging(bundle_dir, ".scalecert-build-") as work:

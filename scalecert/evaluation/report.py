@@ -17,6 +17,8 @@ import resource
 
 import numpy as np
 
+from scalecert.tables import format_table
+
 SCHEMA = "scalecert-bench/1"
 
 
@@ -56,12 +58,6 @@ def metrics(labels, preds, statuses, latencies, prefix_ms=None, suffix_ms=None, 
     if prefix_ms is not None:
         out.update({"prefix_ms_median": float(np.median(prefix_ms)), "suffix_ms_median": float(np.median(suffix_ms))})
     return out
-
-
-def format_table(header, rows) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*r) for r in rows])
 
 
 def bench_table(report) -> str:

@@ -234,6 +234,7 @@ class PlanSearch:
             return b is None or (a.certified, -a.cost) > (b.certified, -b.cost)
 
         best = None
+        within = (lambda c: True) if stride_spec != "auto" else (lambda c: c.cost <= self.budget)  # a given stride is the user's cost
         for layer in layers:
             _, _, prefix_macs, suffix_macs = self._graphs(layer)
             window_hw = geometry.window_size(self.patch_hw, self.image_hw, (layer.rf.y, layer.rf.x), layer.shape[1:])
@@ -244,7 +245,7 @@ class PlanSearch:
                 candidate = self.evaluate(layer, stride, rate, alpha_for(layer) if rate > 0 else None, best)
                 table.append(candidate)
                 self.say(_describe(candidate))
-                if not candidate.pruned and candidate.cost <= self.budget and better(candidate, best):
+                if not candidate.pruned and within(candidate) and better(candidate, best):
                     best = candidate
         if best is None:
             raise ScaleCertError(f"no split fits --budget {self.budget:g} full forwards per image; raise --budget")
@@ -254,7 +255,7 @@ class PlanSearch:
                 candidate = self.evaluate(best.layer, best.stride, rate, alpha, best)
                 table.append(candidate)
                 self.say(_describe(candidate))
-                if not candidate.pruned and candidate.cost <= self.budget and better(candidate, best):
+                if not candidate.pruned and within(candidate) and better(candidate, best):
                     best = candidate
         best.chosen = True
         return table, best

@@ -304,7 +304,7 @@ def tune(opts: TuneOptions, say=print) -> dict:
             scheduler.step()
             seen += len(targets)
             correct += int((logits.argmax(1) == targets).sum())
-            loss_sum += float(loss) * len(targets)
+            loss_sum += float(loss.detach()) * len(targets)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}")
         record = net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
         metrics = net.evaluate(val_x, val_y, opts.cert_limit)
