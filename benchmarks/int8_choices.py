@@ -20,7 +20,7 @@ import numpy as np
 def main(argv=None) -> int:
     from scalecert.bundle import Bundle
     from scalecert.compile import precision as conversions
-    from scalecert.compile.build import _calibration_images, _suffix_feeds
+    from scalecert.compile.build import calibration_images, suffix_feeds
     from scalecert.runtime import pipelines
     from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline
 
@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     bundle = Bundle.open(args.bundle)
-    images = _calibration_images(args.calib, args.calib_limit, bundle.input_spec)
+    images = calibration_images(args.calib, args.calib_limit, bundle.input_spec)
     held, fit = images[:args.held_back], images[args.held_back:]
     windows = bundle.windows()
     queue = np.concatenate([np.zeros((1, 4), np.int64), windows])
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
 
     with pipelines.open_pipeline(bundle, "ort-cpu", "fp32") as fp32:
         reference = logits_of(fp32)
-        feeds = _suffix_feeds(fp32, fit, windows)
+        feeds = suffix_feeds(fp32, fit, windows)
     prefix_feeds = [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]
     ref_labels = reference.argmax(-1)
     ref_cert = (ref_labels == ref_labels[:, :1]).all(1)

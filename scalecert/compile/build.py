@@ -26,7 +26,7 @@ from scalecert.runtime import pipelines
 BACKENDS = {"ort": "ort-cpu", "ort-cpu": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "trt"}
 
 
-def _calibration_images(calib: str | None, limit: int, input_spec: dict) -> np.ndarray | None:
+def calibration_images(calib: str | None, limit: int, input_spec: dict) -> np.ndarray | None:
     from scalecert.runtime.datasets import image_set
     from scalecert.runtime.images import load_image, normalize
 
@@ -36,7 +36,7 @@ def _calibration_images(calib: str | None, limit: int, input_spec: dict) -> np.n
     return normalize(np.stack([load_image(path, input_spec) for path, _ in items]), input_spec)
 
 
-def _suffix_feeds(pipeline, images: np.ndarray, windows: np.ndarray, per_image: int = 8, seed: int = 0) -> list[dict]:
+def suffix_feeds(pipeline, images: np.ndarray, windows: np.ndarray, per_image: int = 8, seed: int = 0) -> list[dict]:
     """Suffix calibration inputs: each image's gated features with the empty window and a few others."""
     rng = np.random.default_rng(seed)
     feeds = []
@@ -90,7 +90,7 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
     rebuild_int8 = precision == "int8" and (existing is None or existing.get("family", "gpu") != int8_family(backend))
     if rebuild_int8 and calib is None:
         raise ScaleCertError(f"--precision int8 needs --calib DIR: activation scales are calibrated on images (for {backend})")
-    images = _calibration_images(calib, calib_limit, bundle.input_spec)
+    images = calibration_images(calib, calib_limit, bundle.input_spec)
     windows = bundle.windows()
     with staging(bundle_dir, ".scalecert-build-") as work:
         shutil.copytree(bundle_dir, work, dirs_exist_ok=True)
@@ -144,13 +144,13 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
     else:
         fit = images[len(held):] if len(images) >= 16 else images  # ranges from the rest: `held` judges them
         with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
-            suffix_feeds = _suffix_feeds(fp32, fit, windows)
-        prefix_feeds = [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]
+            feeds_for = {"suffix": suffix_feeds(fp32, fit, windows)}
+        feeds_for["prefix"] = [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]
         options = ({"activations": "uint8", "reduce_range": True} if family == "cpu" else
                    {"activations": "int8", "reduce_range": False})
-        for part, feeds in (("prefix", prefix_feeds), ("suffix", suffix_feeds)):
-            info["conversion"][part] = conversions.to_int8(src[part], os.path.join(work, names[part]), part, feeds,
-                                                           **options)
+        for part in ("prefix", "suffix"):
+            info["conversion"][part] = conversions.to_int8(src[part], os.path.join(work, names[part]), part,
+                                                           feeds_for[part], **options)
         info.update({"family": family, "calibration_images": len(fit), "held_back_images": len(held)})
     for part in ("prefix", "suffix"):
         problems = conversions.check_static_precision(os.path.join(work, names[part]))
