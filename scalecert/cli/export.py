@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from scalecert.cli.app import _guard, main
+from scalecert.cli.app import OneLineCommand, _guard, main
 
 
 def _export_options(f):
@@ -23,13 +23,14 @@ def _export_options(f):
         click.option("--prune-tolerance", default=0.01, show_default=True, help="--prune-rate auto: accuracy loss allowed"),
         click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
         click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
-        click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True),
+        click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True,
+                     help="SIN score of a feature: abs sums alpha*|A|, relu sums alpha*max(A, 0)"),
         click.option("--classes", help="text file with one class name per line"),
         click.option("--trust-pickle", is_flag=True, help="allow unpickling a whole nn.Module (runs code from the file)"),
         click.option("-o", "--output", help="bundle directory (default: MODEL stem + .scalecert)"),
         click.option("--force", is_flag=True, help="replace an existing bundle"),
         click.option("--list-archs", is_flag=True, help="list built-in architectures and exit"),
-        click.option("--quiet", is_flag=True),
+        click.option("--quiet", is_flag=True, help="print nothing but errors (no progress, no summary)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -52,11 +53,10 @@ def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, st
                          input_size=parse_input_size(input_size) if input_size else None, patch=patch, layer=layer,
                          prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
                          calib=calib, calib_limit=calib_limit, prune_tolerance=prune_tolerance,
-                         channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi, classes=classes, trust_pickle=trust_pickle, force=force)
+                         channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi, classes=classes, trust_pickle=trust_pickle, force=force,
+                         echo=None if quiet else click.echo)
     path = export_bundle(opts)
     if not quiet:
-        for line in opts.log:
-            click.echo(line)
         click.echo(f"wrote {path}")
 
 
@@ -67,7 +67,7 @@ def export_cmd(**kwargs):
     _do_export(**kwargs)
 
 
-@click.command("scalecert-export")
+@click.command("scalecert-export", cls=OneLineCommand)
 @_export_options
 def export_main(**kwargs):
     """Export MODEL to a ScaleCert bundle (same as `scalecert export`)."""

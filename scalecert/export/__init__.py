@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from scalecert import __version__
 from scalecert.bundle import manifest as manifest_io
-from scalecert.bundle.staging import staging
+from scalecert.bundle.staging import check_output, staging
 from scalecert.core import geometry
 from scalecert.errors import ScaleCertError
 from scalecert.export.calibrate import CalibrationSet, channel_importance, choose_gate
@@ -62,9 +62,12 @@ class ExportOptions:
     pretrained: bool = False
     force: bool = False
     log: list = field(default_factory=list)
+    echo: object = None  # print each step as it happens (the CLI's progress), unless None
 
     def say(self, message: str) -> None:
         self.log.append(message)
+        if self.echo is not None:
+            self.echo(message)
 
 
 @dataclass
@@ -90,7 +93,15 @@ def export_bundle(opts: ExportOptions) -> str:
                       opts.max_growth)
     num_classes, classes = _classes(opts.classes, model, loaded)
     opts.say(plan.describe())
+    if request.calibration_items is not None:
+        from scalecert.runtime.datasets import check_labels
+
+        check_labels(request.calibration_items, num_classes, f"--calib {opts.calib}")
+        opts.say(f"reading {len(request.calibration_items)} calibration images")
     calibration = CalibrationSet.load(request.calibration_items, request.input_spec) if request.calibration_items else None
+    if calibration is not None and calibration.labelled and num_classes:
+        _check_calibration_labels(model, calibration, num_classes, opts.calib)
+        opts.say("calibrating the SIN gate (channel importances, threshold)")
     with staging(request.output) as work:
         importance = channel_importance(model, program, plan.layer, calibration, request.record, opts.phi,
                                         float(opts.channel_prune), work)
@@ -133,11 +144,7 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
     from scalecert.runtime.datasets import image_set
 
     output = opts.output or os.path.splitext(os.path.basename(loaded.source))[0] + ".scalecert"
-    if os.path.exists(output) and not opts.force:
-        raise ScaleCertError(f"{output}: already exists (pass --force to replace it)")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ScaleCertError(f"{output}: cannot write there (no such directory or not writable)")
+    check_output(output, opts.force)
     record = _apply_tune_defaults(opts, loaded.tuned)
     _, image_h, image_w = loaded.preprocess.input_size
     patch_hw = geometry.parse_patch(opts.patch, (image_h, image_w))
@@ -148,12 +155,45 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
                     raise ValueError
             except ValueError:
                 raise ScaleCertError(f"{label} {value!r}: expected a number in [{low}, {high}]" + (" or auto" if label == "--prune-rate" else "")) from None
+    if opts.calib_limit is not None and opts.calib_limit < 1:
+        raise ScaleCertError(f"--calib-limit {opts.calib_limit}: expected a positive number of images")
+    if not 0 <= float(opts.prune_tolerance) <= 1:
+        raise ScaleCertError(f"--prune-tolerance {opts.prune_tolerance}: expected a fraction in [0, 1]")
+    if opts.window_budget < 1:
+        raise ScaleCertError(f"--window-budget {opts.window_budget}: expected a positive number of windows")
+    if not opts.max_growth > 0:
+        raise ScaleCertError(f"--max-growth {opts.max_growth}: expected a number above 0")
     calib_items = image_set(opts.calib, limit=opts.calib_limit) if opts.calib else None
+    if calib_items is not None:
+        opts.say(calib_items.describe())
     if float(opts.channel_prune) > 0 and calib_items is None and record is None:
         raise ScaleCertError("--channel-prune needs --calib: channel importances come from calibration images")
     if opts.prune_rate not in ("auto", "0", "0.0") and float(opts.prune_rate) > 0 and calib_items is None and record is None:
         raise ScaleCertError("--prune-rate above 0 needs --calib DIR: the gate threshold is calibrated on images")
     return Request(output, loaded.preprocess.to_json(), (image_h, image_w), patch_hw, calib_items, record)
+
+
+def _check_calibration_labels(model: ir.Model, calibration, num_classes: int, where: str) -> None:
+    """Refuse calibration labels that make the dense model look broken: top-1 agreement with them
+    below half of chance means the labels (layout, class order) do not belong to this model."""
+    import tempfile
+
+    from scalecert.export.calibrate import run_onnx
+
+    if len(calibration.labels) < 10 or num_classes < 2:
+        return
+    with tempfile.TemporaryDirectory(prefix=".scalecert-check-") as scratch:
+        path = os.path.join(scratch, "full.onnx")
+        ir.save(model, path)
+        name = model.graph.inputs[0].name
+        feeds = [{name: calibration.images[i:i + 32]} for i in range(0, len(calibration.images), 32)]
+        logits = run_onnx(path, feeds, model.graph.outputs[0].name)
+    accuracy = float((logits.argmax(1) == np.asarray(calibration.labels)).mean())
+    chance = 1.0 / num_classes
+    if accuracy < 0.5 * chance:
+        raise ScaleCertError(f"--calib {where}: the dense model agrees with {accuracy:.1%} of these labels (chance is "
+                             f"{chance:.1%}); the labels do not fit the model (wrong layout or class order?), "
+                             "refusing to calibrate against them; pass --labels CSV")
 
 
 def _classes(path: str | None, model: ir.Model, loaded: LoadedModel):
