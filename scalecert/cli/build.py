@@ -18,10 +18,22 @@ from scalecert.runtime import pipelines
 @click.option("--workspace-mb", default=4096, show_default=True, help="TensorRT builder workspace limit")
 @click.option("--max-windows", default=128, show_default=True, help="TensorRT profile: most windows per suffix call")
 @click.option("--max-images", default=16, show_default=True, help="TensorRT profile: most images per prefix call")
-@click.option("--quiet", is_flag=True)
+@click.option("--quiet", is_flag=True, help="print nothing but errors")
 def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_windows, max_images, quiet):
     """Add a precision variant, its numeric margin and (with --backend trt) engines to BUNDLE."""
     from scalecert.compile.build import build as run_build
+    from scalecert.errors import ScaleCertError
+
+    for flag, value in (("--calib-limit", calib_limit), ("--workspace-mb", workspace_mb),
+                        ("--max-windows", max_windows), ("--max-images", max_images)):
+        if value < 1:
+            raise ScaleCertError(f"{flag} {value}: expected a positive number")
+    if calib is not None:
+        from scalecert.runtime.datasets import image_set
+
+        found = image_set(calib, limit=calib_limit)  # the data rule, checked before the bundle is staged
+        if not quiet:
+            click.echo(found.describe())
 
     run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
               say=(lambda _: None) if quiet else click.echo)
