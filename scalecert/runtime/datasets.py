@@ -54,7 +54,8 @@ class ImageSet(list):
         return len({label for _, label in self if label is not None})
 
     def describe(self) -> str:
-        classes = f", {self.num_classes} classes" if self.labelled else (
+        n = self.num_classes
+        classes = f", {n} class{'es' if n != 1 else ''}" if self.labelled else (
             ", unlabelled" if all(lb is None for _, lb in self) else
             f", {sum(lb is None for _, lb in self)} without labels")
         return f"data {self.root}: {self.layout}, {len(self)} images{classes}"
