@@ -44,7 +44,7 @@ def _what_is_there(path: str) -> str:
     if not names:
         return "an empty folder that is no scalecert bundle"
     shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-    return f"a folder that is no scalecert bundle ({len(names)} entries: {shown})"
+    return f"a folder that is no scalecert bundle ({len(names)} entr{'y' if len(names) == 1 else 'ies'}: {shown})"
 
 
 def _writable_parent(output: str, flag: str) -> None:
