@@ -35,6 +35,11 @@ def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_wind
         if not quiet:
             click.echo(found.describe())
 
-    run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
-              say=(lambda _: None) if quiet else click.echo)
+    manifest = run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
+                         say=(lambda _: None) if quiet else click.echo)
+    deviation = ((manifest or {}).get("precisions", {}).get(precision) or {}).get("vs_fp32")
+    if deviation and not quiet:
+        click.echo(f"{precision} vs fp32: top-1 agreement {deviation['top1_agreement']:.1%}, largest logit difference "
+                   f"{deviation['max_abs_logit_diff']:.3g} ({deviation['images']} images x "
+                   f"{deviation['windows_per_image']} windows)")
     click.echo(f"updated {bundle}")
