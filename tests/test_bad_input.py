@@ -522,3 +522,32 @@ def test_png_names_and_rows_never_collide(tiny_bundle, world, tmp_path):
                   for dp, _, fs in os.walk(tmp_path / "png") for f in fs) == [os.path.join("c0", "0500.png"),
                                                                               os.path.join("c1", "0500.png")]
     assert os.path.join("c0", "0500.png") in result.stdout and os.path.join("c1", "0500.png") in result.stdout
+
+
+def test_calibration_refuses_labels_that_do_not_fit_the_model(tmp_path):
+    """Real CIFAR-10 photos with every label shifted by one class: the pretrained ResNet-20 agrees
+    with almost none of them, and export refuses to calibrate against them; the true labels pass."""
+    import shutil
+
+    from conftest import CIFAR_TEST, R20, cifar_files, in_process, need
+    from scalecert.errors import ScaleCertError
+
+    need(R20)
+    classes = sorted(os.listdir(CIFAR_TEST))
+    for name, shift in (("shifted", 1), ("true", 0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = "file,index\n"
+        for path in cifar_files(4):
+            cls = os.path.basename(os.path.dirname(path))
+            target = f"{cls}_{os.path.basename(path)}"
+            shutil.copy(path, folder / target)
+            rows += f"{target},{(classes.index(cls) + shift) % 10}\n"
+        (folder / "labels.csv").write_text(rows)
+    args = (R20, "--arch", "resnet20-cifar", "--patch", "5", "--prune-rate", "0.3", "--quiet")
+    with pytest.raises(ScaleCertError, match="agrees with .* of these labels"):
+        in_process("export", *args, "--calib", tmp_path / "shifted", "-o", tmp_path / "bad.scalecert")
+    assert not (tmp_path / "bad.scalecert").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".scalecert")]
+    in_process("export", *args, "--calib", tmp_path / "true", "-o", tmp_path / "good.scalecert")
+    assert (tmp_path / "good.scalecert" / "manifest.json").exists()

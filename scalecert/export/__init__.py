@@ -175,7 +175,8 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
 
 def _check_calibration_labels(model: ir.Model, calibration, num_classes: int, where: str) -> None:
     """Refuse calibration labels that make the dense model look broken: top-1 agreement with them
-    below half of chance means the labels (layout, class order) do not belong to this model."""
+    below chance means the labels (layout, class order) do not belong to this model (or the model
+    is no classifier of them): no rate or importance is chosen against such labels."""
     import tempfile
 
     from scalecert.export.calibrate import run_onnx
@@ -190,7 +191,7 @@ def _check_calibration_labels(model: ir.Model, calibration, num_classes: int, wh
         logits = run_onnx(path, feeds, model.graph.outputs[0].name)
     accuracy = float((logits.argmax(1) == np.asarray(calibration.labels)).mean())
     chance = 1.0 / num_classes
-    if accuracy < 0.5 * chance:
+    if accuracy < chance:
         raise ScaleCertError(f"--calib {where}: the dense model agrees with {accuracy:.1%} of these labels (chance is "
                              f"{chance:.1%}); the labels do not fit the model (wrong layout or class order?), "
                              "refusing to calibrate against them; pass --labels CSV")
