@@ -299,7 +299,8 @@ CASES = {
                                             "--prune-rate", "2", "-o", d / "t.pt"], 2, ("--prune-rate 2",)),
     "tune/arch-missing": Case(lambda w, d: ["tune", w["ckpt"], "--data", w["tree"], "-o", d / "t.pt"], 2,
                               ("Missing option '--arch'",)),
-    # inspect, the group
+    # demo, inspect, the group
+    "demo/out-is-file": Case(lambda w, d: ["demo", "--out", w["file"]], 2, ("--out", "is a file")),
     "inspect/missing": Case(lambda w, d: ["inspect", d / "nope"], 2, ("no such bundle",)),
     "inspect/corrupt-manifest": Case(lambda w, d: ["inspect", w["corrupt"]], 2, ("corrupt manifest",)),
     "scalecert/unknown-command": Case(lambda w, d: ["certfy", B(w)], 2, ("No such command 'certfy'",)),

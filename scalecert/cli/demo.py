@@ -44,15 +44,20 @@ def demo(out, patch, fresh):
     """Export pretrained EfficientNet-Lite0 (pip-shipped weights) and certify scikit-image photos."""
     from scalecert.export import ExportOptions, export_bundle
 
+    from scalecert.errors import ScaleCertError
+
     bundle = os.path.join(out, "efficientnet-lite0.scalecert")
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ScaleCertError(f"--out {out}: is a file, expected a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ScaleCertError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
     if fresh or not bundle_is_current(bundle):
         click.echo(f"exporting EfficientNet-Lite0 with a {patch} patch -> {bundle}")
         opts = ExportOptions(model=None, arch="efficientnet-lite0", pretrained=True, patch=patch,
-                             output=bundle, force=True)
+                             output=bundle, force=True, echo=lambda line: click.echo("  " + line))
         export_bundle(opts)
-        for line in opts.log:
-            click.echo("  " + line)
     from scalecert.bundle import Bundle
     from scalecert.bundle.summary import render, summary
 
