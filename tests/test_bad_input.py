@@ -169,6 +169,8 @@ CASES = {
                                     ("--png-dir", "is a file")),
     "certify/png-dir-unwritable": Case(lambda w, d: ["certify", B(w), "--png-dir", d / "locked" / "png", *G(w)], 2,
                                        ("--png-dir", "cannot create"), setup=_locked_dir),
+    "certify/png-dir-under-a-file": Case(lambda w, d: ["certify", B(w), "--png-dir", os.path.join(w["file"], "png"),
+                                                       *G(w)], 2, ("--png-dir", "cannot create")),
     "certify/no-images": Case(lambda w, d: ["certify", B(w)], 2, ("Missing argument",)),
     "certify/unknown-option": Case(lambda w, d: ["certify", B(w), "--fast", *G(w)], 2, ("No such option",)),
     # certify: per-image errors, the rest still certified
@@ -297,6 +299,10 @@ CASES = {
                                                    "--occlusions", "-1", "-o", d / "t.pt"], 2, ("--occlusions -1",)),
     "tune/prune-rate-2": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["tree"],
                                             "--prune-rate", "2", "-o", d / "t.pt"], 2, ("--prune-rate 2",)),
+    "tune/data-one-class": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["oneclass"],
+                                              "-o", d / "t.pt"], 2, ("one class",)),
+    "tune/val-out-of-range": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["tree"],
+                                                "--val", w["out_of_range"], "-o", d / "t.pt"], 2, ("out of range",)),
     "tune/arch-missing": Case(lambda w, d: ["tune", w["ckpt"], "--data", w["tree"], "-o", d / "t.pt"], 2,
                               ("Missing option '--arch'",)),
     # demo, inspect, the group

@@ -225,11 +225,17 @@ def tune(opts: TuneOptions, say=print) -> dict:
     loaded = load_model(opts.model, opts.arch, None, False, opts.pretrained)
     if loaded.kind != "torch":
         raise ScaleCertError("tune needs a state_dict checkpoint with --arch (it writes one back)")
+    from scalecert.export.archs import REGISTRY
+    from scalecert.runtime.datasets import check_labels
+
+    num_classes = REGISTRY[opts.arch].num_classes if opts.arch in REGISTRY else None
     train_items = image_set(opts.data, seed=opts.seed, limit=opts.limit)
     say(train_items.describe())
+    check_labels(train_items, num_classes, f"--data {opts.data}")
     if opts.val:
         val_items = image_set(opts.val, seed=opts.seed, limit=opts.val_limit)
         say(val_items.describe())
+        check_labels(val_items, num_classes, f"--val {opts.val}")
     else:
         held = min(opts.val_limit, max(1, len(train_items) // 20))
         val_items, train_items = train_items[:held], train_items[held:]
