@@ -558,3 +558,14 @@ def test_calibration_refuses_labels_that_do_not_fit_the_model(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".scalecert")]
     in_process("export", *args, "--calib", tmp_path / "true", "-o", tmp_path / "good.scalecert")
     assert (tmp_path / "good.scalecert" / "manifest.json").exists()
+
+
+def test_label_fit_tells_renamed_classes_from_a_weak_model():
+    from scalecert.export import label_fit
+
+    labels = np.repeat(np.arange(10), 5)
+    assert label_fit(labels, labels) == (1.0, 1.0)
+    accuracy, agreement = label_fit((labels + 1) % 10, labels)  # right grouping, wrong class order
+    assert accuracy == 0.0 and agreement == 1.0
+    accuracy, agreement = label_fit(np.zeros_like(labels), labels)  # a model that says one class
+    assert accuracy == 0.1 and agreement == 0.1

@@ -173,10 +173,29 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
     return Request(output, loaded.preprocess.to_json(), (image_h, image_w), patch_hw, calib_items, record)
 
 
+def label_fit(predicted, labels) -> tuple[float, float]:
+    """(accuracy, agreement): top-1 agreement of the model's predictions with the labels, and with
+    the labels under the best one-to-one renaming of classes (greedy matching of the confusion
+    counts). Labels in the wrong class order or layout show as low accuracy with high agreement:
+    the model sorts the images consistently, only under other names."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    pairs = {}
+    for p, y in zip(predicted.tolist(), labels.tolist()):
+        pairs[(y, p)] = pairs.get((y, p), 0) + 1
+    used_y, used_p, matched = set(), set(), 0
+    for (y, p), count in sorted(pairs.items(), key=lambda kv: -kv[1]):
+        if y not in used_y and p not in used_p:
+            used_y.add(y)
+            used_p.add(p)
+            matched += count
+    return float((predicted == labels).mean()), matched / len(labels)
+
+
 def _check_calibration_labels(model: ir.Model, calibration, num_classes: int, where: str) -> None:
-    """Refuse calibration labels that make the dense model look broken: top-1 agreement with them
-    below chance means the labels (layout, class order) do not belong to this model (or the model
-    is no classifier of them): no rate or importance is chosen against such labels."""
+    """Refuse calibration labels that make the dense model look broken: top-1 accuracy below
+    chance while the model's own predictions agree with a renaming of the same labels (the labels'
+    class order or layout does not belong to this model). No rate or importance is chosen against
+    such labels. A model that sorts the images no better than chance under any naming is left alone."""
     import tempfile
 
     from scalecert.export.calibrate import run_onnx
@@ -189,12 +208,13 @@ def _check_calibration_labels(model: ir.Model, calibration, num_classes: int, wh
         name = model.graph.inputs[0].name
         feeds = [{name: calibration.images[i:i + 32]} for i in range(0, len(calibration.images), 32)]
         logits = run_onnx(path, feeds, model.graph.outputs[0].name)
-    accuracy = float((logits.argmax(1) == np.asarray(calibration.labels)).mean())
+    accuracy, agreement = label_fit(logits.argmax(1), calibration.labels)
     chance = 1.0 / num_classes
-    if accuracy < chance:
+    if accuracy < chance and agreement >= 0.5:
         raise ScaleCertError(f"--calib {where}: the dense model agrees with {accuracy:.1%} of these labels (chance is "
-                             f"{chance:.1%}); the labels do not fit the model (wrong layout or class order?), "
-                             "refusing to calibrate against them; pass --labels CSV")
+                             f"{chance:.1%}) but with {agreement:.0%} once the classes are renamed: the labels' class "
+                             "order or layout does not fit the model; refusing to calibrate against them "
+                             "(pass --labels CSV)")
 
 
 def _classes(path: str | None, model: ir.Model, loaded: LoadedModel):
