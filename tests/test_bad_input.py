@@ -191,8 +191,10 @@ CASES = {
                                    ok_rows=3, json_rows=True),
     "certify/max-pixels-env": Case(lambda w, d: ["certify", B(w), *G(w)], 1, ("pixel limit", "SCALECERT_MAX_PIXELS"),
                                    env={"SCALECERT_MAX_PIXELS": "100"}),
-    "certify/max-pixels-env-bad": Case(lambda w, d: ["certify", B(w), *G(w)], 1, ("SCALECERT_MAX_PIXELS='lots'",),
+    "certify/max-pixels-env-bad": Case(lambda w, d: ["certify", B(w), *G(w)], 2, ("SCALECERT_MAX_PIXELS='lots'",),
                                        env={"SCALECERT_MAX_PIXELS": "lots"}),
+    "bench/max-pixels-env-bad": Case(lambda w, d: ["bench", B(w), "--data", w["tree"]], 2,
+                                     ("SCALECERT_MAX_PIXELS='lots'",), env={"SCALECERT_MAX_PIXELS": "lots"}),
     "certify/bomb-with-png-dir": Case(lambda w, d: ["certify", B(w), "--png-dir", d / "png", w["bomb"], *G(w)], 1,
                                       ("pixel limit",), ok_rows=3),
     # export

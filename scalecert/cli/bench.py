@@ -30,6 +30,9 @@ def check_options(limit, batch, threads, masks, precisions, report_path, plot_pa
     """Every option and output path checked before any image is read."""
     from scalecert.bundle.manifest import PRECISIONS
     from scalecert.bundle.staging import check_output_file
+    from scalecert.runtime.images import max_pixels
+
+    max_pixels()  # a bad SCALECERT_MAX_PIXELS is refused before any image
 
     for flag, value in (("--limit", limit), ("--batch", batch), ("--threads", threads), ("--masks", masks)):
         if value is not None and value < 1:

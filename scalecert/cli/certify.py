@@ -74,6 +74,9 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
         raise ScaleCertError(f"--threads {threads}: expected a positive number")
     if png_dir:
         check_png_dir(png_dir)
+    from scalecert.runtime.images import max_pixels
+
+    max_pixels()  # a bad SCALECERT_MAX_PIXELS is refused once, before any image
     names = display_names(images)
     pngs = png_names(names) if png_dir else None
     failed = 0
