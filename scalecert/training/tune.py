@@ -213,6 +213,7 @@ def tune(opts: TuneOptions, say=print) -> dict:
     from scalecert.export.loading import load_model
 
     _check_output(opts.output, opts.force or opts.resume)
+    _check_output(opts.output + ".last", opts.force or opts.resume)  # the resumable state is an output too
     if opts.epochs < 1 or opts.batch < 1 or opts.lr <= 0:
         raise ScaleCertError("--epochs and --batch must be positive and --lr above 0")
     for flag, value, low in (("--occlusions", opts.occlusions, 0), ("--limit", opts.limit, 1),
