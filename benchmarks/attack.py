@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -16,20 +15,24 @@ import numpy as np
 from scalecert.evaluation.attack import CONTENTS, attack_images
 
 
-def _image_files(data: str) -> tuple[list[str], list[int], list[str]]:
-    """DIR/class/*.ext -> files interleaved over classes (so the first N cover every class), labels."""
-    classes = sorted(d for d in os.listdir(data) if os.path.isdir(os.path.join(data, d)))
-    if classes:
-        per = [sorted(f for f in glob.glob(os.path.join(data, c, "*")) if os.path.isfile(f)) for c in classes]
-        files, labels = [], []
-        for k in range(max(len(p) for p in per)):
-            for ci, p in enumerate(per):
-                if k < len(p):
-                    files.append(p[k])
-                    labels.append(ci)
-        return files, labels, classes
-    files = sorted(f for f in glob.glob(os.path.join(data, "*")) if os.path.isfile(f))
-    return files, None, []
+def _image_files(data: str) -> tuple[list[str], list[int] | None, list]:
+    """The data-input rule (scalecert/runtime/datasets.py) -> files interleaved over classes (so
+    the first N cover every class), labels (None when unlabelled), the class indices present."""
+    from scalecert.runtime.datasets import image_set
+
+    items = image_set(data)
+    print(items.describe(), file=sys.stderr, flush=True)
+    if not items.labelled:
+        return [path for path, _ in items], None, []
+    classes = sorted({label for _, label in items})
+    per = {c: [path for path, label in items if label == c] for c in classes}
+    files, labels = [], []
+    for k in range(max(len(p) for p in per.values())):
+        for c in classes:
+            if k < len(per[c]):
+                files.append(per[c][k])
+                labels.append(c)
+    return files, labels, classes
 
 
 def main(argv=None) -> int:
@@ -39,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", help="model file (for the PyTorch reference used by pgd)")
     parser.add_argument("--arch", help="--arch of the model, as given to scalecert-export")
     parser.add_argument("--input-size", help="CxHxW for .pt2/.pt models without a fixed size")
-    parser.add_argument("--data", required=True, help="DIR/class/*.jpg (class = label) or DIR/*.jpg")
+    parser.add_argument("--data", required=True, help="images, by the data-input rule (README: Data folders)")
     parser.add_argument("--images", type=int, default=40, help="certified images to attack")
     parser.add_argument("--scan", type=int, default=None, help="clean images to scan for certified ones "
                         "(default: 4x --images, more if too few certify)")

@@ -190,9 +190,11 @@ def _make_calib_dirs(case_dir):
 
 
 def _existing_bundle(case_dir):
+    """An old bundle (its manifest says so: --force replaces only scalecert bundles)."""
     old = case_dir / "out" / "model.scalecert"
     old.mkdir()
     (old / "keep.txt").write_text("old bundle")
+    (old / "manifest.json").write_text(json.dumps({"schema_version": 1, "windows": {}}))
 
 
 R20 = ("--arch", "resnet20-cifar", "--patch", "5")
@@ -307,7 +309,7 @@ def test_failures_say_what_is_wrong(failures):
     assert not [name for name, r in failures.items() if "\x1b" in r.proc.stderr], "terminal colour codes"
     # the refused output is left exactly as it was
     old = failures["output-exists"].case_dir / "out" / "model.scalecert"
-    assert sorted(os.listdir(old)) == ["keep.txt"] and (old / "keep.txt").read_text() == "old bundle"
+    assert sorted(os.listdir(old)) == ["keep.txt", "manifest.json"] and (old / "keep.txt").read_text() == "old bundle"
 
 
 # --- formats that must work ----------------------------------------------------------------------------

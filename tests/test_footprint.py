@@ -243,8 +243,8 @@ def test_footprint_dilated_padded_pooled_model(tmp_path):
     ("2%", (32, 32), (5, 5)),  # ceil(sqrt(20.48)) = 5
     ("1%", (224, 224), (23, 23)),
     ("0.001%", (32, 32), (1, 1)),  # never below one pixel
-    ("100%", (32, 32), (32, 32)),
-    ("32", (32, 32), (32, 32)),
+    ("50%", (32, 32), (23, 23)),  # ceil(sqrt(512))
+    ("32x31", (32, 32), (32, 31)),
     ("32x1", (32, 40), (32, 1)),
     (5, (32, 32), (5, 5)),
 ])
@@ -260,9 +260,12 @@ def test_parse_patch(spec, image, expected):
     ("x5", (32, 32), "expected N, HxW or P%"),
     ("4x4x4", (32, 32), "expected N, HxW or P%"),
     ("%", (32, 32), "expected N, HxW or P%"),
-    ("0%", (32, 32), "expected N, HxW or P%"),
-    ("101%", (32, 32), "expected N, HxW or P%"),
-    ("-2%", (32, 32), "expected N, HxW or P%"),
+    ("0%", (32, 32), "between 0% and 100%"),
+    ("100%", (32, 32), "between 0% and 100%"),
+    ("150%", (32, 32), "between 0% and 100%"),
+    ("-2%", (32, 32), "between 0% and 100%"),
+    ("32", (32, 32), "covers the whole"),
+    ("99%", (32, 32), "covers the whole"),  # ceil(sqrt(0.99 * 1024)) = 32
     ("0", (32, 32), "positive"),
     ("-3", (32, 32), "positive"),
     ("0x5", (32, 32), "positive"),

@@ -9,9 +9,37 @@ import click
 from scalecert.errors import ScaleCertError
 
 
-class _Group(click.Group):
+class OneLineErrors:
+    """click's own errors (bad choice, bad type, missing argument, unknown option) as the same one
+    `error: ...` line and exit 2 as every other bad input, instead of click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.UsageError as exc:
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"error: {' '.join(exc.format_message().split())}{where}", err=True)
+            sys.exit(2)
+        except click.ClickException as exc:
+            click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        except BrokenPipeError:
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+class _Group(OneLineErrors, click.Group):
     def invoke(self, ctx):
         return _guard(lambda: super(_Group, self).invoke(ctx))
+
+
+class OneLineCommand(OneLineErrors, click.Command):
+    pass
 
 
 def _guard(call):

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import click
 
@@ -9,18 +11,48 @@ from scalecert.cli.app import main
 from scalecert.errors import ScaleCertError
 
 
-def _floats(text):
-    return [float(v) for v in text.split(",")] if text else None
+def _numbers(text, kind, flag, low, high=None):
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise ScaleCertError(f"{flag} {text!r}: expected comma-separated numbers, e.g. "
+                             + ("0,0.3,0.5" if kind is float else "3,5")) from None
+    for v in values:
+        if not low <= v <= (high if high is not None else v):
+            raise ScaleCertError(f"{flag} {v:g}: expected " + (f"a number in [{low}, {high}]" if high is not None
+                                                               else f"a number >= {low}"))
+    return values
 
 
-def _ints(text):
-    return [int(v) for v in text.split(",")] if text else None
+def check_options(limit, batch, threads, masks, precisions, report_path, plot_path, force):
+    """Every option and output path checked before any image is read."""
+    from scalecert.bundle.manifest import PRECISIONS
+    from scalecert.bundle.staging import check_output_file
+    from scalecert.runtime.images import max_pixels
+
+    max_pixels()  # a bad SCALECERT_MAX_PIXELS is refused before any image
+
+    for flag, value in (("--limit", limit), ("--batch", batch), ("--threads", threads), ("--masks", masks)):
+        if value is not None and value < 1:
+            raise ScaleCertError(f"{flag} {value}: expected a positive number")
+    for p in precisions or []:
+        if p not in PRECISIONS:
+            raise ScaleCertError(f"--precision {p!r}: expected a comma-separated list of {', '.join(PRECISIONS)}")
+    if report_path and plot_path and os.path.abspath(report_path) == os.path.abspath(plot_path):
+        raise ScaleCertError(f"--report and --plot name the same file {report_path}")
+    if report_path:
+        check_output_file(report_path, force, "--report ")
+    if plot_path:
+        check_output_file(plot_path, force, "--plot ")
 
 
 @main.command()
 @click.argument("bundle")
-@click.option("--data", required=True, help="ImageFolder tree, or a flat folder with --labels")
-@click.option("--labels", "labels_csv", help="CSV file,index (default: labels.csv beside the images)")
+@click.option("--data", required=True, help="labelled images: an ImageFolder tree, a flat folder with labels.csv, "
+              "or images/ + labels.csv (README: Data)")
+@click.option("--labels", "labels_csv", help="CSV file,index; always wins over labels.csv and class subfolders")
 @click.option("--limit", type=int, help="at most N images")
 @click.option("--seed", type=int, help="shuffle with this seed before --limit")
 @click.option("--prune-rate", "prune_rates", help="comma-separated pruning rates to sweep (bundle's by default)")
@@ -37,31 +69,44 @@ def _ints(text):
 @click.option("--threads", type=int, help="threads for every engine (default: all cores)")
 @click.option("--report", "report_path", help="write the JSON report here")
 @click.option("--plot", "plot_path", help="write a PNG: certified accuracy vs latency / windows, histogram")
+@click.option("--force", is_flag=True, help="replace existing --report / --plot files")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (no progress bar)")
+@click.option("--quiet", is_flag=True, help="no progress bars")
 def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, precisions, thresholds, baseline, baseline_engine,
-          masks, model, arch, batch, threads, report_path, plot_path, as_json):
+          masks, model, arch, batch, threads, report_path, plot_path, force, as_json, quiet):
     """Benchmark BUNDLE on labelled images: accuracy, certified accuracy, false alerts, latency."""
     from scalecert.evaluation.bench import run_bench
     from scalecert.evaluation.report import bench_table, plot
 
     from scalecert.core.decision import check_threshold
 
-    try:
-        rates, stride_list, threshold_list = _floats(prune_rates), _ints(strides), _floats(thresholds)
-    except ValueError:
-        raise ScaleCertError("--prune-rate, --stride and --threshold take comma-separated numbers, e.g. 0,0.3,0.5") from None
+    rates = _numbers(prune_rates, float, "--prune-rate", 0.0, 0.99)
+    stride_list = _numbers(strides, int, "--stride", 1)
+    threshold_list = _numbers(thresholds, float, "--threshold", 0.0)
     for threshold in threshold_list or ():
         check_threshold(threshold)
+    precisions = precisions.split(",") if precisions else None
+    check_options(limit, batch, threads, masks, precisions, report_path, plot_path, force)
     engines = () if not baseline else (("torch", "ort") if baseline_engine == "both" else (baseline_engine,))
     report = run_bench(bundle, data, labels_csv, limit, seed, rates, stride_list, engines, masks, model, arch, batch,
-                       threads, quiet=as_json, precisions=precisions.split(",") if precisions else None,
-                       thresholds=threshold_list)
+                       threads, quiet=as_json or quiet, precisions=precisions, thresholds=threshold_list)
+    from scalecert.bundle.staging import write_file_atomic
+
     if report_path:
-        with open(report_path, "w") as f:
-            json.dump(report, f, indent=2)
+        def write_report(tmp):
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2)
+
+        write_file_atomic(report_path, write_report)
     if plot_path:
-        plot(report, plot_path)
+        write_file_atomic(plot_path, lambda tmp: plot(report, tmp))
+    for error in report["errors"]:
+        click.echo(f"error: {error['error']}", err=True)  # and in the report's "errors"
     if as_json:
         click.echo(json.dumps(report))
     else:
         click.echo(bench_table(report))
+    if report["errors"]:
+        click.echo(f"{len(report['errors'])} of {report['data']['images'] + len(report['errors'])} images could "
+                   "not be read; the others were benchmarked", err=True)
+        sys.exit(1)

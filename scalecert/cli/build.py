@@ -26,7 +26,25 @@ def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_wind
           accept_loss, quiet):
     """Add a precision variant, its numeric margin and (with --backend trt) engines to BUNDLE."""
     from scalecert.compile.build import build as run_build
+    from scalecert.errors import ScaleCertError
 
-    run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
-              say=(lambda _: None) if quiet else click.echo, accept_loss=accept_loss, min_agreement=min_agreement)
+    for flag, value in (("--calib-limit", calib_limit), ("--workspace-mb", workspace_mb),
+                        ("--max-windows", max_windows), ("--max-images", max_images)):
+        if value < 1:
+            raise ScaleCertError(f"{flag} {value}: expected a positive number")
+    if calib is not None:
+        from scalecert.runtime.datasets import image_set
+
+        found = image_set(calib, limit=calib_limit)  # the data rule, checked before the bundle is staged
+        if not quiet:
+            click.echo(found.describe())
+
+    manifest = run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
+                         say=(lambda _: None) if quiet else click.echo, accept_loss=accept_loss,
+                         min_agreement=min_agreement)
+    deviation = ((manifest or {}).get("precisions", {}).get(precision) or {}).get("vs_fp32")
+    if deviation and not quiet and precision != "int8":  # int8's comparison is printed by build itself
+        click.echo(f"{precision} vs fp32: top-1 agreement {deviation['top1_agreement']:.1%}, largest logit difference "
+                   f"{deviation['max_abs_logit_diff']:.3g} ({deviation['images']} images x "
+                   f"{deviation['windows_per_image']} windows)")
     click.echo(f"updated {bundle}")

@@ -13,49 +13,122 @@ from scalecert.errors import ScaleCertError
 from scalecert.runtime import pipelines
 
 
+def display_names(paths) -> list[str]:
+    """Each path relative to the folder all the images share: unique, never just a base name."""
+    absolute = [os.path.abspath(p) for p in paths]
+    try:
+        common = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+    except ValueError:  # different drives
+        common = ""
+    return [os.path.relpath(p, common) if common else p for p in absolute]
+
+
+def png_names(names) -> list[str]:
+    """PNG file names (relative to --png-dir) that never collide: the image's relative path with
+    .png, and a counter where two would still meet (a.jpg and a.png)."""
+    taken, out = set(), []
+    for name in names:
+        stem = os.path.splitext(name)[0]
+        candidate, n = stem + ".png", 1
+        while candidate.lower() in taken:
+            n += 1
+            candidate = f"{stem}-{n}.png"
+        taken.add(candidate.lower())
+        out.append(candidate)
+    return out
+
+
+def check_png_dir(png_dir: str) -> None:
+    if os.path.exists(png_dir) and not os.path.isdir(png_dir):
+        raise ScaleCertError(f"--png-dir {png_dir}: is a file, expected a folder")
+    if os.path.isdir(png_dir):
+        if not os.access(png_dir, os.W_OK | os.X_OK):
+            raise ScaleCertError(f"--png-dir {png_dir}: is not writable")
+        return
+    parent = os.path.dirname(os.path.abspath(png_dir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ScaleCertError(f"--png-dir {png_dir}: cannot create it ({parent} is not a writable folder)")
+
+
 @main.command()
 @click.argument("bundle")
 @click.argument("images", nargs=-1, required=True)
 @click.option("--backend", default="auto", show_default=True, type=click.Choice(pipelines.CHOICES))
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
               help="bundle variant (fp16/int8 come from `scalecert build`)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line per image")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line per image, as each finishes")
 @click.option("--batch", default=64, show_default=True, help="windows per suffix call")
 @click.option("--early-exit", is_flag=True, help="stop at the first disagreeing window (deployment)")
-@click.option("--png-dir", help="write a PNG per image: input, gate map, disagreeing windows")
+@click.option("--png-dir", help="write a PNG per image (input, gate map, disagreeing windows), named by its path")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
 @click.option("--threshold", type=float, help="confidence threshold T: only windows at least this confident "
               "raise the alert (docs/design.md §7) [default: the bundle's]")
-def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold):
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, quiet=False):
     """Certify IMAGES against BUNDLE: a label no patch could force, or an alert."""
     from scalecert.runtime import Certifier
 
+    if batch < 1:
+        raise ScaleCertError(f"--batch {batch}: expected a positive number of windows")
+    if threads is not None and threads < 1:
+        raise ScaleCertError(f"--threads {threads}: expected a positive number")
     if png_dir:
-        os.makedirs(png_dir, exist_ok=True)
+        check_png_dir(png_dir)
+    from scalecert.runtime.images import max_pixels
+
+    max_pixels()  # a bad SCALECERT_MAX_PIXELS is refused once, before any image
+    names = display_names(images)
+    pngs = png_names(names) if png_dir else None
     failed = 0
     rows = []
+    bar = None
+    if not as_json and not quiet and len(images) > 1 and sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(images), desc="certifying", unit="img", leave=False, file=sys.stderr)
+        except ImportError:
+            bar = None
     with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
                         precision=precision, threshold=threshold) as cert:
-        for path in images:
+        if png_dir:
+            os.makedirs(png_dir, exist_ok=True)
+        for i, (path, name) in enumerate(zip(images, names)):
             try:
                 pixels = cert.prepare(path)
                 result = cert.certify(pixels, name=path)
+                if png_dir:
+                    from scalecert.evaluation.visualize import save_png
+
+                    target = os.path.join(png_dir, pngs[i])
+                    try:
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
+                        save_png(target, pixels, result, cert.bundle)
+                    except OSError as exc:
+                        raise ScaleCertError(f"{target}: cannot write the PNG ({exc.strerror or exc})") from None
             except ScaleCertError as exc:
                 failed += 1
                 if as_json:
                     click.echo(json.dumps({"image": path, "status": "error", "error": str(exc)}))
+                    sys.stdout.flush()
+                elif bar is not None:
+                    bar.write(f"error: {exc}", file=sys.stderr)
                 else:
                     click.echo(f"error: {exc}", err=True)
+                if bar is not None:
+                    bar.update()
                 continue
-            if png_dir:
-                from scalecert.evaluation.visualize import save_png
-
-                stem = os.path.splitext(os.path.basename(path))[0]
-                save_png(os.path.join(png_dir, stem + ".png"), pixels, result, cert.bundle)
             if as_json:
                 click.echo(json.dumps(result.to_json()))
+                sys.stdout.flush()
             else:
-                rows.append(result)
+                rows.append((name, result))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     if rows:
         click.echo(_table(rows))
     if failed:
@@ -64,9 +137,10 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
 
 
 def _table(results) -> str:
+    """(display name, Result) rows -> the table."""
     header = ("image", "status", "label", "class", "windows run", "ms")
-    lines = [(os.path.basename(r.image), r.status, str(r.label), (r.class_name or "-")[:28],
-              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for r in results]
+    lines = [(name, r.status, str(r.label), (r.class_name or "-")[:28],
+              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)

@@ -44,8 +44,15 @@ def demo(out, patch, fresh):
     """Export pretrained EfficientNet-Lite0 (pip-shipped weights) and certify scikit-image photos."""
     from scalecert.export import ExportOptions, export_bundle
 
+    from scalecert.errors import ScaleCertError
+
     bundle = os.path.join(out, "efficientnet-lite0.scalecert")
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ScaleCertError(f"--out {out}: is a file, expected a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ScaleCertError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
     if fresh or not bundle_is_current(bundle):
         from scalecert.core.geometry import parse_patch
         from scalecert.evaluation.baseline import mask_stride

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from scalecert.cli.app import _guard, main
+from scalecert.cli.app import OneLineCommand, _guard, main
 
 
 def _export_options(f):
@@ -28,13 +28,13 @@ def _export_options(f):
         click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
         click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
         click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True,
-                     help="SIN score of a feature value: |a| or max(a, 0)"),
+                     help="SIN score of a feature: abs sums alpha*|A|, relu sums alpha*max(A, 0)"),
         click.option("--classes", help="text file with one class name per line"),
         click.option("--trust-pickle", is_flag=True, help="allow unpickling a whole nn.Module (runs code from the file)"),
         click.option("-o", "--output", help="bundle directory (default: MODEL stem + .scalecert)"),
         click.option("--force", is_flag=True, help="replace an existing bundle"),
         click.option("--list-archs", is_flag=True, help="list built-in architectures and exit"),
-        click.option("--quiet", is_flag=True, help="print nothing but errors"),
+        click.option("--quiet", is_flag=True, help="print nothing but errors (no progress, no summary)"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -71,7 +71,7 @@ def export_cmd(**kwargs):
     _do_export(**kwargs)
 
 
-@click.command("scalecert-export")
+@click.command("scalecert-export", cls=OneLineCommand)
 @_export_options
 def export_main(**kwargs):
     """Export MODEL to a ScaleCert bundle (same as `scalecert export`)."""

@@ -29,7 +29,8 @@ from scalecert.cli.app import main
 @click.option("--resume", is_flag=True, help="continue from OUTPUT.last")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice)")
 @click.option("-o", "--output", required=True, help="tuned checkpoint (.pt); OUTPUT.last holds the resumable state")
-@click.option("--quiet", is_flag=True)
+@click.option("--force", is_flag=True, help="replace an existing OUTPUT file")
+@click.option("--quiet", is_flag=True, help="no progress bars or epoch lines")
 def tune(**kwargs):
     """Fine-tune MODEL for its superficial split, SIN gates and window occlusion."""
     from scalecert.training.tune import TuneOptions, tune as run_tune

@@ -24,8 +24,8 @@ def parse_patch(spec: str, image_hw: tuple[int, int]) -> tuple[int, int]:
     try:
         if spec.endswith("%"):
             frac = float(spec[:-1]) / 100.0
-            if not 0 < frac <= 1:
-                raise ValueError
+            if not 0 < frac < 1:
+                raise ScaleCertError(f"--patch {spec!r}: a percentage of the input area must lie between 0% and 100%")
             side = max(1, math.ceil(math.sqrt(frac * h * w)))
             ph, pw = side, side
         elif "x" in spec:
@@ -38,6 +38,8 @@ def parse_patch(spec: str, image_hw: tuple[int, int]) -> tuple[int, int]:
         raise ScaleCertError(f"--patch {spec!r}: patch sides must be positive")
     if ph > h or pw > w:
         raise ScaleCertError(f"--patch {spec!r}: a {ph}x{pw} patch does not fit the {h}x{w} input")
+    if ph >= h and pw >= w:
+        raise ScaleCertError(f"--patch {spec!r}: a {ph}x{pw} patch covers the whole {h}x{w} input; nothing can be certified")
     return ph, pw
 
 

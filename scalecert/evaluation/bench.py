@@ -107,23 +107,45 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
 
     opened = Bundle.open(bundle)
     manifest = opened.manifest
-    items = image_set(data, labels_csv, limit, seed)
-    if any(label is None for _, label in items):
-        raise ScaleCertError(f"{data}: images without labels (use an ImageFolder tree or --labels CSV)")
-    spec = opened.input_spec
-    pixels = np.stack([load_image(p, spec) for p, _ in items])
-    labels = np.array([label for _, label in items])
-    rates = prune_rates or [manifest["sin"]["prune_rate"]]
-    strides = strides or [opened.stride]
     precisions = precisions or ["fp32"]
     thresholds = thresholds or [opened.default_threshold]
     missing = [p for p in precisions if p not in opened.precisions]
     if missing:
         raise ScaleCertError(f"{bundle} has no {missing[0]} variant; add it with `scalecert build {bundle} "
                              f"--precision {missing[0]} --calib DIR`")
+    for stride in strides or []:
+        if stride > max(opened.feature_hw):
+            raise ScaleCertError(f"--stride {stride}: larger than the {opened.feature_hw[0]}x{opened.feature_hw[1]} "
+                                 "feature map; expected 1 ... " + str(max(opened.feature_hw)))
+    items = image_set(data, labels_csv, limit, seed)
+    if any(label is None for _, label in items):
+        raise ScaleCertError(f"{data}: {sum(label is None for _, label in items)} of {len(items)} images without "
+                             f"labels ({items.layout}; use an ImageFolder tree, labels.csv or --labels CSV)")
+    from scalecert.runtime.datasets import check_labels
+
+    check_labels(items, manifest.get("num_classes"), f"--data {data}")
+    if not quiet:
+        import sys
+
+        print(items.describe(), file=sys.stderr)
+    spec = opened.input_spec
+    decoded, errors = [], []
+    for path, label in items:
+        try:
+            decoded.append((load_image(path, spec), label))
+        except ScaleCertError as exc:  # one bad image is reported, the rest of the run goes on
+            errors.append({"image": items.relative(path), "status": "error", "error": str(exc)})
+    if not decoded:
+        raise ScaleCertError(f"{data}: none of the {len(items)} images could be read ({errors[0]['error']})")
+    pixels = np.stack([px for px, _ in decoded])
+    labels = np.array([label for _, label in decoded])
+    rates = prune_rates or [manifest["sin"]["prune_rate"]]
+    strides = strides or [opened.stride]
     report = {"schema": SCHEMA, "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": _machine(), "versions": _versions(),
-              "data": {"path": os.path.abspath(data), "images": len(items), "limit": limit, "seed": seed},
+              "data": {"path": os.path.abspath(data), "layout": items.layout, "images": len(decoded),
+                       "limit": limit, "seed": seed},
+              "errors": errors,
               "bundle": summary(manifest), "configs": [], "baseline": {}, "ratios": {}, "windows_evaluated_hist": {}}
     latencies = []
     scratch = tempfile.mkdtemp(prefix="scalecert-bench-")

@@ -2,9 +2,10 @@
 
 Report schema "scalecert-bench/1" (JSON): {schema, date, machine, versions, data, bundle (inspect
 summary), configs: [ {precision, prune_rate, stride, windows_total, <metrics>} ], baseline: {torch|ort:
-<metrics> + masks}, ratios: {config index: {vs_torch, vs_ort}}}. <metrics>: images, clean_accuracy,
-certified_accuracy, accuracy_without_alert, false_alert_rate (alerts among clean images),
-uncertified_rate, accuracy_non_alerted,
+<metrics> + masks}, ratios: {config index: {vs_torch, vs_ort}}, errors: [ {image, status: "error", error} ]
+for images that could not be read (the others are still benchmarked)}; data: {path, layout, images, limit, seed}.
+<metrics>: images, clean_accuracy, certified_accuracy, accuracy_without_alert, false_alert_rate
+(alerts among clean images), uncertified_rate, accuracy_non_alerted,
 windows_evaluated_mean/p95, latency_ms_median/p95/mean, images_per_s, prefix_ms_median,
 suffix_ms_median, peak_rss_mb (process peak so far). Ratios are per image (baseline latency over
 scalecert latency on the same image), summarised by their median, plus the ratio of medians.

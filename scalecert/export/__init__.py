@@ -26,12 +26,10 @@ import onnx_ir as ir
 
 from scalecert import __version__
 from scalecert.bundle import manifest as manifest_io
-from scalecert.bundle.staging import staging
+from scalecert.bundle.staging import check_output, staging
 from scalecert.core import decision, geometry
 from scalecert.errors import ScaleCertError
 from scalecert.export.calibrate import CalibrationSet, channel_importance, choose_gate
-
-PLAN_IMAGES = 128  # calibration images the measured plan scores candidates on (--calib-limit caps them too)
 from scalecert.export.channels import dead_channel_plan
 from scalecert.export.loading import LoadedModel, load_model
 from scalecert.export.plan import SplitPlan, plan_split
@@ -39,6 +37,8 @@ from scalecert.export.split import build_prefix, build_suffix
 from scalecert.export.stats import graph_stats, with_shapes
 from scalecert.export.to_onnx import to_onnx
 from scalecert.graph import save_checked
+
+PLAN_IMAGES = 128  # calibration images the measured plan scores candidates on (--calib-limit caps them too)
 
 
 @dataclass
@@ -91,12 +91,17 @@ def export_bundle(opts: ExportOptions) -> str:
     started = datetime.datetime.now(datetime.timezone.utc)
     loaded = load_model(opts.model, opts.arch, opts.input_size, opts.trust_pickle, opts.pretrained)
     request = check_request(opts, loaded)
-    if opts.budget <= 0:
-        raise ScaleCertError(f"--budget {opts.budget:g}: expected a positive number of full forwards per image")
-    decision.check_threshold(opts.threshold)
     model, program = to_onnx(loaded)
     num_classes, classes = _classes(opts.classes, model, loaded)
+    if request.calibration_items is not None:
+        from scalecert.runtime.datasets import check_labels
+
+        check_labels(request.calibration_items, num_classes, f"--calib {opts.calib}")
+        opts.say(f"reading {len(request.calibration_items)} calibration images")
     calibration = CalibrationSet.load(request.calibration_items, request.input_spec) if request.calibration_items else None
+    if calibration is not None and calibration.labelled and num_classes:
+        _check_calibration_labels(model, calibration, num_classes, opts.calib)
+        opts.say("calibrating the SIN gate (channel importances, threshold)")
     with staging(request.output) as work:
         plan, plan_record = choose_plan(opts, request, model, program, calibration)
         opts.say(plan.describe())
@@ -193,11 +198,7 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
     from scalecert.runtime.datasets import image_set
 
     output = opts.output or os.path.splitext(os.path.basename(loaded.source))[0] + ".scalecert"
-    if os.path.exists(output) and not opts.force:
-        raise ScaleCertError(f"{output}: already exists (pass --force to replace it)")
-    parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ScaleCertError(f"{output}: cannot write there (no such directory or not writable)")
+    check_output(output, opts.force)
     record = _apply_tune_defaults(opts, loaded.tuned)
     _, image_h, image_w = loaded.preprocess.input_size
     patch_hw = geometry.parse_patch(opts.patch, (image_h, image_w))
@@ -208,12 +209,67 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
                     raise ValueError
             except ValueError:
                 raise ScaleCertError(f"{label} {value!r}: expected a number in [{low}, {high}]" + (" or auto" if label == "--prune-rate" else "")) from None
+    if opts.calib_limit is not None and opts.calib_limit < 1:
+        raise ScaleCertError(f"--calib-limit {opts.calib_limit}: expected a positive number of images")
+    if opts.budget <= 0:
+        raise ScaleCertError(f"--budget {opts.budget:g}: expected a positive number of full forwards per image")
+    decision.check_threshold(opts.threshold)
+    if opts.window_budget < 1:
+        raise ScaleCertError(f"--window-budget {opts.window_budget}: expected a positive number of windows")
+    if not opts.max_growth > 0:
+        raise ScaleCertError(f"--max-growth {opts.max_growth}: expected a number above 0")
     calib_items = image_set(opts.calib, limit=opts.calib_limit) if opts.calib else None
+    if calib_items is not None:
+        opts.say(calib_items.describe())
     if float(opts.channel_prune) > 0 and calib_items is None and record is None:
         raise ScaleCertError("--channel-prune needs --calib: channel importances come from calibration images")
     if opts.prune_rate not in ("auto", "0", "0.0") and float(opts.prune_rate) > 0 and calib_items is None and record is None:
         raise ScaleCertError("--prune-rate above 0 needs --calib DIR: the gate threshold is calibrated on images")
     return Request(output, loaded.preprocess.to_json(), (image_h, image_w), patch_hw, calib_items, record)
+
+
+def label_fit(predicted, labels) -> tuple[float, float]:
+    """(accuracy, agreement): top-1 agreement of the model's predictions with the labels, and with
+    the labels under the best one-to-one renaming of classes (greedy matching of the confusion
+    counts). Labels in the wrong class order or layout show as low accuracy with high agreement:
+    the model sorts the images consistently, only under other names."""
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    pairs = {}
+    for p, y in zip(predicted.tolist(), labels.tolist()):
+        pairs[(y, p)] = pairs.get((y, p), 0) + 1
+    used_y, used_p, matched = set(), set(), 0
+    for (y, p), count in sorted(pairs.items(), key=lambda kv: -kv[1]):
+        if y not in used_y and p not in used_p:
+            used_y.add(y)
+            used_p.add(p)
+            matched += count
+    return float((predicted == labels).mean()), matched / len(labels)
+
+
+def _check_calibration_labels(model: ir.Model, calibration, num_classes: int, where: str) -> None:
+    """Refuse calibration labels that make the dense model look broken: top-1 accuracy below
+    chance while the model's own predictions agree with a renaming of the same labels (the labels'
+    class order or layout does not belong to this model). No rate or importance is chosen against
+    such labels. A model that sorts the images no better than chance under any naming is left alone."""
+    import tempfile
+
+    from scalecert.export.calibrate import run_onnx
+
+    if len(calibration.labels) < 10 or num_classes < 2:
+        return
+    with tempfile.TemporaryDirectory(prefix=".scalecert-check-") as scratch:
+        path = os.path.join(scratch, "full.onnx")
+        ir.save(model, path)
+        name = model.graph.inputs[0].name
+        feeds = [{name: calibration.images[i:i + 32]} for i in range(0, len(calibration.images), 32)]
+        logits = run_onnx(path, feeds, model.graph.outputs[0].name)
+    accuracy, agreement = label_fit(logits.argmax(1), calibration.labels)
+    chance = 1.0 / num_classes
+    if accuracy < chance and agreement >= 0.5:
+        raise ScaleCertError(f"--calib {where}: the dense model agrees with {accuracy:.1%} of these labels (chance is "
+                             f"{chance:.1%}) but with {agreement:.0%} once the classes are renamed: the labels' class "
+                             "order or layout does not fit the model; refusing to calibrate against them "
+                             "(pass --labels CSV)")
 
 
 def _classes(path: str | None, model: ir.Model, loaded: LoadedModel):

@@ -1,11 +1,32 @@
-"""Image files and uint8 arrays -> normalised network input, as the manifest says (no torch)."""
+"""Image files and uint8 arrays -> normalised network input, as the manifest says (no torch).
+
+Decoding refuses images above a pixel limit before decoding them (decompression bombs): 100
+megapixels by default, settable with the environment variable SCALECERT_MAX_PIXELS (a number of
+pixels; 0 lifts the limit). Pillow's warnings never reach the terminal; EXIF orientation is
+applied (phone photos arrive upright)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 
 from scalecert.errors import ScaleCertError
+
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def max_pixels() -> int | None:
+    """The decode limit in pixels (None: no limit), from SCALECERT_MAX_PIXELS."""
+    text = os.environ.get("SCALECERT_MAX_PIXELS", "").strip()
+    if not text:
+        return DEFAULT_MAX_PIXELS
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise ScaleCertError(f"SCALECERT_MAX_PIXELS={text!r}: expected a number of pixels (0: no limit)") from None
+    return value if value > 0 else None
 
 
 def read_image(path: str):
@@ -18,20 +39,40 @@ def read_image(path: str):
         raise ScaleCertError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
         raise ScaleCertError(f"{path}: empty file")
+    limit = max_pixels()
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                wide = np.asarray(img, dtype=np.float64)
-                scale = 257.0 if wide.max() > 255 else 1.0
-                img = Image.fromarray(np.clip(wide / scale, 0, 255).astype(np.uint8))
-            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-                img = img.convert("RGBA")
-                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-                img = Image.alpha_composite(background, img)
-            return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ScaleCertError(f"{path}: cannot decode image ({str(exc).splitlines()[0][:100]})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF and palette notes
+            return _decode(path, limit)
+    except Image.DecompressionBombError:
+        raise ScaleCertError(f"{path}: image larger than the {limit or 0:,} pixel limit (a decompression bomb?); "
+                             "raise SCALECERT_MAX_PIXELS to allow it") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError,
+            TypeError, ZeroDivisionError, MemoryError) as exc:
+        first = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        raise ScaleCertError(f"{path}: cannot decode image ({first})") from None
+
+
+def _decode(path: str, limit: int | None):
+    from PIL import Image, ImageOps
+
+    Image.MAX_IMAGE_PIXELS = limit  # Pillow's own bomb check follows ours (None: off)
+    with Image.open(path) as img:
+        pixels = img.size[0] * img.size[1]
+        if limit is not None and pixels > limit:
+            raise ScaleCertError(f"{path}: {img.size[0]}x{img.size[1]} image ({pixels:,} pixels) is above the "
+                                 f"{limit:,} pixel limit (a decompression bomb?); raise SCALECERT_MAX_PIXELS to allow it")
+        img.load()
+        img = ImageOps.exif_transpose(img) or img
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            wide = np.asarray(img, dtype=np.float64)
+            scale = 257.0 if wide.max() > 255 else 1.0
+            img = Image.fromarray(np.clip(wide / scale, 0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA")
+            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
 
 
 def resize_to_input(img, input_spec: dict) -> np.ndarray:

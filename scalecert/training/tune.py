@@ -56,6 +56,7 @@ class TuneOptions:
     resume: bool = False
     threads: int | None = None
     quiet: bool = False
+    force: bool = False
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -187,12 +188,10 @@ def plan(loaded, patch: str, layer_spec: str, stride_spec: str, window_budget: i
     return program, plan_split(model, (image_h, image_w), patch_hw, layer_spec, stride_spec, window_budget, max_growth)
 
 
-def _check_output(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise ScaleCertError(f"{path}: cannot write there (no such directory or not writable)")
-    if os.path.isdir(path):
-        raise ScaleCertError(f"{path}: is a directory, expected a checkpoint file name")
+def _check_output(path: str, force: bool = False) -> None:
+    from scalecert.bundle.staging import check_output_file
+
+    check_output_file(path, force, "-o ")
 
 
 def _save(path: str, payload: dict) -> None:
@@ -214,17 +213,31 @@ def tune(opts: TuneOptions, say=print) -> dict:
     from scalecert.runtime.datasets import image_set
     from scalecert.export.loading import load_model
 
-    _check_output(opts.output)
+    _check_output(opts.output, opts.force or opts.resume)
+    _check_output(opts.output + ".last", opts.force or opts.resume)  # the resumable state is an output too
     if opts.epochs < 1 or opts.batch < 1 or opts.lr <= 0:
         raise ScaleCertError("--epochs and --batch must be positive and --lr above 0")
+    for flag, value, low in (("--occlusions", opts.occlusions, 0), ("--limit", opts.limit, 1),
+                             ("--val-limit", opts.val_limit, 1), ("--cert-limit", opts.cert_limit, 0),
+                             ("--window-budget", opts.window_budget, 1), ("--threads", opts.threads, 1)):
+        if value is not None and value < low:
+            raise ScaleCertError(f"{flag} {value}: expected a number >= {low}")
     if not 0 <= opts.prune_rate <= 0.99:
         raise ScaleCertError(f"--prune-rate {opts.prune_rate}: expected a number in [0, 0.99]")
     loaded = load_model(opts.model, opts.arch, None, False, opts.pretrained)
     if loaded.kind != "torch":
         raise ScaleCertError("tune needs a state_dict checkpoint with --arch (it writes one back)")
+    from scalecert.export.archs import REGISTRY
+    from scalecert.runtime.datasets import check_labels
+
+    num_classes = REGISTRY[opts.arch].num_classes if opts.arch in REGISTRY else None
     train_items = image_set(opts.data, seed=opts.seed, limit=opts.limit)
+    say(train_items.describe())
+    check_labels(train_items, num_classes, f"--data {opts.data}")
     if opts.val:
         val_items = image_set(opts.val, seed=opts.seed, limit=opts.val_limit)
+        say(val_items.describe())
+        check_labels(val_items, num_classes, f"--val {opts.val}")
     else:
         held = min(opts.val_limit, max(1, len(train_items) // 20))
         val_items, train_items = train_items[:held], train_items[held:]
@@ -236,8 +249,8 @@ def tune(opts: TuneOptions, say=print) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     program, split = plan(loaded, opts.patch, opts.layer, opts.stride, opts.window_budget, opts.max_growth)
     layer, window_hw, stride, windows = split.layer, split.window_hw, split.stride, split.windows
-    say(f"device {device}; layer {layer.name} ({layer.scope or 'root'}), features {layer.shape}, window {window_hw}, "
-        f"stride {stride}, {len(windows)} windows, prune rate {opts.prune_rate}")
+    say(f"device {device}; layer {layer.name} ({layer.scope or 'root'}), features {layer.shape}, footprint {window_hw[0]}x{window_hw[1]}, "
+        f"windows {split.window_size[0]}x{split.window_size[1]} at stride {stride}, {len(windows)} windows, prune rate {opts.prune_rate}")
     module = program.module().to(device)
     net = SplitNetwork(module, layer.name, input_spec, windows, layer.shape[1:], opts.phi, device)
     train_x, train_y = load_pixels(train_items, input_spec, "training images", opts.quiet)
