@@ -17,6 +17,16 @@ import time
 import numpy as np
 
 
+def suffix_ms_per_window(pipeline, image: np.ndarray, queue: np.ndarray, runs: int = 3) -> float:
+    features, _ = pipeline.prefix(image)
+    one = pipeline.select(features, 0)
+    pipeline.suffix(one, queue)  # warm-up
+    started = time.perf_counter()
+    for _ in range(runs):
+        pipeline.suffix(one, queue)
+    return (time.perf_counter() - started) / runs / len(queue) * 1e3
+
+
 def main(argv=None) -> int:
     from scalecert.bundle import Bundle
     from scalecert.compile import precision as conversions
@@ -65,13 +75,7 @@ def main(argv=None) -> int:
             seconds = time.perf_counter() - started
             with OrtCpuPipeline(paths["prefix"], paths["suffix"], window_parallel=True) as variant:
                 got = logits_of(variant)
-                features, _ = variant.prefix(held[:1])
-                one = variant.select(features, 0)
-                variant.suffix(one, queue)
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    variant.suffix(one, queue)
-                per_window_ms = (time.perf_counter() - t0) / 3 / len(queue) * 1e3
+                per_window_ms = suffix_ms_per_window(variant, held[:1], queue)
             labels = got.argmax(-1)
             cert = (labels == labels[:, :1]).all(1)
             row = {"activations": activations, "float_kept": keep, "weights_7bit": reduce_range, "top1_agreement": float((labels == ref_labels).mean()),
@@ -82,13 +86,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
             rows.append(row)
     with pipelines.open_pipeline(bundle, "ort-cpu", "fp32") as fp32:
-        features, _ = fp32.prefix(held[:1])
-        one = fp32.select(features, 0)
-        fp32.suffix(one, queue)
-        t0 = time.perf_counter()
-        for _ in range(3):
-            fp32.suffix(one, queue)
-        print(json.dumps({"fp32_suffix_ms_per_window": (time.perf_counter() - t0) / 3 / len(queue) * 1e3}))
+        print(json.dumps({"fp32_suffix_ms_per_window": suffix_ms_per_window(fp32, held[:1], queue)}))
     if args.out:
         json.dump({"bundle": args.bundle, "held_back": len(held), "windows": len(queue), "rows": rows}, open(args.out, "w"),
                   indent=1)
