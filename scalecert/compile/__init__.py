@@ -1,0 +1,1 @@
+"""bundle -> precision variants, margins and TensorRT engines (`scalecert build`)."""

@@ -1,0 +1,1 @@
+"""`scalecert bench`, its report, the pixel-masking baseline, the attack harness, pictures."""

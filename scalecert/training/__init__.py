@@ -1,0 +1,1 @@
+"""torch: the split program, the plain-PyTorch reference and `scalecert tune`."""
