@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 
 import numpy as np
 import onnxruntime as ort

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 
-import numpy as np
-import onnx_ir as ir
 
 from scalecert.bundle.manifest import PRECISIONS
 from scalecert.compile.parser_support import check_onnx

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -43,7 +43,9 @@ class Result:
     EVALUATION_ONLY = ("window_labels", "window_margins", "window_logconf", "base_logconf", "gate", "class_name")
 
     def to_json(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in self.EVALUATION_ONLY}
+        # not asdict: it would deep-copy the per-window arrays of every image only to drop them
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.EVALUATION_ONLY}
+        out["alert_windows"] = list(self.alert_windows)
         out["class"] = self.class_name
         out["latency_ms"] = round(self.latency_ms, 3)
         out["prefix_ms"], out["suffix_ms"] = round(self.prefix_ms, 3), round(self.suffix_ms, 3)
