@@ -21,18 +21,23 @@ def require_cuda_provider() -> None:
         raise ScaleCertError(NO_CUDA)
 
 
-def load_session(path: str, device: str = "cpu", threads: int | None = None, spin: bool = True, device_id: int = 0):
+def load_session(path: str, device: str = "cpu", threads: int | None = None, spin: bool = True, device_id: int = 0,
+                 reference: bool = False):
     """An InferenceSession on the CPU or CUDA execution provider, or one line saying why not.
 
     CPU: `threads` intra-op threads (default every core; windows arrive in batches, so inter-op
     parallelism buys nothing); without `spin` idle workers do not busy-wait on cores another
     session needs. CUDA: cuDNN picks convolution algorithms by heuristic, not by timing, so a
     shape always gets the same kernels; TF32 is off so fp32 means fp32 (reduced precision belongs
-    to the fp16/int8 variants, where it is explicit)."""
+    to the fp16/int8 variants, where it is explicit). `reference`: no graph optimisation, so every
+    QuantizeLinear/DequantizeLinear runs as the ONNX spec defines it around float kernels; an int8
+    variant meant for another engine (TensorRT) is judged by that, not by fused CPU integer kernels
+    (x86 without VNNI saturates 16-bit sums of u8 x s8 products when weights use all 8 bits)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference else
+                                        ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.log_severity_level = 3
     if device == "cuda":
         require_cuda_provider()
@@ -60,12 +65,12 @@ class OrtRunner(Runner):
 
     name = "ort"
 
-    def __init__(self, path: str, threads: int | None = None, spin: bool = True):
-        self.path, self.threads, self.spin = path, threads, spin
+    def __init__(self, path: str, threads: int | None = None, spin: bool = True, reference: bool = False):
+        self.path, self.threads, self.spin, self.reference = path, threads, spin, reference
         self.session = None
 
     def activate_impl(self) -> None:
-        self.session = load_session(self.path, "cpu", self.threads, self.spin)
+        self.session = load_session(self.path, "cpu", self.threads, self.spin, reference=self.reference)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -96,12 +101,14 @@ class OrtCpuPipeline(Pipeline):
     name = "ort-cpu"
     MIN_CHUNK = 4
 
-    def __init__(self, prefix_path: str, suffix_path: str, threads: int | None = None, window_parallel: bool = True):
+    def __init__(self, prefix_path: str, suffix_path: str, threads: int | None = None, window_parallel: bool = True,
+                 reference: bool = False):
         self.workers = max(1, threads or os.cpu_count() or 1)
         parallel = window_parallel and self.workers > 1
         # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
-        self.prefix_runner = OrtRunner(prefix_path, self.workers, spin=False)
-        self.suffix_runner = OrtRunner(suffix_path, 1 if parallel else self.workers, spin=not parallel)
+        self.prefix_runner = OrtRunner(prefix_path, self.workers, spin=False, reference=reference)
+        self.suffix_runner = OrtRunner(suffix_path, 1 if parallel else self.workers, spin=not parallel,
+                                       reference=reference)
         self.workers = self.workers if parallel else 1
         self.pool = None
 
