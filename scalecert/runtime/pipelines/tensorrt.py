@@ -12,7 +12,7 @@ import numpy as np
 
 from scalecert.errors import ScaleCertError
 from scalecert.runtime.pipelines.base import Activated, Pipeline
-from scalecert.runtime.pipelines.device import DeviceFeatures, aligned, batches, host_windows
+from scalecert.runtime.pipelines.device import DeviceFeatures, batches, host_windows
 
 
 def require_tensorrt():
