@@ -204,3 +204,20 @@ def test_certifier_outcomes_equal_between_trt_and_cpu(trt_bundle, pixels, tmp_pa
     want = _outcomes(bundle, "ort-cpu", pixels)
     got = _outcomes(bundle, "trt", pixels)
     assert got == want, [i for i, (a, b) in enumerate(zip(want, got)) if a != b]
+
+
+def test_doctor_passes_on_trt_after_build(gpu_bundle, tmp_path):
+    """`scalecert build --backend trt` on this GPU (engines, margin, device probes), then `scalecert
+    doctor --backend trt`: engines compatible, prefix local on its ONNX Runtime CPU session, spread
+    within the margin, known answers as recorded."""
+    _tensorrt()
+    from conftest import in_process
+    from scalecert.runtime import doctor
+
+    bundle = str(tmp_path / "built-trt")
+    shutil.copytree(gpu_bundle, bundle)
+    in_process("build", bundle, "--backend", "trt", "--max-windows", "64", "--workspace-mb", "1024", "--quiet")
+    report = doctor.run(bundle, "trt", "fp32")
+    print(report.render())
+    assert report.passed, [c.line() for c in report.checks if c.ok is False]
+    assert {c.name for c in report.checks} >= {"engines", "locality", "spread", "known answer"}
