@@ -103,6 +103,15 @@ class Bundle:
         value = self.manifest["margin"].get(manifest_io.margin_key(backend, precision))
         return None if value is None else float(value)
 
+    @property
+    def probe_images(self) -> list[str]:
+        """Known-answer probe images (runtime/probes.py), relative to the bundle; hashed like every file."""
+        return list((self.manifest.get("probes") or {}).get("images") or [])
+
+    def probe_answers(self, backend: str, precision: str) -> list[dict] | None:
+        """The certifier's recorded answers for the probe images on this backend and precision."""
+        return ((self.manifest.get("probes") or {}).get("answers") or {}).get(manifest_io.margin_key(backend, precision))
+
     def engines(self, precision: str) -> dict | None:
         return (self.manifest.get("engines") or {}).get(f"trt-{precision}")
 

@@ -70,5 +70,7 @@ def read(bundle_dir: str, verify: bool = True) -> dict:
 
 
 def margin_key(backend: str, precision: str) -> str:
-    """The key of a measured numeric margin in manifest["margin"], e.g. "ort-cpu-int8"."""
+    """The key of a measured numeric margin in manifest["margin"], e.g. "ort-cpu-int8"; the same key
+    names a backend's known answers in manifest["probes"]["answers"] and its device probes in
+    manifest["doctor"]."""
     return f"{backend}-{precision}"

@@ -36,6 +36,16 @@ def _drop_engines(work: str, manifest: dict) -> None:
         manifest.get("margin_measurement", {}).pop(key, None)
 
 
+def _reference_answers(bundle: Bundle) -> dict:
+    """The known answers of the new gate or window family (ONNX Runtime CPU fp32); the other
+    backends' answers were recorded for the old one and are dropped with their margins' meaning."""
+    from scalecert.runtime import probes
+    from scalecert.runtime.certifier import Certifier
+
+    with Certifier(bundle, "ort-cpu", "fp32") as certifier:
+        return {manifest_io.margin_key("ort-cpu", "fp32"): probes.answers(certifier, bundle)}
+
+
 def derive(bundle_dir: str, output: str, prune_rate: float | None = None, stride: int | None = None) -> str:
     """A copy of the bundle at `output` with another pruning rate (threshold from the calibrated
     table, set in every precision's prefix) and/or occluding stride (a new window family)."""
@@ -55,6 +65,10 @@ def derive(bundle_dir: str, output: str, prune_rate: float | None = None, stride
             windows = geometry.window_family(bundle.footprint, stride, bundle.feature_hw)
             manifest["windows"].update({"stride": stride, "count": len(windows), "budget": None,
                                         "size": [int(windows[0, 2] - windows[0, 0]), int(windows[0, 3] - windows[0, 1])]})
+        changed = (prune_rate is not None and prune_rate != bundle.manifest["sin"]["prune_rate"]) or \
+            (stride is not None and stride != bundle.stride)
+        if changed and manifest.get("probes"):
+            manifest["probes"]["answers"] = _reference_answers(Bundle(work, manifest))
         manifest["files"] = manifest_io.describe_files(work, list(manifest["files"]))
         manifest["derived_from"] = os.path.abspath(bundle_dir)
         manifest_io.write(work, manifest)

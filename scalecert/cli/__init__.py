@@ -1,6 +1,6 @@
 """Command line: one module per command, all registered on the `scalecert` group (cli/app.py);
 `scalecert-export` is the export command on its own."""
-from scalecert.cli import bench, build, certify, demo, export, inspect_bundle, tune  # noqa: F401  (register commands)
+from scalecert.cli import bench, build, certify, demo, doctor, export, inspect_bundle, tune  # noqa: F401  (register commands)
 from scalecert.cli.app import main
 from scalecert.cli.export import export_main
 

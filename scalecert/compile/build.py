@@ -124,6 +124,9 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
         manifest["margin"][key] = margin["delta"]
         manifest.setdefault("margin_measurement", {})[key] = margin
         say(f"numeric margin {key}: spread {margin['spread']:g} -> delta {margin['delta']:g}")
+        from scalecert.runtime.doctor import record_build  # the device probes `scalecert doctor` runs
+
+        manifest.setdefault("doctor", {})[key] = record_build(staged, backend, precision, say)
         manifest["files"] = manifest_io.describe_files(work, sorted(_bundle_files(work)))
         manifest_io.write(work, manifest)
     return manifest

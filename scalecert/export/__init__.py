@@ -140,6 +140,8 @@ def export_bundle(opts: ExportOptions) -> str:
                              started, work)
         manifest["plan"] = plan_record
         manifest["decision"] = {"threshold": opts.threshold}
+        manifest["probes"] = _known_answers(work, manifest, request)
+        manifest["files"] = manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx", *manifest["probes"]["images"]])
         manifest_io.write(work, manifest)
     return request.output
 
@@ -369,6 +371,23 @@ def _measure_margin(work: str, input_spec: dict, calibration, windows: np.ndarra
     with OrtCpuPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
                         window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
         return measure_margin(pipeline, image, windows)
+
+
+def _known_answers(work: str, manifest: dict, request: Request) -> dict:
+    """Probe images (up to half from the calibration set, the rest seeded synthetic) and the ONNX
+    Runtime CPU fp32 answers for them, which `scalecert doctor` compares on the target."""
+    from scalecert.bundle import Bundle
+    from scalecert.runtime import probes
+    from scalecert.runtime.certifier import Certifier
+    from scalecert.runtime.images import load_image
+
+    real = [load_image(path, request.input_spec) for path, _ in (request.calibration_items or [])[:probes.COUNT // 2]]
+    synthetic = probes.synthetic_images(request.image_hw, probes.COUNT - len(real))
+    names = probes.write_images(work, np.concatenate([np.stack(real), synthetic]) if real else synthetic)
+    bundle = Bundle(work, {**manifest, "probes": {"images": names}})
+    with Certifier(bundle, "ort-cpu", "fp32") as certifier:
+        recorded = probes.answers(certifier, bundle)
+    return {"images": names, "answers": {manifest_io.margin_key("ort-cpu", "fp32"): recorded}}
 
 
 def _tool_versions() -> dict:

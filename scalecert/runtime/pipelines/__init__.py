@@ -54,16 +54,18 @@ def pick(backend: str, precision: str, bundle) -> str:
 
 
 def open_pipeline(bundle, backend: str, precision: str, threads: int | None = None) -> Pipeline:
-    """An inactive pipeline for one precision of the bundle on one backend."""
+    """An inactive pipeline for one precision of the bundle on one backend. Every backend runs the
+    prefix on ONNX Runtime CPU (`threads` intra-op threads); the GPU backends run only the suffix
+    on the GPU (docs/design.md §9)."""
     backend = canonical(backend)
     if backend == "trt":
         from scalecert.runtime.pipelines.tensorrt import TrtPipeline
 
-        return TrtPipeline.from_bundle(bundle, precision)
+        return TrtPipeline.from_bundle(bundle, precision, threads)
     from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline, OrtCudaPipeline, window_parallel
 
     files = bundle.files(precision)
     if backend == "ort-cuda":
-        return OrtCudaPipeline(files["prefix"], files["suffix"])
+        return OrtCudaPipeline(files["prefix"], files["suffix"], threads=threads)
     return OrtCpuPipeline(files["prefix"], files["suffix"], threads,
                           window_parallel=window_parallel(precision, bundle.suffix_macs))

@@ -1,10 +1,11 @@
 """Device-side feature buffers shared by the GPU pipelines (ONNX Runtime CUDA, TensorRT).
 
-Both keep the prefix's gated features on the device: the prefix leaves each image's features at
-an aligned device address, `select(i)` picks image i's (no copy), and the suffix reads them there
-for every window batch of that image. Windows go up from the host (four integers each); the gate
-map and the logits come back. A pipeline's features stay valid until its next `prefix` call,
-which is how the certifier uses them.
+Both run the prefix on ONNX Runtime CPU (docs/design.md §9) and keep one image's gated features
+on the device for the suffix: `select(i)` uploads image i's features (bit-for-bit the CPU
+prefix's) to an aligned device address once, and the suffix reads them there for every window
+batch of that image. Windows go up from the host (four integers each); the logits come back.
+Selected features stay valid until the pipeline's next `select`, which is how the certifier
+uses them.
 """
 from __future__ import annotations
 
@@ -26,10 +27,8 @@ def batches(n: int, limit: int | None) -> list[tuple[int, int]]:
 
 
 class DeviceFeatures:
-    """Gated features of a batch of images in device memory: one aligned address per image
-    (`owner` keeps the memory alive). The prefix runs one image at a time on the GPU pipelines,
-    so an image's features (and with them its gates) never depend on which other images shared
-    its batch, and the suffix always reads them from an aligned address."""
+    """Gated features of images in device memory: one aligned address per image (`owner` keeps
+    the memory alive); the suffix always reads them from an aligned address."""
 
     def __init__(self, owner, ptrs, item_shape, dtype):
         self.owner, self.ptrs = owner, [int(p) for p in ptrs]

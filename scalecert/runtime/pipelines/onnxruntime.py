@@ -1,4 +1,4 @@
-"""ONNX Runtime pipelines (no torch): CPU, and CUDA with IO binding. One session loader for both."""
+"""ONNX Runtime pipelines (no torch): CPU, and CUDA (suffix only, IO binding). One session loader for both."""
 from __future__ import annotations
 
 import os
@@ -146,48 +146,46 @@ class OrtCpuPipeline(Pipeline):
 
 
 class OrtCudaPipeline(Pipeline):
-    """Prefix and suffix sessions on the CUDA execution provider with IO binding: each image's
-    `features` output stays on the device as an OrtValue, which the suffix binds by pointer."""
+    """The prefix on ONNX Runtime CPU, the suffix on the CUDA execution provider with IO binding
+    (docs/design.md §9: GPU convolution algorithms may mix inputs beyond a receptive field, so
+    the prefix runs where its locality is proven and probed; the suffix's window then sees
+    bitwise the same input on a clean and a patched image). `select(i)` uploads image i's gated
+    features to the device once; every window batch of that image binds them by pointer.
+    `device="cpu"` runs the binding code on the CPU device (a stand-in where no GPU exists)."""
 
     name = "ort-cuda"
 
-    def __init__(self, prefix_path: str, suffix_path: str, device: str = "cuda", device_id: int = 0):
-        self.prefix_path, self.suffix_path = prefix_path, suffix_path
-        self.device, self.device_id = device, device_id
-        self.prefix_session = self.suffix_session = None
+    def __init__(self, prefix_path: str, suffix_path: str, device: str = "cuda", device_id: int = 0,
+                 threads: int | None = None):
+        self.suffix_path, self.device, self.device_id = suffix_path, device, device_id
+        self.prefix_runner = OrtRunner(prefix_path, threads, spin=False)  # CPU whatever `device` is
+        self.suffix_session = self.suffix_binding = None
 
     def activate_impl(self) -> None:
-        self.prefix_session = load_session(self.prefix_path, self.device, device_id=self.device_id)
+        self.prefix_runner.activate()
         self.suffix_session = load_session(self.suffix_path, self.device, device_id=self.device_id)
-        self.prefix_binding = self.prefix_session.io_binding()
         self.suffix_binding = self.suffix_session.io_binding()
-        inputs = {i.name: ORT_TYPES.get(i.type) for i in [*self.prefix_session.get_inputs(), *self.suffix_session.get_inputs()]}
-        self.image_dtype, self.windows_dtype = inputs["image"], inputs["windows"]
+        inputs = {i.name: ORT_TYPES.get(i.type) for i in [*self.prefix_runner.session.get_inputs(),
+                                                          *self.suffix_session.get_inputs()]}
+        self.image_dtype, self.features_dtype, self.windows_dtype = inputs["image"], inputs["features"], inputs["windows"]
 
     def deactivate_impl(self) -> None:
-        self.prefix_binding = self.suffix_binding = None
-        self.prefix_session = self.suffix_session = None
+        self.suffix_binding = self.suffix_session = None
+        self.prefix_runner.deactivate()
 
     def prefix(self, image):
-        binding, values, gates = self.prefix_binding, [], []
-        image = np.ascontiguousarray(image, self.image_dtype)
-        for i in range(len(image)):  # one image per run: see DeviceFeatures
-            binding.clear_binding_inputs()
-            binding.clear_binding_outputs()
-            binding.bind_cpu_input("image", image[i:i + 1])
-            binding.bind_output("features", self.device, self.device_id)
-            binding.bind_output("gate", "cpu")
-            self.prefix_session.run_with_iobinding(binding)
-            features, gate = binding.get_outputs()
-            values.append(features)
-            gates.append(gate.numpy())
-        if not values:
+        if not len(image):
             raise ScaleCertError("no images to run")
-        item = values[0].shape()[1:]
-        return DeviceFeatures(values, [v.data_ptr() for v in values], item, ORT_TYPES[values[0].data_type()]), np.concatenate(gates)
+        out = self.prefix_runner.infer({"image": np.ascontiguousarray(image, self.image_dtype)})
+        return out["features"], out["gate"]
 
     def select(self, features, index):
-        return features.image(index)
+        """Image `index`'s features as a device OrtValue (bit-for-bit the CPU prefix's output)."""
+        import onnxruntime as ort
+
+        host = np.ascontiguousarray(features[index:index + 1], self.features_dtype)
+        value = ort.OrtValue.ortvalue_from_numpy(host, self.device, self.device_id)
+        return DeviceFeatures(value, [value.data_ptr()], host.shape[1:], host.dtype)
 
     def suffix(self, features, windows):
         binding = self.suffix_binding
@@ -198,5 +196,3 @@ class OrtCudaPipeline(Pipeline):
         binding.bind_output("logits", "cpu")
         self.suffix_session.run_with_iobinding(binding)
         return np.asarray(binding.copy_outputs_to_cpu()[0], np.float32)
-
-

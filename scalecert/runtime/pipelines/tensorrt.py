@@ -1,4 +1,5 @@
-"""TensorRT pipeline (no torch): prefix and suffix engines on one CUDA stream, through Polygraphy.
+"""TensorRT pipeline (no torch): the prefix on ONNX Runtime CPU, the suffix engine on one CUDA stream,
+through Polygraphy.
 
 tensorrt and polygraphy are imported lazily: this module loads on any machine.
 """
@@ -11,7 +12,7 @@ import numpy as np
 
 from scalecert.errors import ScaleCertError
 from scalecert.runtime.pipelines.base import Activated, Pipeline
-from scalecert.runtime.pipelines.device import DeviceFeatures, aligned, batches, host_windows
+from scalecert.runtime.pipelines.device import DeviceFeatures, batches, host_windows
 
 
 def require_tensorrt():
@@ -147,19 +148,25 @@ class TrtEngine(Activated):
 
 
 class TrtPipeline(Pipeline):
-    """Prefix and suffix TensorRT engines on one CUDA stream. Features stay in a device buffer
-    between the engines; windows go up as int32 rectangles. Batches larger than an engine's
-    optimisation profile are split into profile-sized runs over offsets of the same buffers."""
+    """The prefix on ONNX Runtime CPU, the suffix as a TensorRT engine on one CUDA stream
+    (docs/design.md §9: TensorRT may choose Winograd or FFT tactics whose outputs depend on
+    inputs beyond a receptive field, so the prefix runs where its locality is proven and probed).
+    `select(i)` copies image i's gated features into one aligned device buffer (valid until the
+    next `select`); windows go up as int32 rectangles. Window batches larger than the engine's
+    optimisation profile are split into profile-sized runs over the same buffers."""
 
     name = "trt"
 
-    def __init__(self, prefix_plan: str, suffix_plan: str, max_images: int, max_windows: int):
-        self.prefix_engine, self.suffix_engine = TrtEngine(prefix_plan), TrtEngine(suffix_plan)
-        self.max_images, self.max_windows = int(max_images), int(max_windows)
+    def __init__(self, prefix_onnx: str, suffix_plan: str, max_windows: int, threads: int | None = None):
+        from scalecert.runtime.pipelines.onnxruntime import OrtRunner
+
+        self.prefix_runner = OrtRunner(prefix_onnx, threads, spin=False)
+        self.suffix_engine = TrtEngine(suffix_plan)
+        self.max_windows = int(max_windows)
         self.stream = None
 
     @classmethod
-    def from_bundle(cls, bundle, precision: str) -> "TrtPipeline":
+    def from_bundle(cls, bundle, precision: str, threads: int | None = None) -> "TrtPipeline":
         entry = bundle.engines(precision)
         where = bundle.path
         if not entry:
@@ -171,63 +178,48 @@ class TrtPipeline(Pipeline):
         if reason:
             raise ScaleCertError(f"{where}: {reason.replace('BUNDLE', where)}")
         try:
-            max_images = entry["profiles"]["prefix"]["image"]["max"][0]
             max_windows = entry["profiles"]["suffix"]["windows"]["max"][0]
         except (KeyError, IndexError, TypeError):
             raise ScaleCertError(f"{where}: the trt-{precision} engine record has no optimisation profiles; "
                                  f"rebuild with `scalecert build {where} --backend trt --precision {precision}`") from None
-        return cls(os.path.join(where, entry["prefix"]), os.path.join(where, entry["suffix"]), max_images, max_windows)
+        return cls(bundle.files(precision)["prefix"], os.path.join(where, entry["suffix"]), max_windows, threads)
 
     def activate_impl(self) -> None:
         from polygraphy import cuda
 
         require_tensorrt()
-        self.prefix_engine.activate()
+        self.prefix_runner.activate()
         self.suffix_engine.activate()
-        if self.prefix_engine.dtypes["features"] != self.suffix_engine.dtypes["features"]:
-            raise ScaleCertError(f"{self.prefix_engine.plan_path}: prefix features are {self.prefix_engine.dtypes['features']} "
-                                 f"but the suffix takes {self.suffix_engine.dtypes['features']}; rebuild the engines")
         if self.suffix_engine.dtypes["windows"] != np.int32:
             raise ScaleCertError(f"{self.suffix_engine.plan_path}: windows input is not int32; rebuild the engines")
         self.stream = cuda.Stream()
         self.buffers = DeviceBuffers()
 
     def deactivate_impl(self) -> None:
-        """Also after a failed activate: whatever came up (an engine, the stream) goes down."""
+        """Also after a failed activate: whatever came up (a session, an engine, the stream) goes down."""
         if self.stream is not None:
             self.stream.synchronize()
             self.buffers.free()
             self.stream.free()
             self.stream = None
-        self.prefix_engine.deactivate()
+        self.prefix_runner.deactivate()
         self.suffix_engine.deactivate()
 
     def prefix(self, image):
-        """One image per engine run (see DeviceFeatures), each image's features at its own aligned
-        offset of one device buffer; gates come back to the host."""
-        from polygraphy import cuda
-
-        engine = self.prefix_engine
-        image = np.ascontiguousarray(image, engine.dtypes["image"])
         if not len(image):
             raise ScaleCertError("no images to run")
-        item = engine.item_shape("features")
-        stride = aligned(int(np.prod(item)) * engine.dtypes["features"].itemsize)
-        gate = np.empty((len(image), *engine.item_shape("gate")), engine.dtypes["gate"])
-        image_dev = self.buffers.get("image", image[0].nbytes)
-        gate_dev = self.buffers.get("gate", gate[0].nbytes)
-        features_dev = self.buffers.get("features", len(image) * stride)
-        for i in range(len(image)):
-            _copy(image_dev.ptr, image[i].ctypes.data, image[i].nbytes, cuda.MemcpyKind.HostToDevice, self.stream)
-            engine.run({"image": (image_dev.ptr, (1, *image.shape[1:]))},
-                       {"features": features_dev.ptr + i * stride, "gate": gate_dev.ptr}, self.stream)
-            _copy(gate[i].ctypes.data, gate_dev.ptr, gate[i].nbytes, cuda.MemcpyKind.DeviceToHost, self.stream)
-        self.stream.synchronize()
-        return DeviceFeatures(features_dev, [features_dev.ptr + i * stride for i in range(len(image))], item,
-                              engine.dtypes["features"]), gate
+        out = self.prefix_runner.infer({"image": np.ascontiguousarray(image, np.float32)})
+        return out["features"], out["gate"]
 
     def select(self, features, index):
-        return features.image(index)
+        """Image `index`'s features in the suffix engine's type, copied to an aligned device buffer."""
+        from polygraphy import cuda
+
+        host = np.ascontiguousarray(features[index:index + 1], self.suffix_engine.dtypes["features"])
+        buffer = self.buffers.get("features", host.nbytes)
+        _copy(buffer.ptr, host.ctypes.data, host.nbytes, cuda.MemcpyKind.HostToDevice, self.stream)
+        self.stream.synchronize()  # `host` is a temporary
+        return DeviceFeatures(buffer, [buffer.ptr], host.shape[1:], host.dtype)
 
     def suffix(self, features, windows):
         """Window batches larger than the engine profile's maximum run in profile-sized pieces,
