@@ -3,6 +3,7 @@
 # installed (TensorRT optional: its steps skip without it). Nothing is installed; the repository is
 # used from PYTHONPATH.
 #   OUT=/some/dir SHARED=../shared benchmarks/gpu_check.sh
+# BUNDLES=DIR: use DIR/r20 (and DIR/r20-deep) instead of exporting here.
 # Writes to $OUT (default benchmarks/results/gpu_check):
 #   env.txt                      versions, providers, nvidia-smi
 #   build_*.log                  `scalecert build --backend ort-cuda|trt` (margins, device probes recorded)
@@ -54,18 +55,23 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 R20="$SHARED/models/resnet20-cifar10.th"
 CALIB="$SHARED/data/cifar10-train"
-if [ -f "$R20" ] && [ -d "$CALIB" ]; then
-  MODEL="$R20"; CAL=(--calib "$CALIB" --calib-limit 64 --prune-rate 0.3)
+if [ -n "${BUNDLES:-}" ] && [ -d "$BUNDLES/r20" ]; then
+  echo "bundles exported elsewhere: $BUNDLES"  # the export needs torch 2.13; the device may hold another
+  cp -r "$BUNDLES/r20" "$WORK/r20"; [ -d "$BUNDLES/r20-deep" ] && cp -r "$BUNDLES/r20-deep" "$WORK/r20-deep"
 else
-  echo "no $R20: the seeded random ResNet-20 stands in"
-  MODEL="$WORK/tiny.pt"; CAL=(--prune-rate 0)
-  "$PY" -c "from scalecert.export.archs import random_checkpoint as r; r('resnet20-cifar', '$MODEL', seed=0)"
+  if [ -f "$R20" ] && [ -d "$CALIB" ]; then
+    MODEL="$R20"; CAL=(--calib "$CALIB" --calib-limit 64 --prune-rate 0.3)
+  else
+    echo "no $R20: the seeded random ResNet-20 stands in"
+    MODEL="$WORK/tiny.pt"; CAL=(--prune-rate 0)
+    "$PY" -c "from scalecert.export.archs import random_checkpoint as r; r('resnet20-cifar', '$MODEL', seed=0)"
+  fi
+  sc_export "$MODEL" --arch resnet20-cifar --patch 5 --layer relu --stride 3 "${CAL[@]}" -o "$WORK/r20" --quiet \
+    || { echo "export failed"; exit 1; }
+  # a deeper cut (two stages of 3x3 convolutions) for the GPU-prefix locality evidence only
+  sc_export "$MODEL" --arch resnet20-cifar --patch 5 --layer layer2.0 --prune-rate 0 -o "$WORK/r20-deep" --quiet \
+    || echo "deep export failed: the locality evidence covers the shallow cut only"
 fi
-sc_export "$MODEL" --arch resnet20-cifar --patch 5 --layer relu --stride 3 "${CAL[@]}" -o "$WORK/r20" --quiet \
-  || { echo "export failed"; exit 1; }
-# a deeper cut (two stages of 3x3 convolutions) for the GPU-prefix locality evidence only
-sc_export "$MODEL" --arch resnet20-cifar --patch 5 --layer layer2.0 --prune-rate 0 -o "$WORK/r20-deep" --quiet \
-  || echo "deep export failed: the locality evidence covers the shallow cut only"
 
 # --- build (margin + device probes recorded) and doctor, per GPU backend ---------------------------
 backends=(ort-cuda)
@@ -104,7 +110,8 @@ from scalecert.runtime import Certifier
 from scalecert.runtime.pipelines import BACKENDS
 
 bundle, shared, out = sys.argv[1:4]
-files = sorted(glob.glob(os.path.join(shared, "data", "cifar10-test", "*", "*.jpg")))[::100][:50]
+files = sorted(glob.glob(os.path.join(shared, "data", "cifar10-test", "*", "*.jpg")))
+files = files[::max(1, len(files) // 50)][:50]
 opened = Bundle.open(bundle)
 rows = []
 for backend in BACKENDS:

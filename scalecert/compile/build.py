@@ -119,7 +119,7 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
             manifest.setdefault("engines", {})[f"trt-{precision}"] = entry
             say(f"TensorRT {entry['tensorrt']} engines for {entry['gpu']}: {entry['prefix']}, {entry['suffix']}")
         with pipelines.open_pipeline(staged, backend, precision) as pipeline:
-            margin = measure_margin(pipeline, images, windows)
+            margin = measure_margin(pipeline, _margin_images(staged, images), windows)
         key = manifest_io.margin_key(backend, precision)
         manifest["margin"][key] = margin["delta"]
         manifest.setdefault("margin_measurement", {})[key] = margin
@@ -194,6 +194,16 @@ def _int8_verdict(variant: dict, accept_loss: bool, min_agreement: float, say) -
                              "pass --accept-loss to keep it anyway, or use fp16")
     if problems:
         say(f"warning: int8 kept with --accept-loss although {'; '.join(problems)}")
+
+
+def _margin_images(bundle: Bundle, images: np.ndarray) -> np.ndarray:
+    """The margin is measured on the image `scalecert doctor` re-measures it on (the first probe
+    image) and on a calibration image: a build on the device then passes doctor's spread check
+    there unless the engine's numerics drift."""
+    from scalecert.runtime.doctor import probe_pixels
+    from scalecert.runtime.images import normalize
+
+    return np.concatenate([normalize(probe_pixels(bundle)[None], bundle.input_spec), images[:1]])
 
 
 def _bundle_files(root: str) -> list[str]:
