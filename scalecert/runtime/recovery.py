@@ -32,6 +32,26 @@ def check_recoverable(bundle) -> None:
                              "re-export it with scalecert-export to use --mode recover")
 
 
+def recovery_options(bundle_dir: str, mode: str | None, certify_recovery: bool, early_exit: bool = False,
+                     png_dir: str | None = None, threshold: float | None = None) -> str:
+    """The mode `scalecert certify` runs in (default: the bundle's), or one line saying which
+    options do not go with it; read from the manifest before any session loads."""
+    from scalecert.bundle import Bundle
+
+    opened = Bundle.open(bundle_dir, verify=False)
+    why = "--mode detect was given" if mode else "this bundle's default mode is detect"
+    mode = mode or opened.default_mode
+    if mode == "detect":
+        if certify_recovery:
+            raise ScaleCertError(f"--certify-recovery needs --mode recover ({why})")
+        return mode
+    for flag, given in (("--early-exit", early_exit), ("--png-dir", png_dir), ("--threshold", threshold is not None)):
+        if given:
+            raise ScaleCertError(f"{flag} belongs to --mode detect; recovery has no alert to exit on, draw or threshold")
+    check_recoverable(opened)
+    return mode
+
+
 @dataclass
 class RecoveryResult:
     image: str
