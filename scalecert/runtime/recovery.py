@@ -143,6 +143,8 @@ class Recoverer:
     RecoveryResult`. It runs on a Certifier (same pipeline, preprocessing, window family and
     numeric margin); `certify=True` adds the certification over all pairs."""
 
+    mode = "recover"
+
     def __init__(self, certifier: Certifier, certify: bool = False):
         check_recoverable(certifier.bundle)
         self.certifier, self.certify_pairs = certifier, bool(certify)
