@@ -259,3 +259,30 @@ def test_recovery_negative_control_window_family_with_a_gap_is_caught(tiny_recov
         found[tag] = out
     assert found["gap in the window family"]["total"]["violations"] > 0, "PGD found no violation through the gap"
     assert found["sound family, same attack"]["total"]["violations"] == 0
+
+
+# -- every precision: the variants take pairs, and the margin covers pair rows -------------------
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_recovery_with_each_precision(precision, pruned_recovery, calib_dir, photo_files, tmp_path_factory):
+    """A built variant recovers: fast path equal to naive double masking, certificates equal; and
+    pair rows moved between batch compositions stay within the spread the margin was measured
+    from (docs/design.md §10: the rectangle count changes only the exact mask)."""
+    from scalecert.core.margin import measure_logit_spread
+
+    from conftest import in_process
+
+    bundle = str(tmp_path_factory.mktemp(f"rec-{precision}") / "bundle")
+    shutil.copytree(pruned_recovery, bundle)
+    in_process("build", bundle, "--precision", precision, "--calib", calib_dir, "--accept-loss", "--quiet")
+    with Recoverer.load(bundle, backend="ort", threads=2, precision=precision, certify=True) as rec:
+        pixels = np.stack([rec.prepare(f) for f in photo_files])
+        for pixel, result in zip(pixels, rec.certify_batch(pixels)):
+            verdict, certified = _naive(rec, pixel)
+            assert (result.label, result.case, result.certified) == (verdict.label, verdict.case, certified)
+        pipe = rec.certifier.pipeline
+        features, _ = rec.certifier.features(pixels[:1])
+        rows = geometry.pair_rectangles(rec.windows, rec.pairs)
+        spread = measure_logit_spread(pipe.suffix, pipe.select(features, 0), rows[:63])
+        recorded = rec.bundle.manifest["margin_measurement"][f"ort-cpu-{precision}"]["spread"]
+        print(f"\n[{precision}] pair-row spread {spread:.3g}, recorded window spread {recorded:.3g}, delta {rec.delta:.3g}")
+        assert spread <= 2 * recorded  # delta = 8 x recorded: half of it is left for compositions not sampled

@@ -35,6 +35,12 @@ Every attacked image goes through ``Certifier.certify_batch`` (prefix batched ov
 image's windows through the suffix, exactly the deployed code path). Early exit, when the
 certifier has it on, only shortens alerts: an image is certified only after every window agreed.
 
+Recovery mode (docs/design.md §10): pass a ``runtime.recovery.Recoverer`` instead of a Certifier.
+The clean images are certified for recovery (every pair of windows), the attacked ones go through
+the fast path a device runs; there is no alert, so a violation is any label other than the clean
+one. PGD's views are then the windows overlapping the footprint most among those that do NOT
+contain it (the ones whose first-round vote the attacker can move).
+
 Command line (benchmark mode, benchmarks/attack.py)::
 
     python benchmarks/attack.py --bundle B --model M --arch A --data DIR --images 40 \\
