@@ -61,7 +61,10 @@ VARIANTS = {
     "pgd": ("pgd",),
 }
 # a violation: another label than the certified one, without an alert (certified or not: §7)
-COUNT_KEYS = ("attacked", "certified_same", "alert", "uncertified_same", "violations", "base_flipped")
+# recovery (no alert): the fast path's label counts as uncertified_same when it is the clean one;
+# first_round_split counts attacked images whose first round was not unanimous (the patch bit)
+COUNT_KEYS = ("attacked", "certified_same", "alert", "uncertified_same", "violations", "base_flipped",
+              "first_round_split")
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -244,8 +247,9 @@ class Tally:
         for v, pos, patch, res in zip(variants, positions, patches, results):
             alert, same = res.status == "alert", res.label == label
             c = {"attacked": 1, "certified_same": int(res.status == "certified" and same), "alert": int(alert),
-                 "uncertified_same": int(res.status == "uncertified" and same),
-                 "violations": int(not alert and not same), "base_flipped": int(not same)}
+                 "uncertified_same": int(res.status in ("uncertified", "recovered") and same),
+                 "violations": int(not alert and not same), "base_flipped": int(not same),
+                 "first_round_split": int(getattr(res, "case", "agreed") != "agreed")}
             for target in (row, self.content[content], self.variant[f"{content}:{v}"]):
                 for key in COUNT_KEYS:
                     target[key] += c[key]
@@ -474,6 +478,10 @@ def _worker_init(spec: dict) -> None:
     _WORKER["certifier"] = Certifier.load(spec["bundle"], backend=spec.get("backend", "ort"),
                                           early_exit=spec.get("early_exit", False), threads=spec.get("threads", 1),
                                           precision=spec.get("precision", "fp32"), threshold=spec.get("threshold"))
+    if spec.get("mode") == "recover":
+        from scalecert.runtime.recovery import Recoverer
+
+        _WORKER["certifier"] = Recoverer(_WORKER["certifier"])
     _WORKER["reference"] = None
     if spec.get("model"):
         import torch
