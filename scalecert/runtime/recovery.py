@@ -148,7 +148,8 @@ class Recoverer:
     def __init__(self, certifier: Certifier, certify: bool = False):
         check_recoverable(certifier.bundle)
         self.certifier, self.certify_pairs = certifier, bool(certify)
-        self.bundle, self.windows, self.masks = certifier.bundle, certifier.windows, certifier.masks
+        self.bundle, self.manifest = certifier.bundle, certifier.manifest
+        self.windows, self.masks = certifier.windows, certifier.masks
         self.feature_hw, self.backend, self.delta = certifier.feature_hw, certifier.backend, certifier.delta
         self.early_exit = False
         self.pairs = geometry.pair_indices(len(self.windows))
