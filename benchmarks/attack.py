@@ -63,6 +63,9 @@ def main(argv=None) -> int:
                         help="stop at the first disagreeing window (deployment mode; certified outcomes "
                         "are identical, alerts are cheaper)")
     parser.add_argument("--donors", type=int, default=200, help="donor images scanned beside the targets")
+    parser.add_argument("--mode", choices=("detect", "recover"), default="detect",
+                        help="recover: attack certified recovery (docs/design.md §10) through the fast path")
+    parser.add_argument("--mix", action="store_true", help="one cheap content per position, cycling (CI's mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="write the counts here as JSON")
     args = parser.parse_args(argv)
@@ -77,6 +80,10 @@ def main(argv=None) -> int:
     pgd_positions = args.pgd_positions if args.pgd_positions == "all" else int(args.pgd_positions)
     certifier = Certifier.load(args.bundle, backend=args.backend, early_exit=args.early_exit, threads=args.threads,
                                precision=args.precision, threshold=args.threshold)
+    if args.mode == "recover":
+        from scalecert.runtime.recovery import Recoverer
+
+        certifier = Recoverer(certifier)
     reference = None
     if "pgd" in contents:
         if not args.model:
@@ -89,7 +96,7 @@ def main(argv=None) -> int:
     spec = None
     if args.workers > 1:
         spec = {"bundle": args.bundle, "backend": args.backend, "precision": args.precision, "early_exit": args.early_exit,
-                "threshold": args.threshold,
+                "threshold": args.threshold, "mode": args.mode,
                 "threads": args.threads or 1, "model": args.model if "pgd" in contents else None,
                 "arch": args.arch, "input_size": parse_input_size(args.input_size) if args.input_size else None}
     files, labels, classes = _image_files(args.data)
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
     out = attack_images(certifier, pixels, labels=lab, names=names, max_images=args.images, contents=contents,
                         reference=reference, donor_pool=donor_pool, donor_labels=donor_labels,
                         pgd_positions=pgd_positions, pgd_steps=args.pgd_steps, pgd_views=args.pgd_views,
-                        all_variants=args.all_variants, seed=args.seed, progress=True, log=say,
+                        all_variants=args.all_variants, mix=args.mix, seed=args.seed, progress=True, log=say,
                         workers=args.workers, worker_spec=spec, checkpoint=write if args.out else None)
     out["command"] = " ".join(["python", "benchmarks/attack.py", *(argv if argv is not None else sys.argv[1:])])
     out["bundle"] = os.path.abspath(args.bundle)

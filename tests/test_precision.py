@@ -253,6 +253,12 @@ def test_window_masks_stay_exact(name, variants, request):
             zeroed = np.where(masks[k].reshape(1, 1, *features.shape[2:]), np.float32(0), features)
             direct = suffix.infer({"features": zeroed, "windows": EMPTY})["logits"]
             assert np.array_equal(bits(occluded), bits(direct)), f"{name}: window {windows[k].tolist()}"
+            other = len(windows) - 1 - k  # a pair in one row (recovery) zeroes the union, exactly as well
+            pair = np.concatenate([windows[k], windows[other]])[None]
+            occluded = suffix.infer({"features": features, "windows": pair})["logits"]
+            zeroed = np.where((masks[k] | masks[other]).reshape(1, 1, *features.shape[2:]), np.float32(0), features)
+            direct = suffix.infer({"features": zeroed, "windows": EMPTY})["logits"]
+            assert np.array_equal(bits(occluded), bits(direct)), f"{name}: pair {pair.tolist()}"
 
 
 @pytest.mark.parametrize("name", PRECISIONS)

@@ -134,6 +134,11 @@ def test_int32_windows_pass_gives_identical_logits(tiny_bundle, tmp_path):
         None, {"features": features, "windows": windows.astype(np.int64)})[0]
     int32 = ort.InferenceSession(ready).run(None, {"features": features, "windows": windows.astype(np.int32)})[0]
     assert np.array_equal(original, int32)
+    pairs = np.concatenate([windows, windows[::-1]], axis=1)  # (B, 8): a pair of rectangles per row
+    original = ort.InferenceSession(os.path.join(tiny_bundle, "suffix.onnx")).run(
+        None, {"features": features, "windows": pairs.astype(np.int64)})[0]
+    int32 = ort.InferenceSession(ready).run(None, {"features": features, "windows": pairs.astype(np.int32)})[0]
+    assert np.array_equal(original, int32)
 
 
 def test_int32_windows_pass_casts_back_where_it_must():
@@ -328,6 +333,18 @@ def test_trt_pipeline_bookkeeping_with_host_stand_ins(tiny_bundle, tmp_path, mon
             got = pipeline.suffix(pipeline.select(features, i), windows)
             assert np.array_equal(got, cpu.suffix(cpu.select(want_features, i), windows))
     assert [r["windows"][0] for r in pipeline.suffix_engine.runs[:5]] == [7, 7, 7, 7, 2]
+    # pairs of windows (recovery): refused by an engine profiled for one rectangle per row, equal to
+    # the CPU pipeline with one profiled for two
+    pairs = np.stack([windows, windows[::-1]], axis=1)
+    with pipeline, OrtCpuPipeline(os.path.join(tiny_bundle, "prefix.onnx"), os.path.join(tiny_bundle, "suffix.onnx")) as cpu:
+        features, _ = pipeline.prefix(image[:1])
+        want_features, _ = cpu.prefix(image[:1])
+        with pytest.raises(ScaleCertError, match="at most 1 rectangle"):
+            pipeline.suffix(pipeline.select(features, 0), pairs)
+        pipeline.max_rectangles = 2
+        got = pipeline.suffix(pipeline.select(features, 0), pairs)
+        assert np.array_equal(got, cpu.suffix(cpu.select(want_features, 0), pairs))
+    assert pipeline.suffix_engine.runs[-1]["windows"] == (2, 8)
 
 
 def test_build_engines_needs_tensorrt_and_a_gpu(tiny_bundle, tmp_path):
@@ -347,7 +364,7 @@ def test_build_engines_needs_tensorrt_and_a_gpu(tiny_bundle, tmp_path):
         assert os.path.isfile(os.path.join(work, "suffix.fp32.trt.onnx")) and os.path.isfile(os.path.join(work, "prefix.fp32.trt.onnx"))
         pytest.skip(f"needs TensorRT and an NVIDIA GPU: {message}")
     assert os.path.isfile(os.path.join(work, entry["prefix"])) and os.path.isfile(os.path.join(work, entry["suffix"]))
-    assert entry["profiles"]["suffix"]["windows"]["max"] == [64, 4] and entry["precision"] == "fp32"
+    assert entry["profiles"]["suffix"]["windows"]["max"] == [64, 8] and entry["precision"] == "fp32"  # pairs fit
 
 
 def test_trt_pipeline_refuses_missing_or_foreign_engines(tiny_bundle, monkeypatch):

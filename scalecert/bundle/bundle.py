@@ -67,6 +67,17 @@ class Bundle:
         return float(self.manifest.get("decision", {}).get("threshold", 0.0))
 
     @property
+    def default_mode(self) -> str:
+        """What `scalecert certify` does without --mode: "detect" or "recover" (docs/design.md §10)."""
+        return self.manifest.get("decision", {}).get("mode", manifest_io.DEFAULT_MODE)
+
+    @property
+    def suffix_takes_pairs(self) -> bool:
+        """Whether suffix.onnx takes several rectangles per row (exported with recovery support).
+        Bundles exported before it take exactly one rectangle per row: they detect, never recover."""
+        return "windows" in self.manifest.get("tensors", {}).get("suffix", {})
+
+    @property
     def suffix_macs(self) -> float:
         return self.manifest.get("stats", {}).get("suffix", {}).get("macs") or 0
 

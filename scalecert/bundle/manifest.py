@@ -13,6 +13,8 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8")  # the variants a bundle can hold (`scalecert build` adds fp16/int8)
 FP32_FILES = {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}
+MODES = ("detect", "recover")  # manifest["decision"]["mode"]: what `scalecert certify` does by default
+DEFAULT_MODE = "detect"  # manifests written before recovery existed have no mode: they detect
 REQUIRED = ("schema_version", "input", "threat_model", "layer", "windows", "sin", "tensors", "files", "margin")
 
 
@@ -67,6 +69,14 @@ def read(bundle_dir: str, verify: bool = True) -> dict:
                 raise ScaleCertError(f"{bundle_dir}: {name} does not match its sha256 in the manifest "
                                      "(modified or corrupt); re-export the bundle")
     return manifest
+
+
+def check_mode(mode: str) -> str:
+    if mode not in MODES:
+        from scalecert.errors import ScaleCertError
+
+        raise ScaleCertError(f"--mode {mode}: expected one of {', '.join(MODES)}")
+    return mode
 
 
 def margin_key(backend: str, precision: str) -> str:

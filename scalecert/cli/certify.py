@@ -8,7 +8,7 @@ import sys
 import click
 
 from scalecert.cli.app import main
-from scalecert.bundle.manifest import PRECISIONS
+from scalecert.bundle.manifest import MODES, PRECISIONS
 from scalecert.errors import ScaleCertError
 from scalecert.runtime import pipelines
 
@@ -65,11 +65,20 @@ def check_png_dir(png_dir: str) -> None:
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
 @click.option("--threshold", type=float, help="confidence threshold T: only windows at least this confident "
               "raise the alert (docs/design.md §7) [default: the bundle's]")
+@click.option("--mode", type=click.Choice(MODES), help="detect: a certified label or an alert; recover: a label "
+              "by double masking (docs/design.md §10) [default: the bundle's]")
+@click.option("--certify-recovery", is_flag=True, help="with --mode recover: also check every pair of windows, "
+              "and say whether the recovered label is certified (evaluation; costs all pairs)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, quiet=False):
-    """Certify IMAGES against BUNDLE: a label no patch could force, or an alert."""
+def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, mode=None,
+            certify_recovery=False, quiet=False):
+    """Certify IMAGES against BUNDLE: a label no patch could force, or an alert (--mode detect);
+    or a recovered label (--mode recover)."""
     from scalecert.runtime import Certifier
+    from scalecert.runtime.recovery import Recoverer, recovery_options
 
+    mode = recovery_options(bundle, mode, certify_recovery, early_exit=early_exit, png_dir=png_dir,
+                            threshold=threshold)
     if batch < 1:
         raise ScaleCertError(f"--batch {batch}: expected a positive number of windows")
     if threads is not None and threads < 1:
@@ -91,8 +100,13 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
             bar = tqdm(total=len(images), desc="certifying", unit="img", leave=False, file=sys.stderr)
         except ImportError:
             bar = None
-    with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
-                        precision=precision, threshold=threshold) as cert:
+    if mode == "recover":
+        opened = Recoverer.load(bundle, backend=backend, batch=batch, threads=threads, precision=precision,
+                                certify=certify_recovery)
+    else:
+        opened = Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
+                                precision=precision, threshold=threshold)
+    with opened as cert:
         if png_dir:
             os.makedirs(png_dir, exist_ok=True)
         for i, (path, name) in enumerate(zip(images, names)):
@@ -130,7 +144,7 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
     if bar is not None:
         bar.close()
     if rows:
-        click.echo(_table(rows))
+        click.echo(_table(rows) if mode == "detect" else _recovery_table(rows))
     if failed:
         click.echo(f"{failed} of {len(images)} images could not be processed", err=True)
         sys.exit(1)
@@ -141,6 +155,19 @@ def _table(results) -> str:
     header = ("image", "status", "label", "class", "windows run", "ms")
     lines = [(name, r.status, str(r.label), (r.class_name or "-")[:28],
               f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for name, r in results]
+    from scalecert.tables import format_table
+
+    return format_table(header, lines)
+
+
+def _recovery_table(results) -> str:
+    """(display name, RecoveryResult) rows -> the table of --mode recover."""
+    certified = results[0][1].certified is not None
+    header = ("image", "label", "class", *(("certified",) if certified else ()), "case", "disagreers",
+              "rows run", "ms")
+    lines = [(name, str(r.label), (r.class_name or "-")[:28], *((("yes" if r.certified else "no"),) if certified else ()),
+              r.case, str(len(r.disagreers)), str(r.windows_evaluated + r.pairs_evaluated), f"{r.latency_ms:.1f}")
+             for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)

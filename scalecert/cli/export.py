@@ -25,6 +25,9 @@ def _export_options(f):
                           "(37 = the pixel-masking baseline: the clean image and 36 masks)"),
         click.option("--threshold", default=0.0, show_default=True,
                      help="the bundle's default confidence threshold T for alerts (docs/design.md §7)"),
+        click.option("--mode", type=click.Choice(["detect", "recover"]), default="detect", show_default=True,
+                     help="what `scalecert certify` does with this bundle by default: detect (a certified label or "
+                          "an alert) or recover (a label by double masking, docs/design.md §10)"),
         click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
         click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
         click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True,
@@ -42,7 +45,7 @@ def _export_options(f):
 
 
 def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, stride, window_budget, max_growth,
-               calib, calib_limit, budget, threshold, channel_prune, keep_dead_channels, phi, classes, trust_pickle, output, force,
+               calib, calib_limit, budget, threshold, mode, channel_prune, keep_dead_channels, phi, classes, trust_pickle, output, force,
                list_archs, quiet):
     if list_archs:
         from scalecert.export.archs import REGISTRY
@@ -56,7 +59,7 @@ def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, st
     opts = ExportOptions(model=model, output=output, arch=arch, pretrained=pretrained,
                          input_size=parse_input_size(input_size) if input_size else None, patch=patch, layer=layer,
                          prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
-                         calib=calib, calib_limit=calib_limit, budget=budget, threshold=threshold,
+                         calib=calib, calib_limit=calib_limit, budget=budget, threshold=threshold, mode=mode,
                          channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi,
                          classes=classes, trust_pickle=trust_pickle, force=force, echo=None if quiet else click.echo)
     path = export_bundle(opts)

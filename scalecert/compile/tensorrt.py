@@ -65,6 +65,9 @@ def _build(poly_trt, trt, onnx_path: str, plan_path: str, profile: dict, cache: 
         raise ScaleCertError(f"{onnx_path}: TensorRT could not build an engine ({str(exc).strip().splitlines()[0][:200]})") from None
 
 
+RECTANGLES_PER_ROW = 2  # suffix rows hold a window (detection) or a pair of windows (recovery)
+
+
 def build_engines(bundle_dir: str, work_dir: str, precision: str, prefix_onnx: str, suffix_onnx: str,
                   max_images: int, max_windows: int, workspace_mb: int) -> dict:
     """Build the prefix and suffix engines of one precision into work_dir (a copy of bundle_dir
@@ -97,7 +100,8 @@ def build_engines(bundle_dir: str, work_dir: str, precision: str, prefix_onnx: s
     profiles = {
         "prefix": {"image": {"min": [1, *image], "opt": [1, *image], "max": [int(max_images), *image]}},
         "suffix": {"features": {"min": [1, *features], "opt": [1, *features], "max": [1, *features]},
-                   "windows": {"min": [1, 4], "opt": [int(max_windows), 4], "max": [int(max_windows), 4]}},
+                   "windows": {"min": [1, 4], "opt": [int(max_windows), 4],
+                               "max": [int(max_windows), 4 * RECTANGLES_PER_ROW]}},
     }
     engines_dir = os.path.join("engines", f"trt-{precision}")
     os.makedirs(os.path.join(work_dir, engines_dir), exist_ok=True)

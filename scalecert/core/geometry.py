@@ -129,3 +129,28 @@ def distinct_windows(windows: np.ndarray, masks: np.ndarray, gate: np.ndarray) -
     _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
     group[idx] = inverse.reshape(-1)
     return DistinctWindows(windows[idx[first]], group)
+
+
+# -- pairs of windows (certified recovery, docs/design.md §10) --------------------------------------
+def pair_indices(n: int) -> np.ndarray:
+    """(n(n+1)/2, 2) int64: every pair (i, j) with i <= j of n windows (a window with itself
+    included; (i, j) and (j, i) zero the same union, so each symmetric pair appears once)."""
+    i, j = np.triu_indices(n)
+    return np.stack([i, j], axis=1).astype(np.int64)
+
+
+def pair_rectangles(windows: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """(p, 2, 4): the two rectangles of each pair, one suffix row each (the suffix zeroes the union)."""
+    return np.stack([windows[pairs[:, 0]], windows[pairs[:, 1]]], axis=1)
+
+
+def pair_masks(masks: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Boolean (p, H*W): the union of each pair's two window masks."""
+    return masks[pairs[:, 0]] | masks[pairs[:, 1]]
+
+
+def distinct_pairs(windows: np.ndarray, masks: np.ndarray, gate: np.ndarray, pairs: np.ndarray) -> DistinctWindows:
+    """Exact dedupe of pairs, as distinct_windows for windows: two pairs share an inference only
+    if their unions zero exactly the same kept positions; a pair whose union holds no kept
+    position (group -1) sees the un-occluded features. Representatives are (k, 2, 4) rows."""
+    return distinct_windows(pair_rectangles(windows, pairs), pair_masks(masks, pairs), gate)

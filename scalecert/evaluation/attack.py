@@ -35,6 +35,12 @@ Every attacked image goes through ``Certifier.certify_batch`` (prefix batched ov
 image's windows through the suffix, exactly the deployed code path). Early exit, when the
 certifier has it on, only shortens alerts: an image is certified only after every window agreed.
 
+Recovery mode (docs/design.md §10): pass a ``runtime.recovery.Recoverer`` instead of a Certifier.
+The clean images are certified for recovery (every pair of windows), the attacked ones go through
+the fast path a device runs; there is no alert, so a violation is any label other than the clean
+one. PGD's views are then the windows overlapping the footprint most among those that do NOT
+contain it (the ones whose first-round vote the attacker can move).
+
 Command line (benchmark mode, benchmarks/attack.py)::
 
     python benchmarks/attack.py --bundle B --model M --arch A --data DIR --images 40 \\
@@ -55,7 +61,10 @@ VARIANTS = {
     "pgd": ("pgd",),
 }
 # a violation: another label than the certified one, without an alert (certified or not: §7)
-COUNT_KEYS = ("attacked", "certified_same", "alert", "uncertified_same", "violations", "base_flipped")
+# recovery (no alert): the fast path's label counts as uncertified_same when it is the clean one;
+# first_round_split counts attacked images whose first round was not unanimous (the patch bit)
+COUNT_KEYS = ("attacked", "certified_same", "alert", "uncertified_same", "violations", "base_flipped",
+              "first_round_split")
 
 
 # -- geometry ----------------------------------------------------------------------------------
@@ -93,12 +102,31 @@ def footprint_of(certifier, position) -> tuple[int, int, int, int]:
                               certifier.bundle.receptive_field, certifier.feature_hw)
 
 
-def overlap_windows(windows: np.ndarray, rect, k: int) -> np.ndarray:
-    """Indices of the k windows with the largest overlap with rect (ties: family order)."""
+def overlap_windows(windows: np.ndarray, rect, k: int, exclude_containing: bool = False) -> np.ndarray:
+    """Indices of the k windows with the largest overlap with rect (ties: family order). With
+    `exclude_containing`, windows that contain rect come last (recovery: those are the windows the
+    attacker cannot move, so PGD aims at the others)."""
     y0, x0, y1, x1 = rect
     dy = np.clip(np.minimum(windows[:, 2], y1) - np.maximum(windows[:, 0], y0), 0, None)
     dx = np.clip(np.minimum(windows[:, 3], x1) - np.maximum(windows[:, 1], x0), 0, None)
-    return np.argsort(-(dy * dx), kind="stable")[:k]
+    score = dy * dx
+    if exclude_containing:
+        contains = (windows[:, 0] <= y0) & (windows[:, 1] <= x0) & (windows[:, 2] >= y1) & (windows[:, 3] >= x1)
+        score = np.where(contains, -1, score)
+    return np.argsort(-score, kind="stable")[:k]
+
+
+def is_recovery(certifier) -> bool:
+    """Recovery mode (runtime/recovery.py::Recoverer): no alert path; a violation is any other label."""
+    return getattr(certifier, "mode", "detect") == "recover"
+
+
+def run_images(certifier, pixels: np.ndarray, names=None, clean: bool = False) -> list:
+    """The deployed code path on a batch of images. Recovery: the fast path, plus certification
+    over all pairs for the clean images (which decides which images are attacked)."""
+    if is_recovery(certifier):
+        return certifier.certify_batch(pixels, names, certify=clean)
+    return certifier.certify_batch(pixels, names)
 
 
 # -- contents ----------------------------------------------------------------------------------
@@ -139,13 +167,16 @@ def donor_patches(rng, donors: np.ndarray, positions, variants, patch_hw) -> np.
 
 def pgd_patches(reference, pixels: np.ndarray, target: int, positions: np.ndarray, windows: np.ndarray,
                 footprints, patch_hw, steps: int = 10, views: int = 2, batch: int = 64, kappa: float = 10.0,
-                rng=None) -> np.ndarray:
+                rng=None, recovery: bool = False) -> np.ndarray:
     """Sign-gradient ascent on the patch at each position (see the module docstring).
 
     Objective per position: mean over views of min(z_t - max_{j!=t} z_j, kappa); the views are the
     un-occluded gated features and the `views` windows (rows of `windows`, the attacked certifier's
     family) overlapping that position's footprint most. Steps decay linearly from 64 to 4 pixel
-    levels; the best iterate (by objective, after rounding to uint8) is returned.
+    levels; the best iterate (by objective, after rounding to uint8) is returned. With `recovery`
+    the views are the windows overlapping the footprint most among those that do not contain it:
+    to change the recovered label the attacker must turn the first round (the majority, or every
+    window) to the target, and windows containing the footprint cannot be moved.
     """
     torch = reference.torch
     rng = rng if rng is not None else np.random.default_rng(0)
@@ -154,7 +185,7 @@ def pgd_patches(reference, pixels: np.ndarray, target: int, positions: np.ndarra
     base = torch.from_numpy(np.ascontiguousarray(pixels)).float().permute(2, 0, 1)  # 3,H,W in 0..255
     out = np.empty((len(positions), ph, pw, 3), np.uint8)
     views = min(int(views), len(windows))
-    sel = np.stack([overlap_windows(windows, fp, views) for fp in footprints]) if views else None
+    sel = np.stack([overlap_windows(windows, fp, views, recovery) for fp in footprints]) if views else None
     for lo in range(0, len(positions), batch):
         pos = positions[lo:lo + batch]
         n = len(pos)
@@ -216,8 +247,9 @@ class Tally:
         for v, pos, patch, res in zip(variants, positions, patches, results):
             alert, same = res.status == "alert", res.label == label
             c = {"attacked": 1, "certified_same": int(res.status == "certified" and same), "alert": int(alert),
-                 "uncertified_same": int(res.status == "uncertified" and same),
-                 "violations": int(not alert and not same), "base_flipped": int(not same)}
+                 "uncertified_same": int(res.status in ("uncertified", "recovered") and same),
+                 "violations": int(not alert and not same), "base_flipped": int(not same),
+                 "first_round_split": int(getattr(res, "case", "agreed") != "agreed")}
             for target in (row, self.content[content], self.variant[f"{content}:{v}"]):
                 for key in COUNT_KEYS:
                     target[key] += c[key]
@@ -320,8 +352,8 @@ def attack_image(certifier, pixels: np.ndarray, label: int, *, contents=("noise"
                 else:
                     fps = [footprint_of(certifier, q) for q in p]
                     patches = pgd_patches(reference, pixels, target, p, certifier.windows, fps, patch_hw,
-                                          steps=pgd_steps, views=pgd_views, rng=rng)
-                results = certifier.certify_batch(paste(pixels, p, patches))
+                                          steps=pgd_steps, views=pgd_views, rng=rng, recovery=is_recovery(certifier))
+                results = run_images(certifier, paste(pixels, p, patches))
                 counts = tally.add(name, label, content, v, p, patches, results)
                 for key in COUNT_KEYS:
                     row[key] += counts[key]
@@ -356,7 +388,7 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
     start = time.perf_counter()
     rng = np.random.default_rng(seed)
     names = names if names is not None else [f"<array {i}>" for i in range(len(pixels))]
-    clean = certifier.certify_batch(pixels, names)
+    clean = run_images(certifier, pixels, names, clean=True)
     base_labels = np.array([r.label for r in clean])
     certified = [i for i, r in enumerate(clean) if r.status == "certified"]
     chosen = certified[:max_images] if max_images is not None else certified
@@ -364,7 +396,7 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
         donor_pool = pixels
         donor_labels = np.asarray(labels) if labels is not None else base_labels
     elif donor_labels is None:
-        donor_labels = np.array([r.label for r in certifier.certify_batch(donor_pool)])
+        donor_labels = np.array([r.label for r in run_images(certifier, donor_pool)])
     donor_labels = np.asarray(donor_labels)
     tally = Tally()
     jobs = []
@@ -428,6 +460,7 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
         "all_variants": all_variants,
         "mix": mix,
         "pgd": {"positions_per_image": pgd_positions if isinstance(pgd_positions, (int, str)) else len(pgd_positions), "steps": pgd_steps, "views": pgd_views} if "pgd" in contents else None,
+        "mode": "recover" if is_recovery(certifier) else "detect",
         "backend": certifier.backend,
         "early_exit": bool(certifier.early_exit),
         "workers": workers if worker_spec is not None else 1,
@@ -445,6 +478,10 @@ def _worker_init(spec: dict) -> None:
     _WORKER["certifier"] = Certifier.load(spec["bundle"], backend=spec.get("backend", "ort"),
                                           early_exit=spec.get("early_exit", False), threads=spec.get("threads", 1),
                                           precision=spec.get("precision", "fp32"), threshold=spec.get("threshold"))
+    if spec.get("mode") == "recover":
+        from scalecert.runtime.recovery import Recoverer
+
+        _WORKER["certifier"] = Recoverer(_WORKER["certifier"])
     _WORKER["reference"] = None
     if spec.get("model"):
         import torch

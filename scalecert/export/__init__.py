@@ -33,7 +33,7 @@ from scalecert.export.calibrate import CalibrationSet, channel_importance, choos
 from scalecert.export.channels import dead_channel_plan
 from scalecert.export.loading import LoadedModel, load_model
 from scalecert.export.plan import SplitPlan, plan_split
-from scalecert.export.split import build_prefix, build_suffix
+from scalecert.export.split import WINDOWS_LAYOUT, build_prefix, build_suffix
 from scalecert.export.stats import graph_stats, with_shapes
 from scalecert.export.to_onnx import to_onnx
 from scalecert.graph import save_checked
@@ -57,6 +57,7 @@ class ExportOptions:
     calib_limit: int = 128
     budget: float = 37.0  # full-model forwards per image: the pixel baseline's clean + 36 masked
     threshold: float = 0.0
+    mode: str = "detect"  # the bundle's default certify mode (bundle/manifest.py MODES)
     channel_prune: float = 0.0
     remove_dead_channels: bool = True
     phi: str = "abs"
@@ -139,7 +140,7 @@ def export_bundle(opts: ExportOptions) -> str:
         manifest = _manifest(opts, loaded, request, plan, num_classes, classes, kept_channels, sin_info, margin, stats,
                              started, work)
         manifest["plan"] = plan_record
-        manifest["decision"] = {"threshold": opts.threshold}
+        manifest["decision"] = {"threshold": opts.threshold, "mode": opts.mode}
         manifest["probes"] = _known_answers(work, manifest, request)
         manifest["files"] = manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx", *manifest["probes"]["images"]])
         manifest_io.write(work, manifest)
@@ -216,6 +217,7 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
     if opts.budget <= 0:
         raise ScaleCertError(f"--budget {opts.budget:g}: expected a positive number of full forwards per image")
     decision.check_threshold(opts.threshold)
+    manifest_io.check_mode(opts.mode)
     if opts.window_budget < 1:
         raise ScaleCertError(f"--window-budget {opts.window_budget}: expected a positive number of windows")
     if not opts.max_growth > 0:
@@ -333,7 +335,7 @@ def _manifest(opts, loaded, request, plan: SplitPlan, num_classes, classes, kept
         "margin": {manifest_io.margin_key("ort-cpu", "fp32"): margin["delta"]},
         "margin_measurement": {manifest_io.margin_key("ort-cpu", "fp32"): margin},
         "tensors": {"prefix": {"inputs": ["image"], "outputs": ["features", "gate"]},
-                    "suffix": {"inputs": ["features", "windows"], "outputs": ["logits"]}},
+                    "suffix": {"inputs": ["features", "windows"], "outputs": ["logits"], "windows": WINDOWS_LAYOUT}},
         "stats": stats,
         "tools": _tool_versions(),
         "files": manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx"]),

@@ -1,7 +1,9 @@
 """The prefix and suffix graphs, as onnx-ir passes over a clone of the whole model.
 
 prefix.onnx: image (N,C,H,W) -> features (N,C',H',W') gated, gate (N,H',W') uint8
-suffix.onnx: features (N|1,C',H',W'), windows (B,4) int64 [y0,x0,y1,x1) -> logits (B,K)
+suffix.onnx: features (N|1,C',H',W'), windows (B,4R) int64 -> logits (B,K): each row holds R >= 1
+rectangles [y0,x0,y1,x1) (R is the same for the whole batch) and zeroes their union, so a row of
+one rectangle is a window (detection) and a row of two is a pair (recovery, docs/design.md §10)
 
 The gate is per position with static alpha and tau (docs/design.md §3.3); the window masks are
 built inside the suffix from the rectangles and zero exactly the window (§3.4). Nodes added here
@@ -68,9 +70,14 @@ class GatePrefix(ir.passes.InPlacePass):
             raise ir.passes.PostconditionError("the prefix must output features and gate")
 
 
+WINDOWS_LAYOUT = "(B, 4R) int64: R rectangles [y0, x0, y1, x1) per row, their union zeroed"
+
+
 class OcclusionSuffix(ir.passes.InPlacePass):
-    """Make the layer a graph input `features` and zero, per row of `windows`, the window's
-    positions before the rest of the network (one row per window)."""
+    """Make the layer a graph input `features` and zero, per row of `windows`, the union of the
+    row's rectangles before the rest of the network. A (B, 4) batch is one window per row; a
+    (B, 8) batch a pair of windows per row. The union is an exact boolean: a maximum of 0/1 values
+    over the rectangles (no Cast: TensorRT takes it as is), so a one-rectangle row zeroes bitwise the same positions as before."""
 
     def __init__(self, layer: Layer, channels: int):
         self.layer, self.channels = layer, channels
@@ -81,8 +88,10 @@ class OcclusionSuffix(ir.passes.InPlacePass):
         fh, fw = self.layer.shape[1], self.layer.shape[2]
         features_in = ir.Value(name="features", shape=ir.Shape(["batch", self.channels, fh, fw]),
                                type=ir.TensorType(ir.DataType.FLOAT))
-        windows_in = ir.Value(name="windows", shape=ir.Shape(["windows", 4]), type=ir.TensorType(ir.DataType.INT64))
+        windows_in = ir.Value(name="windows", shape=ir.Shape(["windows", "rectangle_coords"]),
+                              type=ir.TensorType(ir.DataType.INT64))
         nodes = []
+        opset = model.opset_imports.get("", 18)
 
         def op(op_type, inputs, name, n_out=1, **attrs):
             node = ir.node(op_type, inputs, attributes=attrs or None, name=f"scalecert/{name}", num_outputs=n_out)
@@ -91,17 +100,27 @@ class OcclusionSuffix(ir.passes.InPlacePass):
             nodes.append(node)
             return node.outputs[0] if n_out == 1 else node.outputs
 
-        y0, x0, y1, x1 = op("Split", [windows_in], "window_bounds", n_out=4, axis=1, num_outputs=4)
-        rows = add_constant(graph, "window_rows", np.arange(fh, dtype=np.int64).reshape(1, fh))
-        cols = add_constant(graph, "window_cols", np.arange(fw, dtype=np.int64).reshape(1, fw))
+        rects = op("Reshape", [windows_in, add_constant(graph, "window_rects_shape", np.array([0, -1, 4], np.int64))],
+                   "window_rects")  # (B, R, 4)
+        y0, x0, y1, x1 = op("Split", [rects], "window_bounds", n_out=4, axis=2, num_outputs=4)  # (B, R, 1) each
+        rows = add_constant(graph, "window_rows", np.arange(fh, dtype=np.int64).reshape(1, 1, fh))
+        cols = add_constant(graph, "window_cols", np.arange(fw, dtype=np.int64).reshape(1, 1, fw))
         in_rows = op("And", [op("GreaterOrEqual", [rows, y0], "rows_from"), op("Less", [rows, y1], "rows_to")], "in_rows")
         in_cols = op("And", [op("GreaterOrEqual", [cols, x0], "cols_from"), op("Less", [cols, x1], "cols_to")], "in_cols")
+        axes3 = add_constant(graph, "axes_3", np.array([3], np.int64))
         axes2 = add_constant(graph, "axes_2", np.array([2], np.int64))
-        axes1 = add_constant(graph, "axes_1", np.array([1], np.int64))
-        inside = op("And", [op("Unsqueeze", [in_rows, axes2], "in_rows_3d"),
-                            op("Unsqueeze", [in_cols, axes1], "in_cols_3d")], "in_window")
-        mask = op("Unsqueeze", [inside, axes1], "window_mask")
+        inside = op("And", [op("Unsqueeze", [in_rows, axes3], "in_rows_4d"),
+                            op("Unsqueeze", [in_cols, axes2], "in_cols_4d")], "in_window")  # (B, R, H', W')
+        one = add_constant(graph, "mask_one", np.array(1.0, np.float32))
         zero = add_constant(graph, "mask_zero", np.array(0.0, np.float32))
+        inside01 = op("Where", [inside, one, zero], "in_window_01")
+        if opset >= 18:
+            union01 = op("ReduceMax", [inside01, add_constant(graph, "axes_1", np.array([1], np.int64))],
+                         "in_union_01", keepdims=1)
+        else:
+            union01 = op("ReduceMax", [inside01], "in_union_01", keepdims=1, axes=[1])
+        half = add_constant(graph, "mask_half", np.array(0.5, np.float32))
+        mask = op("Greater", [union01, half], "window_mask")  # (B, 1, H', W') bool
         masked = op("Where", [mask, zero, features_in], "occluded_features")
 
         for node, index in list(feature.uses()):

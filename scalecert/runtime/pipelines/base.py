@@ -53,11 +53,26 @@ class Runner(Activated):
         raise NotImplementedError
 
 
+def window_rows(windows: np.ndarray) -> np.ndarray:
+    """Suffix rows from rectangles: (B, 4) is one window per row, (B, R, 4) R rectangles per row
+    whose union the suffix zeroes (a pair of windows for recovery); both become (B, 4R), the
+    suffix graph's `windows` input (export/split.py)."""
+    windows = np.asarray(windows)
+    if windows.ndim == 3 and windows.shape[2] == 4 and windows.shape[1] >= 1:
+        return windows.reshape(len(windows), -1)
+    if windows.ndim == 2 and windows.shape[1] >= 4 and windows.shape[1] % 4 == 0:
+        return windows
+    from scalecert.errors import ScaleCertError
+
+    raise ScaleCertError(f"windows must be (B, 4) or (B, R, 4) rectangles, got shape {windows.shape}")
+
+
 class Pipeline(Activated):
     """One bundle precision on one device: the prefix over image batches, then the suffix over
     window batches of one image. `prefix` returns features in whatever form the backend keeps
     them (numpy here, device buffers on a GPU) plus the gate map as numpy; `select` takes one
-    image's features out of a batch; `suffix` returns logits as numpy."""
+    image's features out of a batch; `suffix` takes (B, 4) windows or (B, R, 4) rows of R
+    rectangles (`window_rows`) and returns logits as numpy."""
 
     name = "pipeline"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from scalecert.errors import ScaleCertError
+from scalecert.runtime.pipelines.base import window_rows
 
 ALIGN = 256  # bytes; every device tensor address handed to an engine is a multiple of this
 
@@ -52,10 +53,9 @@ class DeviceFeatures:
 
 
 def host_windows(windows: np.ndarray, dtype) -> np.ndarray:
-    """Window rectangles as a contiguous host array of the engine's integer type."""
-    windows = np.asarray(windows)
-    if windows.ndim != 2 or windows.shape[1] != 4:
-        raise ScaleCertError(f"windows must be (B, 4) rectangles, got shape {windows.shape}")
+    """Window rectangles ((B, 4), or (B, R, 4) rows of R rectangles) as the suffix's contiguous
+    (B, 4R) host array of the engine's integer type."""
+    windows = window_rows(windows)
     if np.dtype(dtype) == np.int32 and len(windows) and np.abs(windows).max() > np.iinfo(np.int32).max:
         raise ScaleCertError("window coordinates do not fit int32")
     return np.ascontiguousarray(windows, dtype)

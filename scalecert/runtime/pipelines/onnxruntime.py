@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from scalecert.errors import ScaleCertError
-from scalecert.runtime.pipelines.base import Pipeline, Runner
+from scalecert.runtime.pipelines.base import Pipeline, Runner, window_rows
 from scalecert.runtime.pipelines.device import DeviceFeatures, host_windows
 
 ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
@@ -134,7 +134,7 @@ class OrtCpuPipeline(Pipeline):
         return features[index:index + 1]
 
     def suffix(self, features, windows):
-        windows = windows.astype(np.int64, copy=False)
+        windows = window_rows(windows).astype(np.int64, copy=False)
         chunks = min(self.workers, len(windows) // self.MIN_CHUNK)
         if self.pool is None or chunks < 2:
             return self._suffix_chunk(features, windows)

@@ -157,12 +157,14 @@ class TrtPipeline(Pipeline):
 
     name = "trt"
 
-    def __init__(self, prefix_onnx: str, suffix_plan: str, max_windows: int, threads: int | None = None):
+    def __init__(self, prefix_onnx: str, suffix_plan: str, max_windows: int, threads: int | None = None,
+                 max_rectangles: int = 1):
         from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
         self.prefix_runner = OrtRunner(prefix_onnx, threads, spin=False)
         self.suffix_engine = TrtEngine(suffix_plan)
         self.max_windows = int(max_windows)
+        self.max_rectangles = int(max_rectangles)  # rectangles per suffix row the engine's profile admits
         self.stream = None
 
     @classmethod
@@ -178,11 +180,12 @@ class TrtPipeline(Pipeline):
         if reason:
             raise ScaleCertError(f"{where}: {reason.replace('BUNDLE', where)}")
         try:
-            max_windows = entry["profiles"]["suffix"]["windows"]["max"][0]
-        except (KeyError, IndexError, TypeError):
+            max_windows, max_coords = entry["profiles"]["suffix"]["windows"]["max"][:2]
+        except (KeyError, IndexError, TypeError, ValueError):
             raise ScaleCertError(f"{where}: the trt-{precision} engine record has no optimisation profiles; "
                                  f"rebuild with `scalecert build {where} --backend trt --precision {precision}`") from None
-        return cls(bundle.files(precision)["prefix"], os.path.join(where, entry["suffix"]), max_windows, threads)
+        return cls(bundle.files(precision)["prefix"], os.path.join(where, entry["suffix"]), max_windows, threads,
+                   int(max_coords) // 4)
 
     def activate_impl(self) -> None:
         from polygraphy import cuda
@@ -228,13 +231,16 @@ class TrtPipeline(Pipeline):
 
         engine = self.suffix_engine
         windows = host_windows(windows, np.int32)
+        if windows.shape[1] > 4 * self.max_rectangles:
+            raise ScaleCertError(f"{engine.plan_path}: the engine takes at most {self.max_rectangles} rectangle(s) per "
+                                 "row (built before recovery); rebuild with `scalecert build BUNDLE --backend trt`")
         logits = np.empty((len(windows), *engine.item_shape("logits")), engine.dtypes["logits"])
         piece = min(len(windows), self.max_windows)
         windows_dev = self.buffers.get("windows", windows[:piece].nbytes)
         logits_dev = self.buffers.get("logits", logits[:piece].nbytes)
         for lo, hi in batches(len(windows), self.max_windows):
             _copy(windows_dev.ptr, windows[lo:hi].ctypes.data, windows[lo:hi].nbytes, cuda.MemcpyKind.HostToDevice, self.stream)
-            engine.run({"features": (features.ptr, (1, *features.item_shape)), "windows": (windows_dev.ptr, (hi - lo, 4))},
+            engine.run({"features": (features.ptr, (1, *features.item_shape)), "windows": (windows_dev.ptr, (hi - lo, windows.shape[1]))},
                        {"logits": logits_dev.ptr}, self.stream)
             _copy(logits[lo:hi].ctypes.data, logits_dev.ptr, logits[lo:hi].nbytes, cuda.MemcpyKind.DeviceToHost, self.stream)
         self.stream.synchronize()
