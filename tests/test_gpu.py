@@ -221,3 +221,30 @@ def test_doctor_passes_on_trt_after_build(gpu_bundle, tmp_path):
     print(report.render())
     assert report.passed, [c.line() for c in report.checks if c.ok is False]
     assert {c.name for c in report.checks} >= {"engines", "locality", "spread", "known answer"}
+
+
+def test_recovery_on_ort_cuda_matches_the_cpu(gpu_bundle, pixels, tmp_path):
+    """Recovery (docs/design.md §10) on the CUDA suffix: pair rows (two rectangles per row) within
+    1e-3 of ONNX Runtime CPU, and the recovered label, case and certificate equal the CPU's, each
+    backend deciding with its own measured margin."""
+    from scalecert.runtime.recovery import Recoverer
+
+    manifest = manifest_io.read(gpu_bundle)
+    if not Bundle.open(gpu_bundle).suffix_takes_pairs:
+        pytest.skip("the GPU bundle was exported before recovery (its suffix takes one rectangle per row)")
+    windows = Bundle(None, manifest).windows()[:24]
+    pairs = np.stack([windows, windows[::-1]], axis=1)
+    image = normalize(pixels[:2], manifest["input"])
+    with OrtCudaPipeline(*_paths(gpu_bundle)) as cuda, OrtCpuPipeline(*_paths(gpu_bundle)) as cpu:
+        fg, _ = cuda.prefix(image)
+        fc, _ = cpu.prefix(image)
+        np.testing.assert_allclose(cuda.suffix(cuda.select(fg, 0), pairs), cpu.suffix(cpu.select(fc, 0), pairs),
+                                   atol=1e-3, rtol=1e-3)
+        delta = _measure_delta(cuda, manifest, pixels)
+    bundle = _with_margin(gpu_bundle, tmp_path, "ort-cuda-fp32", delta)
+
+    def outcomes(backend):
+        with Recoverer.load(bundle, backend=backend, certify=True) as recoverer:
+            return [(r.label, r.case, r.certified) for r in (recoverer.recover(px) for px in pixels[:8])]
+
+    assert outcomes("ort-cuda") == outcomes("ort-cpu")
