@@ -65,8 +65,11 @@ def check_png_dir(png_dir: str) -> None:
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
 @click.option("--threshold", type=float, help="confidence threshold T: only windows at least this confident "
               "raise the alert (docs/design.md §7) [default: the bundle's]")
+@click.option("--source-patch", help="certify against a patch in SOURCE pixels: HxW, N or P% of each image's area; "
+              "refused if the bundle's input patch cannot cover it at an image's size (docs/design.md §8)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, quiet=False):
+def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, quiet=False,
+            source_patch=None):
     """Certify IMAGES against BUNDLE: a label no patch could force, or an alert."""
     from scalecert.runtime import Certifier
 
@@ -79,6 +82,7 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
     from scalecert.runtime.images import max_pixels
 
     max_pixels()  # a bad SCALECERT_MAX_PIXELS is refused once, before any image
+    requested = source_requests(bundle, images, source_patch) if source_patch else {}
     names = display_names(images)
     pngs = png_names(names) if png_dir else None
     failed = 0
@@ -91,14 +95,17 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
             bar = tqdm(total=len(images), desc="certifying", unit="img", leave=False, file=sys.stderr)
         except ImportError:
             bar = None
+    from scalecert.runtime import source as source_space
+
     with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
                         precision=precision, threshold=threshold) as cert:
         if png_dir:
             os.makedirs(png_dir, exist_ok=True)
         for i, (path, name) in enumerate(zip(images, names)):
             try:
-                pixels = cert.prepare(path)
-                result = cert.certify(pixels, name=path)
+                pixels, source_hw = cert.prepare_source(path)
+                result = cert.certify(pixels, name=path, source=cert.source_report(
+                    source_hw, requested.get(path), source_space.describe(path).global_scale))
                 if png_dir:
                     from scalecert.evaluation.visualize import save_png
 
@@ -136,11 +143,42 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
         sys.exit(1)
 
 
+def source_requests(bundle_dir: str, images, spec: str) -> dict:
+    """--source-patch checked against every image's size (headers only) before any certification:
+    {path: (h, w)}, or one line naming the first image it cannot cover. Unreadable images are left
+    to the per-image error path."""
+    from scalecert.bundle import Bundle
+    from scalecert.core.source import parse_patch_spec
+    from scalecert.runtime import source as source_space
+
+    parse_patch_spec(spec, "--source-patch")  # malformed: one line, even before the bundle
+    bundle = Bundle.open(bundle_dir, verify=False)
+    out = {}
+    for path in images:
+        try:
+            info = source_space.describe(path)
+        except ScaleCertError:
+            continue
+        out[path] = source_space.check_request(spec, info.size_hw, bundle.input_spec, bundle.patch_hw, path,
+                                               info.global_scale)
+    return out
+
+
+def _source_cell(result) -> str:
+    """'HxW of HxW' (covered source patch of the source size), '-' when unbounded."""
+    source = result.source or {}
+    if "size" not in source:
+        return "-"
+    size = "x".join(map(str, source["size"]))
+    covered = source.get("covered_patch")
+    return f"{'x'.join(map(str, covered)) if covered else 'none'} of {size}"
+
+
 def _table(results) -> str:
     """(display name, Result) rows -> the table."""
-    header = ("image", "status", "label", "class", "windows run", "ms")
+    header = ("image", "status", "label", "class", "windows run", "ms", "source patch HxW")
     lines = [(name, r.status, str(r.label), (r.class_name or "-")[:28],
-              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for name, r in results]
+              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}", _source_cell(r)) for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)
