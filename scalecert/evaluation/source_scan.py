@@ -117,3 +117,23 @@ def widest_position(amap: AxisMap, length: int) -> int:
     starts = np.arange(amap.source - length + 1)
     lo, hi = amap.span(starts, length)
     return int(starts[np.argmax(hi - lo + 1)])
+
+
+def past_bound_witness(source: np.ndarray, input_spec: dict, smap: SourceMap, patch_hw, axis: int, patch: int,
+                       limit: int = 200):
+    """A source patch of `patch_hw` whose contrast version, through the real preprocessing, changes
+    more than `patch` input pixels along `axis`: ((top, left), reach) or None. Tries the starts where
+    the computed reach exceeds `patch` (up to `limit`, evenly spread), the other axis at its widest."""
+    amap, other = (smap.y, smap.x) if axis == 0 else (smap.x, smap.y)
+    length, other_length = patch_hw[axis], patch_hw[1 - axis]
+    lo, hi = amap.span(np.arange(amap.source - length + 1), length)
+    starts = np.flatnonzero(hi - lo + 1 > patch)
+    if len(starts) > limit:
+        starts = starts[np.linspace(0, len(starts) - 1, limit).round().astype(int)]
+    fixed = widest_position(other, other_length)
+    for start in starts:
+        top, left = (int(start), fixed) if axis == 0 else (fixed, int(start))
+        reach = patch_reach(source, input_spec, top, left, patch_hw)
+        if reach[axis] > patch:
+            return (top, left), reach
+    return None
