@@ -118,7 +118,25 @@ def test_cropped_region_is_unconstrained_and_reported(sources):
 
 
 # -- attacks in source pixels through the real runtime ---------------------------------------------
-def _attack_sources(bundle, sources, names, rng_seed=0):
+@pytest.fixture(scope="module")
+def cifar_sources(tmp_path_factory) -> dict[str, str]:
+    """CIFAR-10 test photos (../shared) resized and cropped to other sizes and aspect ratios, as
+    PNG files: what a CIFAR-style bundle sees from a camera that is not 32x32."""
+    from conftest import cifar_files
+
+    folder = tmp_path_factory.mktemp("cifar-sources")
+    shapes = [(64, 64), (72, 96), (56, 40), (24, 28), (48, 48), (96, 128)]
+    out = {}
+    for k, path in enumerate(cifar_files(1, offset=3)):
+        h, w = shapes[k % len(shapes)]
+        img = Image.open(path).convert("RGB")
+        img = img.crop((2, 2, 30, 26)) if (h, w) == (24, 28) else img.resize((w, h), Image.BILINEAR)
+        out[f"{os.path.basename(os.path.dirname(path))}-{h}x{w}"] = str(folder / f"{k}-{h}x{w}.png")
+        img.save(out[f"{os.path.basename(os.path.dirname(path))}-{h}x{w}"])
+    return out
+
+
+def _attack_sources(bundle, sources, names, rng_seed=0, per_edge=6, random=12):
     from scalecert.runtime import Certifier
 
     rng = np.random.default_rng(rng_seed)
@@ -132,7 +150,7 @@ def _attack_sources(bundle, sources, names, rng_seed=0):
             pixels = _pixels(sources[name])
             covered = tuple(result.source["covered_patch"])
             smap = source_map(pixels.shape[:2], cert.input_spec)
-            positions = attack.source_positions(smap, covered, rng, random=12, per_edge=6)
+            positions = attack.source_positions(smap, covered, rng, random=random, per_edge=per_edge)
             donors = np.stack([np.asarray(read_image(sources[o]).resize(pixels.shape[1::-1], Image.BILINEAR))
                                for o in names if o != name])
             row = attack.attack_source_image(cert, pixels, result.label, covered, positions, donors=donors, rng=rng,
@@ -152,7 +170,8 @@ def _report(tag, tally, counts):
 
 
 def test_source_patches_at_the_bound_never_certified_wrong_tiny(tiny_bundle, sources):
-    tally, n, counts = _attack_sources(tiny_bundle, sources, list(SOURCES))
+    names = ["coffee-240x320", "astronaut-64x64", "rocket-30x20"]
+    tally, n, counts = _attack_sources(tiny_bundle, sources, names, per_edge=3, random=3)
     _report("tiny source-space", tally, counts)
     assert n >= 2, counts
     t = tally.totals()
@@ -160,8 +179,8 @@ def test_source_patches_at_the_bound_never_certified_wrong_tiny(tiny_bundle, sou
     assert t["attacked"] == t["certified_same"] + t["uncertified_same"] + t["alert"]
 
 
-def test_source_patches_at_the_bound_never_certified_wrong_resnet20(r20_bundle, sources):
-    tally, n, counts = _attack_sources(r20_bundle, sources, list(SOURCES))
+def test_source_patches_at_the_bound_never_certified_wrong_resnet20(r20_bundle, cifar_sources):
+    tally, n, counts = _attack_sources(r20_bundle, cifar_sources, list(cifar_sources), per_edge=4, random=6)
     _report("resnet20 source-space", tally, counts)
     assert n >= 2, counts
     t = tally.totals()
@@ -169,12 +188,12 @@ def test_source_patches_at_the_bound_never_certified_wrong_resnet20(r20_bundle, 
     assert t["alert"] > 0, "no source patch raised an alert: the attacks are too weak to mean anything"
 
 
-def test_negative_control_whole_source_donor_is_counted(r20_bundle, sources):
+def test_negative_control_whole_source_donor_is_counted(r20_bundle, cifar_sources):
     """The harness does count violations: a 'patch' as large as the source (another photo) is
     far past the bound and turns some certified label into another, certified."""
     from scalecert.runtime import Certifier
 
-    names = list(SOURCES)
+    sources, names = cifar_sources, list(cifar_sources)
     tally = attack.Tally()
     with Certifier.load(r20_bundle, threads=1) as cert:
         for name in names:
