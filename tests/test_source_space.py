@@ -230,6 +230,16 @@ def test_certify_reports_source_patch_and_refuses_uncoverable(tiny_bundle, sourc
         assert len(lines) == 1 and words in lines[0], (bad, proc.stderr)
 
 
+def test_sixteen_bit_sources_have_no_source_bound(tiny_bundle, tmp_path):
+    """read_image scales a 16-bit image by its brightest pixel: one pixel changes all of them."""
+    path = str(tmp_path / "g16.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 65535, (40, 50)).astype(np.uint16)).save(path)
+    proc = run_cli("scalecert", "certify", tiny_bundle, path, "--json")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["source"]["covered_patch"] is None
+    proc = run_cli("scalecert", "certify", tiny_bundle, path, "--source-patch", "3")
+    assert proc.returncode != 0 and "16/32-bit" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_export_for_source_sizes_the_input_patch(tiny_checkpoint, tmp_path):
     out = str(tmp_path / "cam")
     in_process("export", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "2%", "--for-source", "320x240",
