@@ -56,8 +56,8 @@ def _pixels(path: str) -> np.ndarray:
     return np.asarray(read_image(path))
 
 
-GEOMETRY = [("cifar", n) for n in SOURCES] + [("imagenet", n) for n in
-                                              ("coffee-240x320", "astronaut-64x64", "chelsea-48x96", "rocket-30x20")]
+GEOMETRY = [("cifar", n) for n in SOURCES] + [("imagenet", n) for n in ("chelsea-300x451", "coffee-240x320",
+                                                                       "astronaut-64x64", "chelsea-48x96", "rocket-30x20")]
 
 
 @pytest.mark.parametrize("spec_name,source", GEOMETRY)
@@ -82,6 +82,25 @@ def test_computed_reach_matches_perturbation_scan(sources, spec_name, source):
     assert px["escapes"] == 0, px
     assert px["changed"] > 0
     print(f"\n[scan {spec_name} {source}] rows {rows[0]} cols {rows[1]} pixels {px}")
+
+
+def test_imagenet_photos_at_native_size_scan_inside_the_reach():
+    """ImageNet sample photos (../shared) at their own sizes through the EfficientNet preprocessing:
+    every 7th row and column, and single pixels, change nothing outside the computed reach."""
+    from conftest import IMAGENET as IMAGENET_DIR, need
+
+    folder = os.path.join(need(IMAGENET_DIR), "images")
+    for name in sorted(os.listdir(folder))[:3]:
+        pixels = _pixels(os.path.join(folder, name))
+        smap = source_map(pixels.shape[:2], IMAGENET)
+        for axis, amap in ((0, smap.y), (1, smap.x)):
+            n = pixels.shape[axis]
+            indices = np.unique(np.r_[0:n:7, n - 1])
+            out = compare_axis(amap, *scan_axis(pixels, IMAGENET, axis, indices), indices)
+            assert out["escapes"] == 0 and out["extra_pixels_max"] <= 1, (name, axis, out)
+        rng = np.random.default_rng(1)
+        positions = np.stack([rng.integers(0, pixels.shape[0], 20), rng.integers(0, pixels.shape[1], 20)], 1)
+        assert scan_pixels(pixels, IMAGENET, smap, positions)["escapes"] == 0
 
 
 @pytest.mark.parametrize("spec_name,source,patch", [("cifar", n, 5) for n in SOURCES] +
