@@ -96,7 +96,7 @@ def main(argv=None) -> int:
                     row[tag] = {key: part[key] for key in attack.COUNT_KEYS}
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    out = {"bundle": "efficientnet-lite0 --pretrained --patch 32 --calib <first %d photos>" % args.calib,
+    out = {"bundle": f"efficientnet-lite0 --pretrained --patch 32 --calib <first {args.calib} photos>",
            "photos": len(targets), "certified": certified, "export_seconds": round(export_s, 1),
            "seconds": round(time.perf_counter() - start, 1),
            "totals": {tag: t.totals() for tag, t in tallies.items()},

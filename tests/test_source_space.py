@@ -12,12 +12,18 @@ import os
 
 import numpy as np
 import pytest
+from conftest import in_process, run_cli
 from PIL import Image
 
-from conftest import in_process, run_cli
 from scalecert.evaluation import attack
-from scalecert.evaluation.source_scan import (compare_axis, past_bound_witness, patch_reach, scan_axis, scan_pixels,
-                                              widest_position)
+from scalecert.evaluation.source_scan import (
+    compare_axis,
+    past_bound_witness,
+    patch_reach,
+    scan_axis,
+    scan_pixels,
+    widest_position,
+)
 from scalecert.runtime.images import read_image
 from scalecert.runtime.source import source_map
 
@@ -87,7 +93,8 @@ def test_computed_reach_matches_perturbation_scan(sources, spec_name, source):
 def test_imagenet_photos_at_native_size_scan_inside_the_reach():
     """ImageNet sample photos (../shared) at their own sizes through the EfficientNet preprocessing:
     every 7th row and column, and single pixels, change nothing outside the computed reach."""
-    from conftest import IMAGENET as IMAGENET_DIR, need
+    from conftest import IMAGENET as IMAGENET_DIR
+    from conftest import need
 
     folder = os.path.join(need(IMAGENET_DIR), "images")
     for name in sorted(os.listdir(folder))[:3]:
@@ -127,9 +134,9 @@ def test_one_pixel_past_the_bound_exceeds_the_input_patch(sources, spec_name, so
 def test_cropped_region_is_unconstrained_and_reported(sources):
     pixels = _pixels(sources["chelsea-300x451"])
     smap = source_map(pixels.shape[:2], IMAGENET)
-    y0, x0, y1, x1 = smap.window()
+    _, x0, _, x1 = smap.window()
     assert x0 > 0 and x1 < pixels.shape[1]  # a landscape photo loses its sides to the centre crop
-    assert smap.influence(0, 0, (pixels.shape[0], x0)) [3] <= smap.influence(0, 0, (pixels.shape[0], x0))[1]
+    assert smap.influence(0, 0, (pixels.shape[0], x0))[3] <= smap.influence(0, 0, (pixels.shape[0], x0))[1]
     clean = attack.paste(pixels, np.array([[0, 0]]), np.zeros((1, pixels.shape[0], x0, 3), np.uint8))[0]
     from scalecert.evaluation.source_scan import preprocess
 
@@ -263,7 +270,8 @@ def test_export_for_source_sizes_the_input_patch(tiny_checkpoint, tmp_path):
     out = str(tmp_path / "cam")
     in_process("export", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "2%", "--for-source", "320x240",
                "-o", out, "--quiet")
-    threat = json.load(open(os.path.join(out, "manifest.json")))["threat_model"]
+    with open(os.path.join(out, "manifest.json")) as f:
+        threat = json.load(f)["threat_model"]
     assert threat["for_source"] == {"size": [240, 320], "patch": [40, 40], "patch_spec": "2%"}
     assert threat["patch"] == list(source_map((240, 320), CIFAR).needed_patch((40, 40)))
     assert source_map((240, 320), CIFAR).covered_patch(threat["patch"]) >= (40, 40)

@@ -82,7 +82,9 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
     from scalecert.runtime.images import max_pixels
 
     max_pixels()  # a bad SCALECERT_MAX_PIXELS is refused once, before any image
-    requested = source_requests(bundle, images, source_patch) if source_patch else {}
+    from scalecert.runtime import source as source_space
+
+    requested = source_space.check_requests(bundle, images, source_patch) if source_patch else {}
     names = display_names(images)
     pngs = png_names(names) if png_dir else None
     failed = 0
@@ -95,8 +97,6 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
             bar = tqdm(total=len(images), desc="certifying", unit="img", leave=False, file=sys.stderr)
         except ImportError:
             bar = None
-    from scalecert.runtime import source as source_space
-
     with Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
                         precision=precision, threshold=threshold) as cert:
         if png_dir:
@@ -143,42 +143,13 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
         sys.exit(1)
 
 
-def source_requests(bundle_dir: str, images, spec: str) -> dict:
-    """--source-patch checked against every image's size (headers only) before any certification:
-    {path: (h, w)}, or one line naming the first image it cannot cover. Unreadable images are left
-    to the per-image error path."""
-    from scalecert.bundle import Bundle
-    from scalecert.core.source import parse_patch_spec
-    from scalecert.runtime import source as source_space
-
-    parse_patch_spec(spec, "--source-patch")  # malformed: one line, even before the bundle
-    bundle = Bundle.open(bundle_dir, verify=False)
-    out = {}
-    for path in images:
-        try:
-            info = source_space.describe(path)
-        except ScaleCertError:
-            continue
-        out[path] = source_space.check_request(spec, info.size_hw, bundle.input_spec, bundle.patch_hw, path,
-                                               info.global_scale)
-    return out
-
-
-def _source_cell(result) -> str:
-    """'HxW of HxW' (covered source patch of the source size), '-' when unbounded."""
-    source = result.source or {}
-    if "size" not in source:
-        return "-"
-    size = "x".join(map(str, source["size"]))
-    covered = source.get("covered_patch")
-    return f"{'x'.join(map(str, covered)) if covered else 'none'} of {size}"
-
-
 def _table(results) -> str:
     """(display name, Result) rows -> the table."""
+    from scalecert.runtime import source as source_space
+
     header = ("image", "status", "label", "class", "windows run", "ms", "source patch HxW")
     lines = [(name, r.status, str(r.label), (r.class_name or "-")[:28],
-              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}", _source_cell(r)) for name, r in results]
+              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}", source_space.cell(r.source)) for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)

@@ -42,7 +42,7 @@ def kernel_bounds(n_in: int, n_out: int, support: float = BILINEAR_SUPPORT) -> t
     center = 0.0 + (np.arange(n_out) + 0.5) * scale  # Pillow's doubles, same operation order
     lo = np.clip(np.trunc(center - reach + 0.5).astype(np.int64), 0, None)
     hi = np.clip(np.trunc(center + reach + 0.5).astype(np.int64), None, n_in)  # exclusive
-    ksize = int(math.ceil(reach)) * 2 + 1
+    ksize = math.ceil(reach) * 2 + 1
     first = np.full(n_out, -1, np.int64)
     last = np.full(n_out, -1, np.int64)
     ss = 1.0 / filterscale
@@ -73,7 +73,7 @@ class AxisMap:
     reach_hi: np.ndarray
 
     @classmethod
-    def build(cls, source: int, resized: int, offset: int, size: int) -> "AxisMap":
+    def build(cls, source: int, resized: int, offset: int, size: int) -> AxisMap:
         first, last = kernel_bounds(source, resized)
         lo = np.full(source, resized, np.int64)
         hi = np.full(source, -1, np.int64)
@@ -125,7 +125,7 @@ class SourceMap:
     x: AxisMap
 
     @classmethod
-    def build(cls, source_hw, resized_hw, offset_yx, input_hw) -> "SourceMap":
+    def build(cls, source_hw, resized_hw, offset_yx, input_hw) -> SourceMap:
         return cls(AxisMap.build(source_hw[0], resized_hw[0], offset_yx[0], input_hw[0]),
                    AxisMap.build(source_hw[1], resized_hw[1], offset_yx[1], input_hw[1]))
 

@@ -70,7 +70,7 @@ def compare_axis(computed: AxisMap, lo: np.ndarray, hi: np.ndarray, indices=None
     escapes = int(np.sum(seen & ((lo < clo) | (hi > chi))))
     width_c = np.maximum(chi - clo + 1, 0)
     width_o = np.where(seen, hi - lo + 1, 0)
-    out = {"indices": int(len(indices)), "escapes": escapes,
+    out = {"indices": len(indices), "escapes": escapes,
            "extra_pixels_max": int(np.max(width_c - width_o, initial=0)),
            "extra_pixels_mean": round(float(np.mean(width_c - width_o)), 3) if len(indices) else 0.0,
            "reach_computed_max": int(np.max(width_c, initial=0)), "reach_observed_max": int(np.max(width_o, initial=0))}

@@ -48,7 +48,7 @@ def describe(path: str) -> SourceInfo:
     """Header only (no decode). One line (ScaleCertError) if the file cannot be opened as an image."""
     import warnings
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():
@@ -57,7 +57,8 @@ def describe(path: str) -> SourceInfo:
                 w, h = img.size
                 orientation = int(img.getexif().get(0x0112, 1) or 1)
                 mode = img.mode
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is one line
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError,
+            IndexError, KeyError, TypeError, ZeroDivisionError, MemoryError) as exc:  # as read_image: one line
         raise ScaleCertError(f"{path}: cannot read the image header ({type(exc).__name__})") from None
     if orientation in TRANSPOSING_ORIENTATIONS:
         h, w = w, h
@@ -100,3 +101,31 @@ def check_request(spec: str, source_hw, input_spec: dict, patch_hw, name: str, g
                              f"{patch_hw[0]}x{patch_hw[1]}: {fix} (or --patch {requested[0]}x{requested[1]} "
                              f"--for-source {w}x{h})")
     return requested
+
+
+def check_requests(bundle_dir: str, images, spec: str) -> dict:
+    """--source-patch checked against every image's size (headers only) before any certification:
+    {path: (h, w)}, or one line naming the first image it cannot cover. Unreadable images are left
+    to the per-image error path."""
+    from scalecert.bundle import Bundle
+    from scalecert.core.source import parse_patch_spec
+
+    parse_patch_spec(spec, "--source-patch")  # malformed: one line, even before the bundle is read
+    bundle = Bundle.open(bundle_dir, verify=False)
+    out = {}
+    for path in images:
+        try:
+            info = describe(path)
+        except ScaleCertError:
+            continue
+        out[path] = check_request(spec, info.size_hw, bundle.input_spec, bundle.patch_hw, path, info.global_scale)
+    return out
+
+
+def cell(source: dict | None) -> str:
+    """The table's cell: 'HxW of HxW' (covered source patch of the source size); 'none of HxW'
+    when no patch is bounded; '-' without a report."""
+    if not source or "size" not in source:
+        return "-"
+    covered = source.get("covered_patch")
+    return f"{'x'.join(map(str, covered)) if covered else 'none'} of {'x'.join(map(str, source['size']))}"
