@@ -69,9 +69,11 @@ def check_png_dir(png_dir: str) -> None:
               "by double masking (docs/design.md §10) [default: the bundle's]")
 @click.option("--certify-recovery", is_flag=True, help="with --mode recover: also check every pair of windows, "
               "and say whether the recovered label is certified (evaluation; costs all pairs)")
+@click.option("--source-patch", help="certify against a patch in SOURCE pixels: HxW, N or P% of each image's area; "
+              "refused if the bundle's input patch cannot cover it at an image's size (docs/design.md §8)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, mode=None,
-            certify_recovery=False, quiet=False):
+            certify_recovery=False, quiet=False, source_patch=None):
     """Certify IMAGES against BUNDLE: a label no patch could force, or an alert (--mode detect);
     or a recovered label (--mode recover)."""
     from scalecert.runtime import Certifier
@@ -88,6 +90,9 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
     from scalecert.runtime.images import max_pixels
 
     max_pixels()  # a bad SCALECERT_MAX_PIXELS is refused once, before any image
+    from scalecert.runtime import source as source_space
+
+    requested = source_space.check_requests(bundle, images, source_patch) if source_patch else {}
     names = display_names(images)
     pngs = png_names(names) if png_dir else None
     failed = 0
@@ -111,8 +116,9 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
             os.makedirs(png_dir, exist_ok=True)
         for i, (path, name) in enumerate(zip(images, names)):
             try:
-                pixels = cert.prepare(path)
-                result = cert.certify(pixels, name=path)
+                pixels, source_hw = cert.prepare_source(path)
+                result = cert.certify(pixels, name=path, source=cert.source_report(
+                    source_hw, requested.get(path), source_space.describe(path).global_scale))
                 if png_dir:
                     from scalecert.evaluation.visualize import save_png
 
@@ -152,9 +158,11 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
 
 def _table(results) -> str:
     """(display name, Result) rows -> the table."""
-    header = ("image", "status", "label", "class", "windows run", "ms")
+    from scalecert.runtime import source as source_space
+
+    header = ("image", "status", "label", "class", "windows run", "ms", "source patch HxW")
     lines = [(name, r.status, str(r.label), (r.class_name or "-")[:28],
-              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}") for name, r in results]
+              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}", source_space.cell(r.source)) for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)
@@ -164,10 +172,12 @@ def _recovery_table(results) -> str:
     """(display name, RecoveryResult) rows -> the table of --mode recover."""
     certified = results[0][1].certified is not None
     header = ("image", "label", "class", *(("certified",) if certified else ()), "case", "disagreers",
-              "rows run", "ms")
+              "rows run", "ms", "source patch HxW")
+    from scalecert.runtime import source as source_space
+
     lines = [(name, str(r.label), (r.class_name or "-")[:28], *((("yes" if r.certified else "no"),) if certified else ()),
-              r.case, str(len(r.disagreers)), str(r.windows_evaluated + r.pairs_evaluated), f"{r.latency_ms:.1f}")
-             for name, r in results]
+              r.case, str(len(r.disagreers)), str(r.windows_evaluated + r.pairs_evaluated), f"{r.latency_ms:.1f}",
+              source_space.cell(r.source)) for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)

@@ -13,6 +13,8 @@ def _export_options(f):
         click.option("--pretrained", is_flag=True, help="use the weights shipped for --arch (efficientnet-lite0)"),
         click.option("--input-size", help="CxHxW, e.g. 3x224x224 (default: from --arch or the model)"),
         click.option("--patch", help="patch size: N, HxW or P% of the input area [default: 2%, or a tuned checkpoint's]"),
+        click.option("--for-source", help="WIDTHxHEIGHT of the camera: --patch is then in its pixels (N, HxW or P% of the "
+                     "frame) and the input patch is sized to contain its influence (docs/design.md §8)"),
         click.option("--layer", help="superficial layer: auto, an ONNX tensor or a module path [default: auto, or tuned]"),
         click.option("--prune-rate", help="fraction of feature positions gated off, or auto [default: auto; tuned: its rate]"),
         click.option("--stride", help="occluding stride in feature positions, or auto [default: auto, or tuned]"),
@@ -44,8 +46,9 @@ def _export_options(f):
     return f
 
 
-def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, stride, window_budget, max_growth,
-               calib, calib_limit, budget, threshold, mode, channel_prune, keep_dead_channels, phi, classes, trust_pickle, output, force,
+def _do_export(model, arch, pretrained, input_size, patch, for_source, layer, prune_rate, stride, window_budget,
+               max_growth, calib, calib_limit, budget, threshold, mode, channel_prune, keep_dead_channels, phi, classes,
+               trust_pickle, output, force,
                list_archs, quiet):
     if list_archs:
         from scalecert.export.archs import REGISTRY
@@ -57,7 +60,8 @@ def _do_export(model, arch, pretrained, input_size, patch, layer, prune_rate, st
     from scalecert.export.loading import parse_input_size
 
     opts = ExportOptions(model=model, output=output, arch=arch, pretrained=pretrained,
-                         input_size=parse_input_size(input_size) if input_size else None, patch=patch, layer=layer,
+                         input_size=parse_input_size(input_size) if input_size else None, patch=patch, for_source=for_source,
+                         layer=layer,
                          prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
                          calib=calib, calib_limit=calib_limit, budget=budget, threshold=threshold, mode=mode,
                          channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi,

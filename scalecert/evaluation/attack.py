@@ -498,3 +498,65 @@ def _worker_image(job: dict) -> dict:
     tally = Tally()
     attack_image(_WORKER["certifier"], reference=_WORKER["reference"], tally=tally, **job)
     return tally.as_dict()
+
+
+# -- source-space placement (docs/design.md §8) -------------------------------------------------
+def source_positions(smap, patch_hw, rng, random: int = 16, per_edge: int = 8) -> np.ndarray:
+    """Top-left (y, x) of source patches: along every border (`per_edge` evenly spaced, corners
+    included), straddling each side of the crop window, where a patch reaches the most input
+    pixels on each axis, and `random` drawn at random. Unique, row-major."""
+    from scalecert.evaluation.source_scan import widest_position
+
+    (sh, sw), (ph, pw) = smap.source_hw, patch_hw
+    ymax, xmax = sh - ph, sw - pw
+    ys, xs = np.linspace(0, ymax, per_edge).round().astype(int), np.linspace(0, xmax, per_edge).round().astype(int)
+    points = [(0, x) for x in xs] + [(ymax, x) for x in xs] + [(y, 0) for y in ys] + [(y, xmax) for y in ys]
+    y0, x0, y1, x1 = smap.window()
+    wy, wx = widest_position(smap.y, ph), widest_position(smap.x, pw)
+    for y in (y0 - ph // 2, y1 - ph // 2):
+        points += [(y, wx), (y, x0 - pw // 2), (y, x1 - pw // 2)]
+    for x in (x0 - pw // 2, x1 - pw // 2):
+        points.append((wy, x))
+    points.append((wy, wx))
+    points += list(zip(rng.integers(0, ymax + 1, random), rng.integers(0, xmax + 1, random)))
+    out = np.array([(min(max(int(y), 0), ymax), min(max(int(x), 0), xmax)) for y, x in points], np.int64)
+    return np.unique(out, axis=0)
+
+
+def attack_source_image(certifier, source: np.ndarray, label: int, patch_hw, positions: np.ndarray, *,
+                        contents=("noise", "extreme", "donor"), donors: np.ndarray | None = None, rng=None,
+                        tally: Tally | None = None, name: str = "<source>", index: int = 0, chunk: int = 32) -> dict:
+    """Patches of `patch_hw` SOURCE pixels pasted into the uint8 source image at `positions`; each
+    attacked source goes through the runtime's preprocessing (resize_to_input) and then
+    certify_batch. `label`: the label the runtime certified on the clean source. `donors`: source-
+    size images of other classes. Every content at every position (variants cycle). Returns counts."""
+    from PIL import Image
+
+    from scalecert.runtime.images import resize_to_input
+
+    rng = rng if rng is not None else np.random.default_rng(index)
+    tally = tally if tally is not None else Tally()
+    row = {"image": name, "label": int(label), **dict.fromkeys(COUNT_KEYS, 0), "seconds": {}}
+    for content in contents:
+        start = time.perf_counter()
+        if content == "donor" and (donors is None or len(donors) == 0):
+            raise ValueError("donor needs donor images of another class")
+        (variants,) = _variants_for(content, len(positions), index, False)
+        for lo in range(0, len(positions), chunk):
+            p, v = positions[lo:lo + chunk], variants[lo:lo + chunk]
+            if content == "noise":
+                patches = noise_patches(rng, len(p), patch_hw)
+            elif content == "extreme":
+                patches = extreme_patches(rng, v, patch_hw)
+            elif content == "donor":
+                patches = donor_patches(rng, donors, p, v, patch_hw)
+            else:
+                raise ValueError(f"source-space attacks take noise, extreme and donor contents, not {content!r}")
+            attacked = np.stack([resize_to_input(Image.fromarray(s), certifier.input_spec)
+                                 for s in paste(source, p, patches)])
+            counts = tally.add(name, label, content, v, p, patches, certifier.certify_batch(attacked))
+            for key in COUNT_KEYS:
+                row[key] += counts[key]
+        row["seconds"][content] = round(time.perf_counter() - start, 2)
+    tally.images.append(row)
+    return row

@@ -48,6 +48,7 @@ class ExportOptions:
     arch: str | None = None
     input_size: tuple | None = None
     patch: str | None = None  # None: the tune record's, else "2%"
+    for_source: str | None = None  # "WxH": --patch is in pixels of a source (camera) of this size
     layer: str | None = None  # None: the tune record's, else "auto"
     prune_rate: str | None = None  # None: the tune record's, else "auto"
     stride: str | None = None  # None: the tune record's, else "auto"
@@ -84,6 +85,7 @@ class Request:
     patch_hw: tuple[int, int]
     calibration_items: list | None
     record: dict | None  # the tune record's SIN gate, when it applies
+    source: dict | None = None  # --for-source: the camera size and source patch the input patch was sized for
 
 
 def export_bundle(opts: ExportOptions) -> str:
@@ -204,7 +206,11 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
     check_output(output, opts.force)
     record = _apply_tune_defaults(opts, loaded.tuned)
     _, image_h, image_w = loaded.preprocess.input_size
-    patch_hw = geometry.parse_patch(opts.patch, (image_h, image_w))
+    source = None
+    if opts.for_source:
+        patch_hw, source = source_sized_patch(opts.patch, opts.for_source, loaded.preprocess.to_json())
+    else:
+        patch_hw = geometry.parse_patch(opts.patch, (image_h, image_w))
     for label, value, low, high in (("--prune-rate", opts.prune_rate, 0, 0.99), ("--channel-prune", opts.channel_prune, 0, 0.95)):
         if value != "auto":
             try:
@@ -229,7 +235,23 @@ def check_request(opts: ExportOptions, loaded: LoadedModel) -> Request:
         raise ScaleCertError("--channel-prune needs --calib: channel importances come from calibration images")
     if opts.prune_rate not in ("auto", "0", "0.0") and float(opts.prune_rate) > 0 and calib_items is None and record is None:
         raise ScaleCertError("--prune-rate above 0 needs --calib DIR: the gate threshold is calibrated on images")
-    return Request(output, loaded.preprocess.to_json(), (image_h, image_w), patch_hw, calib_items, record)
+    return Request(output, loaded.preprocess.to_json(), (image_h, image_w), patch_hw, calib_items, record, source)
+
+
+def source_sized_patch(patch: str, for_source: str, input_spec: dict) -> tuple[tuple[int, int], dict]:
+    """--patch in pixels of a WxH source -> the smallest input patch containing its influence
+    through the runtime's resize and crop (runtime/source.py), and the record for the manifest."""
+    from scalecert.core.source import parse_size_wh, parse_source_patch
+    from scalecert.runtime.source import source_map
+
+    source_hw = parse_size_wh(for_source, "--for-source")
+    requested = parse_source_patch(patch, source_hw, "--patch")
+    needed = source_map(source_hw, input_spec).needed_patch(requested)
+    _, h, w = input_spec["input_size"]
+    if needed[0] >= h and needed[1] >= w:
+        raise ScaleCertError(f"--patch {patch} --for-source {for_source}: a {requested[0]}x{requested[1]} source patch "
+                             f"reaches the whole {h}x{w} input; nothing can be certified")
+    return needed, {"size": list(source_hw), "patch": list(requested), "patch_spec": str(patch)}
 
 
 def label_fit(predicted, labels) -> tuple[float, float]:
@@ -324,7 +346,8 @@ def _manifest(opts, loaded, request, plan: SplitPlan, num_classes, classes, kept
         "input": request.input_spec,
         "num_classes": num_classes,
         "classes": classes,
-        "threat_model": {"patch": list(plan.patch_hw), "patch_spec": str(opts.patch), "image": list(plan.image_hw)},
+        "threat_model": {"patch": list(plan.patch_hw), "patch_spec": str(opts.patch), "image": list(plan.image_hw),
+                         **({"for_source": request.source} if request.source else {})},
         "layer": {"name": layer.name, "scope": layer.scope, "requested": opts.layer, "shape": list(layer.shape),
                   "channels_kept": kept_channels,
                   "receptive_field": {"y": list(rf.y), "x": list(rf.x), "size": list(rf.size())},

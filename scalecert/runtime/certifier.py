@@ -11,7 +11,8 @@ from scalecert.bundle import Bundle
 from scalecert.core import decision, geometry
 from scalecert.errors import ScaleCertError
 from scalecert.runtime import pipelines
-from scalecert.runtime.images import load_image, normalize, resize_to_input
+from scalecert.runtime import source as source_space
+from scalecert.runtime.images import load_source, normalize, resize_to_input
 from scalecert.runtime.pipelines.base import Pipeline
 
 EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
@@ -39,6 +40,7 @@ class Result:
     window_logconf: np.ndarray | None = None
     base_logconf: float = 0.0
     gate: np.ndarray | None = None
+    source: dict | None = None  # the certificate in source pixels (runtime/source.py::report)
 
     EVALUATION_ONLY = ("window_labels", "window_margins", "window_logconf", "base_logconf", "gate", "class_name")
 
@@ -53,6 +55,8 @@ class Result:
         out["confidence"] = round(self.confidence, 6)
         if self.status != "alert":
             out.pop("alert_windows")
+        if out["source"] is None:
+            out.pop("source")
         return out
 
 
@@ -110,8 +114,13 @@ class Certifier:
     # -- inputs ---------------------------------------------------------------------------
     def prepare(self, image) -> np.ndarray:
         """Path or uint8 array -> uint8 HxWx3 at network size (resized per the manifest if needed)."""
+        return self.prepare_source(image)[0]
+
+    def prepare_source(self, image) -> tuple[np.ndarray, tuple[int, int]]:
+        """(network-size uint8 image, the source's (height, width)): a network-size array is used
+        as it is (its source is itself); a path or another size goes through resize_to_input."""
         if isinstance(image, (str, os.PathLike)):
-            return load_image(os.fspath(image), self.input_spec)
+            return load_source(os.fspath(image), self.input_spec)
         array = np.asarray(image)
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
             raise ScaleCertError(f"expected a uint8 HxWx3 array, got {array.dtype} {array.shape}")
@@ -119,8 +128,12 @@ class Certifier:
         if array.shape[:2] != (h, w):
             from PIL import Image
 
-            array = resize_to_input(Image.fromarray(array), self.input_spec)
-        return array
+            return resize_to_input(Image.fromarray(array), self.input_spec), array.shape[:2]
+        return array, (h, w)
+
+    def source_report(self, source_hw, requested_hw=None, global_scale: bool = False) -> dict:
+        """The certificate in source pixels at this source size (docs/design.md §8)."""
+        return source_space.report(source_hw, self.input_spec, self.bundle.patch_hw, requested_hw, global_scale)
 
     # -- inference ------------------------------------------------------------------------
     def features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,12 +142,18 @@ class Certifier:
     def window_logits(self, features: np.ndarray, windows: np.ndarray) -> np.ndarray:
         return self.pipeline.suffix(features, windows)
 
-    def certify(self, image, name: str | None = None) -> Result:
+    def certify(self, image, name: str | None = None, source: dict | None = None) -> Result:
+        """`source`: the source-space report to attach (default: from the image's own size)."""
         start = time.perf_counter()
-        pixels = self.prepare(image)
+        pixels, source_hw = self.prepare_source(image)
         features, gate = self.features(pixels)
-        return self._certify_features(self.pipeline.select(features, 0), gate, start, time.perf_counter(), name or (
+        result = self._certify_features(self.pipeline.select(features, 0), gate, start, time.perf_counter(), name or (
             os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<array>"))
+        if source is None:
+            wide = isinstance(image, (str, os.PathLike)) and source_space.describe(os.fspath(image)).global_scale
+            source = self.source_report(source_hw, global_scale=wide)
+        result.source = source
+        return result
 
     def certify_batch(self, pixels: np.ndarray, names=None, prefix_batch: int = 64) -> list[Result]:
         """Many uint8 network-size images: the prefix runs on batches of images, then each image's

@@ -75,25 +75,42 @@ def _decode(path: str, limit: int | None):
         return img.convert("RGB")
 
 
+def resize_plan(source_hw: tuple[int, int], input_spec: dict) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((resized_h, resized_w), (top, left)): the size resize_to_input resizes a source image of
+    `source_hw` to, and the top-left of the network-size crop taken from it. The one statement of
+    the runtime's geometry (scalecert.runtime.source maps source pixels with it)."""
+    _, h, w = input_spec["input_size"]
+    src_h, src_w = source_hw
+    short = input_spec.get("resize_short")
+    if short:
+        scale = short / min(src_w, src_h)
+        size_w, size_h = max(w, round(src_w * scale)), max(h, round(src_h * scale))
+        return (size_h, size_w), ((size_h - h) // 2, (size_w - w) // 2)
+    return (h, w), (0, 0)
+
+
 def resize_to_input(img, input_spec: dict) -> np.ndarray:
-    """Resize (short side, then centre crop, or straight to size) -> uint8 HxWx3 network image."""
+    """Resize (short side, then centre crop, or straight to size) -> uint8 HxWx3 network image.
+    Pillow's BILINEAR resize (a triangle filter widened by the downscale factor: antialiased)."""
     from PIL import Image
 
     _, h, w = input_spec["input_size"]
-    short = input_spec.get("resize_short")
-    if short:
-        scale = short / min(img.size)
-        size = (max(w, round(img.size[0] * scale)), max(h, round(img.size[1] * scale)))
-        img = img.resize(size, Image.BILINEAR)
-        left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+    (size_h, size_w), (top, left) = resize_plan((img.size[1], img.size[0]), input_spec)
+    if img.size != (size_w, size_h):
+        img = img.resize((size_w, size_h), Image.BILINEAR)
+    if (size_h, size_w) != (h, w):
         img = img.crop((left, top, left + w, top + h))
-    elif img.size != (w, h):
-        img = img.resize((w, h), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
 
 
 def load_image(path: str, input_spec: dict) -> np.ndarray:
     return resize_to_input(read_image(path), input_spec)
+
+
+def load_source(path: str, input_spec: dict) -> tuple[np.ndarray, tuple[int, int]]:
+    """(network image, the decoded source's (height, width) after EXIF orientation)."""
+    img = read_image(path)
+    return resize_to_input(img, input_spec), (img.size[1], img.size[0])
 
 
 def normalize(images: np.ndarray, input_spec: dict) -> np.ndarray:

@@ -70,6 +70,7 @@ class RecoveryResult:
     pairs_total: int = 0  # pairs i <= j of the family: what certification covers
     certification_pairs_evaluated: int | None = None  # distinct pair rows run for certification
     certify_ms: float | None = None  # time of the certification on top of the fast path
+    source: dict | None = None  # the certificate in source pixels (docs/design.md §8)
     # for evaluation
     first_labels: np.ndarray | None = field(default=None, repr=False)
 
@@ -90,6 +91,8 @@ class RecoveryResult:
                         "certify_ms": round(self.certify_ms, 3)})
         out.update({"latency_ms": round(self.latency_ms, 3), "prefix_ms": round(self.prefix_ms, 3),
                     "suffix_ms": round(self.suffix_ms, 3), "kept_fraction": self.kept_fraction})
+        if self.source is not None:
+            out["source"] = self.source
         return out
 
 
@@ -176,6 +179,12 @@ class Recoverer:
     def prepare(self, image) -> np.ndarray:
         return self.certifier.prepare(image)
 
+    def prepare_source(self, image):
+        return self.certifier.prepare_source(image)
+
+    def source_report(self, *args, **kwargs) -> dict:
+        return self.certifier.source_report(*args, **kwargs)
+
     # -- the two rounds ----------------------------------------------------------------------
     def first_round(self, rows: _Rows, gate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         distinct = geometry.distinct_windows(self.windows, self.masks, gate)
@@ -211,13 +220,22 @@ class Recoverer:
         return ok, rows.rows_run - before
 
     # -- images ------------------------------------------------------------------------------
-    def recover(self, image, name: str | None = None, certify: bool | None = None) -> RecoveryResult:
+    def recover(self, image, name: str | None = None, certify: bool | None = None,
+                source: dict | None = None) -> RecoveryResult:
+        """`source`: the source-space report to attach (default: from the image's own size)."""
         start = time.perf_counter()
-        pixels = self.prepare(image)
+        pixels, source_hw = self.prepare_source(image)
         features, gate = self.certifier.features(pixels)
         name = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<array>")
-        return self._recover_features(self.certifier.pipeline.select(features, 0), gate, start, time.perf_counter(),
-                                      name, self.certify_pairs if certify is None else certify)
+        result = self._recover_features(self.certifier.pipeline.select(features, 0), gate, start, time.perf_counter(),
+                                        name, self.certify_pairs if certify is None else certify)
+        if source is None:
+            from scalecert.runtime import source as source_space
+
+            wide = isinstance(image, (str, os.PathLike)) and source_space.describe(os.fspath(image)).global_scale
+            source = self.certifier.source_report(source_hw, global_scale=wide)
+        result.source = source
+        return result
 
     certify = recover  # the name the certify command's loop calls
 
