@@ -66,9 +66,25 @@ def check_png_dir(png_dir: str) -> None:
 @click.option("--threshold", type=float, help="confidence threshold T: only windows at least this confident "
               "raise the alert (docs/design.md §7) [default: the bundle's]")
 @click.option("--quiet", is_flag=True, help="no progress bar")
-def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, quiet=False):
-    """Certify IMAGES against BUNDLE: a label no patch could force, or an alert."""
+@click.option("--out", help="certify a data folder (one DIR) into this .jsonl or .parquet file, one row per image; "
+              "rerunning resumes it")
+@click.option("--labels", "labels_csv", help="with --out: CSV file,index labelling DIR's images (README: Data)")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="with --out: run on Ray (`--ray`: RAY_ADDRESS's cluster or a local one; `--ray=ADDRESS`)")
+@click.option("--workers", type=int, help="with --ray: actors in the pool (default: as many as the cluster holds)")
+def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, quiet=False,
+            out=None, labels_csv=None, ray_address=None, workers=None):
+    """Certify IMAGES against BUNDLE: a label no patch could force, or an alert.
+
+    With --out FILE, IMAGES is one data folder and every image's row goes to FILE (docs/cluster.md)."""
     from scalecert.runtime import Certifier
+
+    if out is not None or ray_address is not None or labels_csv is not None or workers is not None:
+        from scalecert.cli.dataset import certify_folder_command
+
+        return certify_folder_command(bundle, images, out, labels_csv, ray_address, workers, png_dir, as_json,
+                                      dict(backend=backend, precision=precision, batch=batch, early_exit=early_exit,
+                                           threads=threads, threshold=threshold, quiet=quiet))
 
     if batch < 1:
         raise ScaleCertError(f"--batch {batch}: expected a positive number of windows")
