@@ -71,6 +71,10 @@ def _quiet_progress(quiet: bool) -> None:
     context = DataContext.get_current()
     context.enable_progress_bars = not quiet
     context.print_on_execution_start = not quiet
+    if quiet:
+        import logging
+
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def pack_bundle(bundle_dir: str) -> bytes:
@@ -210,6 +214,9 @@ class Pool:
         where = {**where, "workers": workers, "threads_per_worker": options.get("threads")}
         return cls(where, options, workers, cpus, gpus)
 
+    def for_precision(self, precision: str) -> "Pool":
+        return Pool(self.where, {**self.options, "precision": precision}, self.workers, self.cpus, self.gpus)
+
     def describe(self) -> str:
         return (f"ray: {self.where['nodes']} node(s) at {self.where['address']}, {self.workers} "
                 f"{self.options['backend']} actor(s)")
@@ -228,7 +235,9 @@ class Pool:
             return
         _quiet_progress(quiet)
         index = {path: (rel, label) for path, rel, label in todo}
-        ds = ray.data.read_binary_files([path for path, _, _ in todo], include_paths=True, ignore_missing_paths=True)
+        # reading is I/O: no CPU reserved for it, or a pool holding every core would starve the reads
+        ds = ray.data.read_binary_files([path for path, _, _ in todo], include_paths=True, ignore_missing_paths=True,
+                                        num_cpus=0)
         kwargs = {"bundle_ref": [ray.put(pack_bundle(bundle_dir))], "options": self.options,
                   "index_ref": [ray.put(index)], "exit_spec": os.environ.get(TEST_EXIT_ENV)}
         for batch in self._map(ds, FolderActor, kwargs).iter_batches(batch_size=None, batch_format="numpy"):

@@ -43,16 +43,17 @@ def read_image(path: str, data: bytes | None = None):
     if (len(data) if data is not None else os.path.getsize(path)) == 0:
         raise ScaleCertError(f"{path}: empty file")
     limit = max_pixels()
+    source = io.BytesIO(data) if data is not None else path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF and palette notes
-            return _decode(io.BytesIO(data) if data is not None else path, path, limit)
+            return _decode(source, path, limit)
     except Image.DecompressionBombError:
         raise ScaleCertError(f"{path}: image larger than the {limit or 0:,} pixel limit (a decompression bomb?); "
                              "raise SCALECERT_MAX_PIXELS to allow it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError,
             TypeError, ZeroDivisionError, MemoryError) as exc:
-        first = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        first = str(exc).replace(repr(source), repr(path)).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise ScaleCertError(f"{path}: cannot decode image ({first})") from None
 
 
