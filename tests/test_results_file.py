@@ -119,3 +119,32 @@ def test_ray_missing_gives_one_line(tiny_bundle, data_dir, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and "pip install 'scalecert[ray]'" in proc.stderr
         assert not out.exists()
+
+
+def test_pool_sizing_on_fake_gpu_cluster_resources(tiny_bundle):
+    """GPU actors cannot be run here (no GPU): the pool's shape is checked against cluster
+    resources as Ray would report them for a 4-GPU, 8-CPU cluster (faked dicts, no Ray needed)."""
+    from scalecert.bundle import Bundle
+    from scalecert.errors import ScaleCertError
+    from scalecert.evaluation.distributed import actor_backend, pool_shape
+
+    gpus = {"cluster_cpus": 8.0, "cluster_gpus": 4.0}
+    assert pool_shape("ort-cuda", None, None, gpus) == (4, 1.0, 1.0)
+    assert pool_shape("ort-cpu", None, 2, gpus) == (4, 2.0, 0.0)
+    assert pool_shape("ort-cpu", 3, None, gpus) == (3, 1.0, 0.0)
+    with pytest.raises(ScaleCertError, match="room for 4 GPU actors"):
+        pool_shape("trt", 5, None, gpus)
+    with pytest.raises(ScaleCertError, match="room for 2 1-core actors"):
+        pool_shape("ort-cpu", 3, None, {"cluster_cpus": 2.0, "cluster_gpus": 0})
+    bundle = Bundle.open(tiny_bundle)  # no ort-cuda margin measured: auto stays on CPU actors, ort-cuda is refused
+    assert actor_backend("auto", "fp32", bundle, cluster_gpus=4) == "ort-cpu"
+    with pytest.raises(ScaleCertError, match="no numeric margin measured for ort-cuda"):
+        actor_backend("ort-cuda", "fp32", bundle, cluster_gpus=4)
+
+
+def test_ray_flag_before_a_path_is_refused(tiny_bundle, data_dir, tmp_path):
+    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--out", tmp_path / "r.jsonl", "--ray", data_dir)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a cluster address" in proc.stderr
+    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--ray")
+    assert proc.returncode == 2 and "add --out" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "r.jsonl").exists()
