@@ -29,9 +29,15 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_ray_rows_equal_the_local_run(local_rows, tiny_bundle, data_dir, tmp_path):
+    """Through the command line (`certify DIR --out --ray --workers 2`, in this process so it joins
+    the module's Ray): exit 1 for the one broken image, every other image certified."""
+    from conftest import in_process
+
     out = str(tmp_path / "ray.jsonl")
-    counts = certify_folder(tiny_bundle, data_dir, out, ray_address="auto", workers=2)
-    assert counts["written"] == 25
+    with pytest.raises(SystemExit) as exited:
+        in_process("certify", tiny_bundle, data_dir, "--out", out, "--threads", "1", "--quiet", "--ray",
+                   "--workers", "2")
+    assert exited.value.code == 1
     got = rows(out)
     assert sorted(r["path"] for r in got) == sorted(r["path"] for r in local_rows)  # each image once
     local = {r["path"]: r for r in local_rows}
