@@ -72,8 +72,13 @@ def check_options(limit, batch, threads, masks, precisions, report_path, plot_pa
 @click.option("--force", is_flag=True, help="replace existing --report / --plot files")
 @click.option("--json", "as_json", is_flag=True, help="print the report as JSON (no progress bar)")
 @click.option("--quiet", is_flag=True, help="no progress bars")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="certify on Ray actors (`--ray`: RAY_ADDRESS's cluster or a local one; `--ray=ADDRESS`); "
+              "the baseline still runs here (docs/cluster.md)")
+@click.option("--workers", type=int, help="with --ray: actors in the pool (default: as many as the cluster holds)")
 def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, precisions, thresholds, baseline, baseline_engine,
-          masks, model, arch, batch, threads, report_path, plot_path, force, as_json, quiet):
+          masks, model, arch, batch, threads, report_path, plot_path, force, as_json, quiet, ray_address=None,
+          workers=None):
     """Benchmark BUNDLE on labelled images: accuracy, certified accuracy, false alerts, latency."""
     from scalecert.evaluation.bench import run_bench
     from scalecert.evaluation.report import bench_table, plot
@@ -87,9 +92,16 @@ def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, precision
         check_threshold(threshold)
     precisions = precisions.split(",") if precisions else None
     check_options(limit, batch, threads, masks, precisions, report_path, plot_path, force)
+    from scalecert.cli.dataset import check_ray_address
+
+    ray_address = check_ray_address(ray_address)
+    if workers is not None and (workers < 1 or ray_address is None):
+        raise ScaleCertError(f"--workers {workers}: " + ("only with --ray (a local run is one process)"
+                                                         if ray_address is None else "expected a positive number"))
     engines = () if not baseline else (("torch", "ort") if baseline_engine == "both" else (baseline_engine,))
     report = run_bench(bundle, data, labels_csv, limit, seed, rates, stride_list, engines, masks, model, arch, batch,
-                       threads, quiet=as_json or quiet, precisions=precisions, thresholds=threshold_list)
+                       threads, quiet=as_json or quiet, precisions=precisions, thresholds=threshold_list,
+                       ray_address=ray_address, workers=workers)
     from scalecert.bundle.staging import write_file_atomic
 
     if report_path:

@@ -72,15 +72,33 @@ def check_png_dir(png_dir: str) -> None:
 @click.option("--source-patch", help="certify against a patch in SOURCE pixels: HxW, N or P% of each image's area; "
               "refused if the bundle's input patch cannot cover it at an image's size (docs/design.md §8)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--out", help="certify a data folder (one DIR) into this .jsonl or .parquet file, one row per image; "
+              "rerunning resumes it")
+@click.option("--labels", "labels_csv", help="with --out: CSV file,index labelling DIR's images (README: Data)")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
+              help="with --out: run on Ray (`--ray`: RAY_ADDRESS's cluster or a local one; `--ray=ADDRESS`)")
+@click.option("--workers", type=int, help="with --ray: actors in the pool (default: as many as the cluster holds)")
 def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, mode=None,
-            certify_recovery=False, quiet=False, source_patch=None):
+            certify_recovery=False, quiet=False, source_patch=None, out=None, labels_csv=None, ray_address=None,
+            workers=None):
     """Certify IMAGES against BUNDLE: a label no patch could force, or an alert (--mode detect);
-    or a recovered label (--mode recover)."""
+    or a recovered label (--mode recover).
+
+    With --out FILE, IMAGES is one data folder and every image's row goes to FILE (docs/cluster.md)."""
     from scalecert.runtime import Certifier
     from scalecert.runtime.recovery import Recoverer, recovery_options
 
     mode = recovery_options(bundle, mode, certify_recovery, early_exit=early_exit, png_dir=png_dir,
                             threshold=threshold)
+    if out is not None or ray_address is not None or labels_csv is not None or workers is not None:
+        if mode == "recover" or source_patch:
+            raise ScaleCertError("--out certifies data folders in detect mode, against the input-space patch; "
+                                 "--mode recover and --source-patch work on images given one by one")
+        from scalecert.cli.dataset import certify_folder_command
+
+        return certify_folder_command(bundle, images, out, labels_csv, ray_address, workers, png_dir, as_json,
+                                      dict(backend=backend, precision=precision, batch=batch, early_exit=early_exit,
+                                           threads=threads, threshold=threshold, quiet=quiet))
     if batch < 1:
         raise ScaleCertError(f"--batch {batch}: expected a positive number of windows")
     if threads is not None and threads < 1:

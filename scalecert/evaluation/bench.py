@@ -27,10 +27,21 @@ def _progress(total: int, desc: str, quiet: bool):
 
 
 def run_config(bundle: str, pixels, labels, batch: int, threads, quiet: bool, desc: str, precision: str = "fp32",
-               thresholds=(0.0,)):
-    """-> (metrics row, per-image latencies, per-image windows evaluated). Every window is evaluated
-    (no early exit), so the decision at each confidence threshold comes from the same predictions."""
-    from scalecert.core import decision
+               thresholds=(0.0,), pool=None):
+    """-> (metrics row, per-image latencies, per-image windows evaluated, where it ran). Every window
+    is evaluated (no early exit), so the decision at each confidence threshold comes from the same
+    predictions. `pool` (evaluation/distributed.py): on Ray actors, each image timed on its worker."""
+    if pool is not None:
+        results, where = pool.bench_results(bundle, pixels, quiet)
+        opened = Bundle.open(bundle)
+        windows_total, delta = len(opened.windows()), opened.margin("ort-cpu", precision)
+    else:
+        results, windows_total, delta = _certify_here(bundle, pixels, batch, threads, quiet, desc, precision)
+        where = {"where": "local", "processes": 1}
+    return (*summarise(results, labels, thresholds, windows_total, delta), where)
+
+
+def _certify_here(bundle, pixels, batch, threads, quiet, desc, precision):
     from scalecert.runtime import Certifier
 
     bar = _progress(len(pixels), desc, quiet)
@@ -45,6 +56,13 @@ def run_config(bundle: str, pixels, labels, batch: int, threads, quiet: bool, de
         windows_total, delta = len(cert.windows), cert.delta
     if bar:
         bar.close()
+    return results, windows_total, delta
+
+
+def summarise(results, labels, thresholds, windows_total: int, delta: float):
+    """certify() Results (no early exit) -> (metrics row, latencies, windows evaluated)."""
+    from scalecert.core import decision
+
     lat = np.array([r.latency_ms for r in results])
     preds = [r.label for r in results]
     out = metrics(labels, preds, [r.status for r in results], lat, [r.prefix_ms for r in results],
@@ -100,7 +118,7 @@ def _machine() -> dict:
 
 def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, prune_rates=None, strides=None,
               baseline_engines=(), masks_per_axis=6, model=None, arch=None, batch=64, threads=None, quiet=False,
-              precisions=None, thresholds=None) -> dict:
+              precisions=None, thresholds=None, ray_address=None, workers=None) -> dict:
     from scalecert.runtime.datasets import image_set
     from scalecert.bundle.summary import summary
     from scalecert.runtime.images import load_image, normalize
@@ -117,6 +135,12 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
         if stride > max(opened.feature_hw):
             raise ScaleCertError(f"--stride {stride}: larger than the {opened.feature_hw[0]}x{opened.feature_hw[1]} "
                                  "feature map; expected 1 ... " + str(max(opened.feature_hw)))
+    pool = None
+    if ray_address is not None:  # joined, and the pool checked against the cluster, before any image
+        from scalecert.evaluation.distributed import Pool
+
+        pool = Pool.plan(ray_address, opened, "ort-cpu", dict(batch=batch, threads=threads, precision="fp32",
+                                                              threshold=0.0), workers)
     items = image_set(data, labels_csv, limit, seed)
     if any(label is None for _, label in items):
         raise ScaleCertError(f"{data}: {sum(label is None for _, label in items)} of {len(items)} images without "
@@ -157,9 +181,11 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
                 for stride in strides:
                     variant = derive(bundle, os.path.join(scratch, f"r{rate}-s{stride}"), prune_rate=rate, stride=stride)
                     name = f"{precision} prune {rate} stride {stride}"
-                    row, lat, evaluated = run_config(variant, pixels, labels, batch, threads, quiet, name, precision,
-                                                     thresholds)
-                    report["configs"].append({"precision": precision, "prune_rate": rate, "stride": stride, **row})
+                    row, lat, evaluated, where = run_config(variant, pixels, labels, batch, threads, quiet, name,
+                                                            precision, thresholds, pool and pool.for_precision(precision))
+                    report["configs"].append({"precision": precision, "prune_rate": rate, "stride": stride, **row,
+                                              "ran_on": where})
+                    report["ran_on"] = {k: v for k, v in where.items() if not k.startswith("wall")}
                     report["windows_evaluated_hist"][f"{precision} r{rate} s{stride}"] = evaluated
                     latencies.append(lat)
                     shutil.rmtree(variant, ignore_errors=True)

@@ -11,6 +11,10 @@ suffix_ms_median, peak_rss_mb (process peak so far). Ratios are per image (basel
 scalecert latency on the same image), summarised by their median, plus the ratio of medians.
 Each config also has "thresholds": {T: accuracy metrics at confidence threshold T} (docs/design.md §7),
 decided from the same window predictions. Each baseline ran in a process of its own ("process").
+"ran_on" says where scalecert's configs ran: {where: "local", processes: 1}, or with `--ray` {where:
+"ray", address, ray (version), nodes, cluster_cpus, cluster_gpus, workers, threads_per_worker}; each
+config's own "ran_on" adds, on Ray, wall_s and wall_images_per_s (actor start-up included). On Ray
+the latency figures are the workers' own per-image timings, so they mean what a local run's mean.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ pixels; 0 lifts the limit). Pillow's warnings never reach the terminal; EXIF ori
 applied (phone photos arrive upright)."""
 from __future__ import annotations
 
+import io
 import os
 import warnings
 
@@ -29,35 +30,38 @@ def max_pixels() -> int | None:
     return value if value > 0 else None
 
 
-def read_image(path: str):
-    """Decode with Pillow and convert grayscale, RGBA, palette, CMYK and 16-bit images to RGB."""
+def read_image(path: str, data: bytes | None = None):
+    """Decode with Pillow and convert grayscale, RGBA, palette, CMYK and 16-bit images to RGB.
+    `data`: the file's bytes, already read (a Ray worker's); `path` then only names it."""
     from PIL import Image, UnidentifiedImageError
 
-    if os.path.isdir(path):
-        raise ScaleCertError(f"{path}: is a directory, not an image")
-    if not os.path.exists(path):
-        raise ScaleCertError(f"{path}: no such file")
-    if os.path.getsize(path) == 0:
+    if data is None:
+        if os.path.isdir(path):
+            raise ScaleCertError(f"{path}: is a directory, not an image")
+        if not os.path.exists(path):
+            raise ScaleCertError(f"{path}: no such file")
+    if (len(data) if data is not None else os.path.getsize(path)) == 0:
         raise ScaleCertError(f"{path}: empty file")
     limit = max_pixels()
+    source = io.BytesIO(data) if data is not None else path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF and palette notes
-            return _decode(path, limit)
+            return _decode(source, path, limit)
     except Image.DecompressionBombError:
         raise ScaleCertError(f"{path}: image larger than the {limit or 0:,} pixel limit (a decompression bomb?); "
                              "raise SCALECERT_MAX_PIXELS to allow it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError,
             TypeError, ZeroDivisionError, MemoryError) as exc:
-        first = str(exc).splitlines()[0][:100] if str(exc) else type(exc).__name__
+        first = str(exc).replace(repr(source), repr(path)).splitlines()[0][:100] if str(exc) else type(exc).__name__
         raise ScaleCertError(f"{path}: cannot decode image ({first})") from None
 
 
-def _decode(path: str, limit: int | None):
+def _decode(source, path: str, limit: int | None):
     from PIL import Image, ImageOps
 
     Image.MAX_IMAGE_PIXELS = limit  # Pillow's own bomb check follows ours (None: off)
-    with Image.open(path) as img:
+    with Image.open(source) as img:
         pixels = img.size[0] * img.size[1]
         if limit is not None and pixels > limit:
             raise ScaleCertError(f"{path}: {img.size[0]}x{img.size[1]} image ({pixels:,} pixels) is above the "
@@ -103,8 +107,8 @@ def resize_to_input(img, input_spec: dict) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str, input_spec: dict) -> np.ndarray:
-    return resize_to_input(read_image(path), input_spec)
+def load_image(path: str, input_spec: dict, data: bytes | None = None) -> np.ndarray:
+    return resize_to_input(read_image(path, data), input_spec)
 
 
 def load_source(path: str, input_spec: dict) -> tuple[np.ndarray, tuple[int, int]]:

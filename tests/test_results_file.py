@@ -1,0 +1,150 @@
+"""`certify DIR --out FILE` in one process: one row per image (error rows included), resume after a
+killed run (torn last line), Parquet, and `--ray` without Ray installed. Real images, real bundle."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, cifar_files, run_cli
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, photo_files) -> str:
+    """An ImageFolder tree: 2 CIFAR-10 test JPEGs per class, the real photos in airplane/, and a
+    broken file in cat/ (its row must be an error row)."""
+    root = tmp_path_factory.mktemp("folder-data")
+    for path in cifar_files(2):
+        cls = os.path.basename(os.path.dirname(path))
+        os.makedirs(root / cls, exist_ok=True)
+        shutil.copy(path, root / cls / os.path.basename(path))
+    for path in photo_files:
+        shutil.copy(path, root / "airplane" / os.path.basename(path))
+    (root / "cat" / "broken.jpg").write_bytes(b"not an image")
+    return str(root)
+
+
+def rows(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def certify_folder(bundle, data, out, **kw):
+    from scalecert.evaluation.folder import certify_folder as run
+
+    return run(bundle, data, out, threads=1, quiet=True, log=lambda line: None, **kw)
+
+
+@pytest.fixture(scope="module")
+def local_rows(tiny_bundle, data_dir, tmp_path_factory) -> list[dict]:
+    out = str(tmp_path_factory.mktemp("local") / "results.jsonl")
+    counts = certify_folder(tiny_bundle, data_dir, out)
+    assert counts["written"] == counts["images"] == 25 and counts["skipped"] == 0
+    return rows(out)
+
+
+def test_one_row_per_image_as_certify_json(local_rows, tiny_bundle, data_dir):
+    from scalecert.runtime import Certifier
+
+    assert len({r["path"] for r in local_rows}) == len(local_rows) == 25
+    broken = [r for r in local_rows if r["status"] == "error"]
+    assert [r["path"] for r in broken] == [os.path.join("cat", "broken.jpg")] and "cannot decode" in broken[0]["error"]
+    by_path = {r["path"]: r for r in local_rows}
+    with Certifier.load(tiny_bundle, threads=1) as cert:  # the same fields as `certify --json`, plus path/label
+        for rel in (os.path.join("airplane", "coffee.png"), os.path.join("dog", "0000.jpg")):
+            expected = cert.certify(os.path.join(data_dir, rel)).to_json()
+            row = by_path[rel]
+            assert set(row) == set(expected) | {"path", "true_label"}
+            for key in ("status", "label", "windows_evaluated", "windows_total", "alert_windows", "base_margin"):
+                assert row.get(key) == expected.get(key), (rel, key)
+    classes = sorted(os.listdir(data_dir))
+    assert all(r["true_label"] == classes.index(r["path"].split(os.sep)[0]) for r in local_rows)
+
+
+def test_resume_after_a_killed_run(local_rows, tiny_bundle, data_dir, tmp_path):
+    """A run killed mid-line: the finished rows stay, the torn line is dropped, the rest is done once."""
+    out = tmp_path / "results.jsonl"
+    first = local_rows[:9]
+    text = "".join(json.dumps(r) + "\n" for r in first)
+    out.write_text(text + json.dumps(local_rows[9])[:40])  # torn last line
+    counts = certify_folder(tiny_bundle, data_dir, str(out))
+    assert counts["skipped"] == 9 and counts["written"] == 16
+    again = rows(str(out))
+    assert out.read_text().startswith(text)  # earlier rows untouched, byte for byte
+    assert sorted(r["path"] for r in again) == sorted(r["path"] for r in local_rows)
+    expected = {r["path"]: (r["status"], r.get("label"), r.get("windows_evaluated")) for r in local_rows}
+    assert {r["path"]: (r["status"], r.get("label"), r.get("windows_evaluated")) for r in again} == expected
+    assert certify_folder(tiny_bundle, data_dir, str(out))["written"] == 0  # nothing left: nothing redone
+
+
+def test_parquet_output_and_resume(local_rows, tiny_bundle, data_dir, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "results.parquet"
+    journal = tmp_path / ".results.parquet.partial.jsonl"
+    journal.write_text("".join(json.dumps(r) + "\n" for r in local_rows[:5]))  # a killed run's rows
+    counts = certify_folder(tiny_bundle, data_dir, str(out))
+    assert counts["skipped"] == 5 and counts["written"] == 20 and not journal.exists()
+    table = pq.read_table(out).to_pylist()
+    assert sorted(r["path"] for r in table) == sorted(r["path"] for r in local_rows)
+    local = {r["path"]: r for r in local_rows}
+    assert all(r["status"] == local[r["path"]]["status"] and r["label"] == local[r["path"]].get("label")
+               for r in table)
+
+
+def test_refuses_a_file_that_is_no_results_file(tiny_bundle, data_dir, tmp_path):
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("my notes\nmore\n")
+    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--out", notes, "--quiet")
+    assert proc.returncode == 2 and "not a scalecert results row" in proc.stderr
+    assert notes.read_text() == "my notes\nmore\n"
+    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--out", tmp_path / "r.csv")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and ".jsonl or .parquet" in proc.stderr
+
+
+def test_ray_missing_gives_one_line(tiny_bundle, data_dir, tmp_path):
+    """Ray's import blocked in a fresh interpreter: `--ray` fails in one line naming the extra, and
+    writes nothing."""
+    out = tmp_path / "r.jsonl"
+    blocker = ("import sys\nclass Block:\n    def find_spec(self, name, *a):\n"
+               "        if name == 'ray' or name.startswith('ray.'):\n            raise ImportError(name)\n"
+               "sys.meta_path.insert(0, Block())\nfrom scalecert.cli import main\nmain()\n")
+    for args in (["certify", tiny_bundle, data_dir, "--out", str(out), "--ray"],
+                 ["bench", tiny_bundle, "--data", data_dir, "--ray"]):
+        proc = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": ROOT})
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.strip().count("\n") == 0 and "pip install 'scalecert[ray]'" in proc.stderr
+        assert not out.exists()
+
+
+def test_pool_sizing_on_fake_gpu_cluster_resources(tiny_bundle):
+    """GPU actors cannot be run here (no GPU): the pool's shape is checked against cluster
+    resources as Ray would report them for a 4-GPU, 8-CPU cluster (faked dicts, no Ray needed)."""
+    from scalecert.bundle import Bundle
+    from scalecert.errors import ScaleCertError
+    from scalecert.evaluation.distributed import actor_backend, pool_shape
+
+    gpus = {"cluster_cpus": 8.0, "cluster_gpus": 4.0}
+    assert pool_shape("ort-cuda", None, None, gpus) == (4, 1.0, 1.0)
+    assert pool_shape("ort-cpu", None, 2, gpus) == (4, 2.0, 0.0)
+    assert pool_shape("ort-cpu", 3, None, gpus) == (3, 1.0, 0.0)
+    with pytest.raises(ScaleCertError, match="room for 4 GPU actors"):
+        pool_shape("trt", 5, None, gpus)
+    with pytest.raises(ScaleCertError, match="room for 2 1-core actors"):
+        pool_shape("ort-cpu", 3, None, {"cluster_cpus": 2.0, "cluster_gpus": 0})
+    bundle = Bundle.open(tiny_bundle)  # no ort-cuda margin measured: auto stays on CPU actors, ort-cuda is refused
+    assert actor_backend("auto", "fp32", bundle, cluster_gpus=4) == "ort-cpu"
+    with pytest.raises(ScaleCertError, match="no numeric margin measured for ort-cuda"):
+        actor_backend("ort-cuda", "fp32", bundle, cluster_gpus=4)
+
+
+def test_ray_flag_before_a_path_is_refused(tiny_bundle, data_dir, tmp_path):
+    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--out", tmp_path / "r.jsonl", "--ray", data_dir)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a cluster address" in proc.stderr
+    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--ray")
+    assert proc.returncode == 2 and "add --out" in proc.stderr and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "r.jsonl").exists()
