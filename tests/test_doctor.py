@@ -200,3 +200,25 @@ def test_trt_pipeline_runs_the_bundle_prefix_onnx_on_the_cpu_with_stand_ins(tiny
     assert pipeline.prefix_runner.path == os.path.join(tiny_bundle, "prefix.onnx")
     assert pipeline.suffix_engine.plan_path == os.path.join(tiny_bundle, "engines/s.plan")
     assert not hasattr(pipeline, "prefix_engine")
+
+
+def test_ort_cuda_suffix_runs_fixed_size_row_batches_with_the_cpu_standing_in_for_cuda(tiny_bundle):
+    """OrtCudaPipeline.suffix always hands the session ROWS rows (cuDNN re-plans on every shape
+    change), pads with the last real row and returns exactly the CPU pipeline's logits for 1, 5,
+    ROWS and ROWS + 6 windows (the CPU device stands in for CUDA)."""
+    from scalecert.bundle import Bundle
+
+    prefix, suffix = (os.path.join(tiny_bundle, f"{part}.onnx") for part in ("prefix", "suffix"))
+    windows = Bundle.open(tiny_bundle).windows()
+    windows = np.concatenate([windows] * (1 + (OrtCudaPipeline.ROWS + 6) // len(windows)))
+    image = np.random.default_rng(1).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    seen = []
+    with OrtCudaPipeline(prefix, suffix, device="cpu") as stand_in, OrtCpuPipeline(prefix, suffix) as cpu:
+        run = stand_in._run_suffix
+        stand_in._run_suffix = lambda features, rows: seen.append(len(rows)) or run(features, rows)
+        features, _ = stand_in.prefix(image)
+        want_features, _ = cpu.prefix(image)
+        for count in (1, 5, OrtCudaPipeline.ROWS, OrtCudaPipeline.ROWS + 6):
+            got = stand_in.suffix(stand_in.select(features, 0), windows[:count])
+            assert np.array_equal(got, cpu.suffix(cpu.select(want_features, 0), windows[:count])), count
+    assert len(seen) == 5 and set(seen) == {OrtCudaPipeline.ROWS}
