@@ -93,20 +93,6 @@ class PixelMaskingBaseline(Activated):
 
 
 # -- recovery (PatchCleanser's double masking) --------------------------------------------------------
-def pair_index(n: int) -> np.ndarray:
-    """(n(n+1)/2, 2) pairs i <= j of n masks or windows: a pair and its mirror zero the same union,
-    so each runs once; (i, i) is mask i alone (the first round). 36 masks -> 666 pairs."""
-    return np.stack(np.triu_indices(n), 1)
-
-
-def symmetric_map(n: int, pairs: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """(n, n) map from the values of pair_index(n)'s pairs, mirrored."""
-    out = np.empty((n, n), np.asarray(values).dtype)
-    out[pairs[:, 0], pairs[:, 1]] = values
-    out[pairs[:, 1], pairs[:, 0]] = values
-    return out
-
-
 def pair_masked_batch(x: np.ndarray, masks: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """x (1,C,H,W) normalised -> (len(pairs), C, H, W): copy k with masks pairs[k, 0] and
     pairs[k, 1] set to 0 after normalisation (one mask where the two are the same)."""
@@ -119,9 +105,10 @@ def pair_masked_batch(x: np.ndarray, masks: np.ndarray, pairs: np.ndarray) -> np
 
 class PatchCleanserBaseline(PixelMaskingBaseline):
     """PatchCleanser (Xiang et al., USENIX Security 2022) in pixel space on a runner: `recover` is
-    double masking (the first round over every mask, a second round only for disagreers, the
-    decision by core/recovery.double_masking); `certify_recovery` runs every pair of masks (each
-    mask with itself included) and certifies the label when all of them predict it."""
+    double masking (the first round over every mask, a second round only for disagreers), and
+    `certify_recovery` runs every pair of masks (each mask with itself included) and certifies the
+    label when all of them predict it; both decided by core/recovery.py (evaluation/recovery_eval.py).
+    As PatchCleanser, no numeric margin: the engine's own argmax is taken as is."""
 
     def __init__(self, runner: Runner, masks: np.ndarray, engine: str, batch: int = 128):
         super().__init__(runner, masks, engine)
@@ -137,40 +124,24 @@ class PatchCleanserBaseline(PixelMaskingBaseline):
 
         return cls(OrtRunner(onnx_path, threads=threads), masks, "ort")
 
-    def pair_labels(self, x: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-        out = []
-        for lo in range(0, len(pairs), self.batch):
-            logits = next(iter(self.runner.infer({"image": pair_masked_batch(x, self.masks, pairs[lo:lo + self.batch])}).values()))
-            out.append(logits.argmax(1))
-        return np.concatenate(out)
+    def predictor(self, x: np.ndarray):
+        """predict(pairs) -> (labels, thin) for one normalised (1,C,H,W) image."""
+        def predict(pairs: np.ndarray):
+            labels = []
+            for lo in range(0, len(pairs), self.batch):
+                batch = pair_masked_batch(x, self.masks, pairs[lo:lo + self.batch])
+                labels.append(next(iter(self.runner.infer({"image": batch}).values())).argmax(1))
+            labels = np.concatenate(labels)
+            return labels, np.zeros(len(labels), bool)
 
-    def recover(self, x: np.ndarray) -> dict:
-        from scalecert.core import recovery
+        return predict
 
-        start = time.perf_counter()
-        n = len(self.masks)
-        first = self.pair_labels(x, np.repeat(np.arange(n), 2).reshape(-1, 2))
-        evaluated = [n]
+    def recover(self, x: np.ndarray):
+        from scalecert.evaluation.recovery_eval import fast_path
 
-        class SecondRound(dict):
-            def __missing__(inner, i):
-                evaluated[0] += n - 1  # (i, i) is the first round's
-                inner[i] = self.pair_labels(x, np.stack([np.full(n, i), np.arange(n)], 1))
-                return inner[i]
+        return fast_path(len(self.masks), self.predictor(x))
 
-        decided = recovery.double_masking(first, SecondRound())
-        return {"label": decided.label, "case": decided.case, "disagreers": len(decided.disagreers),
-                "masks_evaluated": evaluated[0], "latency_ms": (time.perf_counter() - start) * 1e3}
+    def certify_recovery(self, x: np.ndarray, early_exit: bool = False):
+        from scalecert.evaluation.recovery_eval import certification
 
-    def certify_recovery(self, x: np.ndarray) -> dict:
-        """Every pair: the double-masking label (from the same predictions) and whether it is certified."""
-        from scalecert.core import recovery
-
-        start = time.perf_counter()
-        n = len(self.masks)
-        pairs = pair_index(n)
-        labels = symmetric_map(n, pairs, self.pair_labels(x, pairs))
-        first = np.diagonal(labels).copy()
-        decided = recovery.double_masking(first, {i: labels[i] for i in range(n)})
-        return {"label": decided.label, "certified": recovery.certified_recovery(labels, decided.label),
-                "pairs": len(pairs), "latency_ms": (time.perf_counter() - start) * 1e3}
+        return certification(len(self.masks), self.predictor(x), self.batch, early_exit)
