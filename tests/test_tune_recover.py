@@ -55,7 +55,7 @@ def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hur
     record = torch.load(out + ".last", map_location="cpu", weights_only=True)
     trained = record["history"][-1]
     assert trained["rows_per_image"] == pytest.approx(3.0)  # the clean image, one window, a pair
-    assert trained["target"] == "recover" and 0 <= trained["recovered_accuracy"] <= 1
+    assert trained["target"] == "recover" and 0 <= trained["certified_accuracy"] <= 1
     assert record["settings"]["target"] == "recover"
 
     hurt = str(tmp_path / "hurt.pt")
