@@ -200,7 +200,7 @@ class SplitNetwork(SplitProgram):
                  target: str = "detect") -> dict:
         """Clean accuracy (gated, no window) on all; on the first cert_limit, certified accuracy:
         for detection, every window of the family predicts the label; for recovery, every pair of
-        windows does (certified_accuracy), with the accuracy of the recovered label beside it."""
+        windows does (certified recovery, the contract of core/recovery.py)."""
         torch = self.torch
         if target == "recover":
             return self._evaluate_recovery(pixels, labels, cert_limit, batch)
