@@ -395,7 +395,8 @@ def tune(opts: TuneOptions, say=print) -> dict:
         metrics.update({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                         "rows_per_image": seen / len(train_x), "seconds": time.perf_counter() - started})
         history.append(metrics)
-        improved = (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (
+        # a diverged epoch (non-finite loss) never wins: its constant prediction "certifies" a class share
+        improved = bool(np.isfinite(metrics["train_loss"])) and (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (
             best["certified_accuracy"], best["clean_accuracy"])
         say(f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}, val clean {metrics['clean_accuracy']:.1%}, "
             f"certified {metrics['certified_accuracy']:.1%}{_recovered(metrics)} ({metrics['seconds']:.0f} s)" + ("  [best]" if improved else ""))
