@@ -67,6 +67,11 @@ def check_options(limit, batch, threads, masks, precisions, report_path, plot_pa
 @click.option("--arch", help="--arch for --model")
 @click.option("--batch", default=64, show_default=True, help="windows per suffix call")
 @click.option("--threads", type=int, help="threads for every engine (default: all cores)")
+@click.option("--mode", type=click.Choice(["detect", "recover"]), default="detect", show_default=True,
+              help="detect: certified detection; recover: double masking over the bundle's windows (recovered "
+                   "label, certified recovery over every pair) against PatchCleanser's pixel masks")
+@click.option("--timing-images", default=50, show_default=True,
+              help="--mode recover: images whose certification runs every pair with no early exit, for latency")
 @click.option("--report", "report_path", help="write the JSON report here")
 @click.option("--plot", "plot_path", help="write a PNG: certified accuracy vs latency / windows, histogram")
 @click.option("--force", is_flag=True, help="replace existing --report / --plot files")
@@ -77,8 +82,8 @@ def check_options(limit, batch, threads, masks, precisions, report_path, plot_pa
               "the baseline still runs here (docs/cluster.md)")
 @click.option("--workers", type=int, help="with --ray: actors in the pool (default: as many as the cluster holds)")
 def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, precisions, thresholds, baseline, baseline_engine,
-          masks, model, arch, batch, threads, report_path, plot_path, force, as_json, quiet, ray_address=None,
-          workers=None):
+          masks, model, arch, batch, threads, mode, timing_images, report_path, plot_path, force, as_json, quiet,
+          ray_address=None, workers=None):
     """Benchmark BUNDLE on labelled images: accuracy, certified accuracy, false alerts, latency."""
     from scalecert.evaluation.bench import run_bench
     from scalecert.evaluation.report import bench_table, plot
@@ -99,6 +104,12 @@ def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, precision
         raise ScaleCertError(f"--workers {workers}: " + ("only with --ray (a local run is one process)"
                                                          if ray_address is None else "expected a positive number"))
     engines = () if not baseline else (("torch", "ort") if baseline_engine == "both" else (baseline_engine,))
+    if mode == "recover":
+        if ray_address is not None:
+            raise ScaleCertError("--ray runs detection benchmarks; bench --mode recover runs in one process")
+        return _recover(bundle, data, labels_csv, limit, seed, engines, masks, model, arch, batch, threads,
+                        timing_images, report_path, force, as_json, quiet, (rates, stride_list, precisions,
+                                                                            threshold_list, plot_path))
     report = run_bench(bundle, data, labels_csv, limit, seed, rates, stride_list, engines, masks, model, arch, batch,
                        threads, quiet=as_json or quiet, precisions=precisions, thresholds=threshold_list,
                        ray_address=ray_address, workers=workers)
@@ -122,3 +133,25 @@ def bench(bundle, data, labels_csv, limit, seed, prune_rates, strides, precision
         click.echo(f"{len(report['errors'])} of {report['data']['images'] + len(report['errors'])} images could "
                    "not be read; the others were benchmarked", err=True)
         sys.exit(1)
+
+
+def _recover(bundle, data, labels_csv, limit, seed, engines, masks, model, arch, batch, threads, timing_images,
+             report_path, force, as_json, quiet, detection_only):
+    """--mode recover: the bundle's fp32 ORT pipelines against PatchCleanser (evaluation/recovery_bench.py)."""
+    from scalecert.bundle.staging import write_file_atomic
+    from scalecert.evaluation.recovery_bench import recovery_table, run_recovery_bench
+
+    if any(v for v in detection_only):
+        raise ScaleCertError("--mode recover takes no --prune-rate, --stride, --precision, --threshold or --plot "
+                             "(the bundle's fp32 ORT pipelines)")
+    if timing_images < 0:
+        raise ScaleCertError(f"--timing-images {timing_images}: expected a number >= 0")
+    report = run_recovery_bench(bundle, data, labels_csv, limit, seed, engines, masks, model, arch, batch, threads,
+                                quiet=as_json or quiet, timing_images=timing_images)
+    if report_path:
+        def write_report(tmp):
+            with open(tmp, "w") as f:
+                json.dump(report, f, indent=2)
+
+        write_file_atomic(report_path, write_report)
+    click.echo(json.dumps(report) if as_json else recovery_table(report))

@@ -21,7 +21,11 @@ from scalecert.cli.app import main
 @click.option("--epochs", default=3, show_default=True)
 @click.option("--batch", default=128, show_default=True)
 @click.option("--lr", default=0.01, show_default=True, help="peak learning rate (one-cycle, SGD with momentum)")
-@click.option("--occlusions", default=1, show_default=True, help="occluded copies per training image")
+@click.option("--occlusions", default=1, show_default=True,
+              help="occluded copies per training image (with --for recover, as many again with two windows zeroed)")
+@click.option("--for", "target", type=click.Choice(["detect", "recover"]), default="detect", show_default=True,
+              help="what the occluded copies teach: detect (one window zeroed) or recover (one and two windows "
+                   "zeroed, for double masking; validation then certifies recovery over every pair)")
 @click.option("--limit", type=int, help="use at most N training images")
 @click.option("--val-limit", default=1000, show_default=True)
 @click.option("--cert-limit", default=200, show_default=True, help="validation images certified each epoch")
@@ -39,4 +43,4 @@ def tune(**kwargs):
     result = run_tune(TuneOptions(**kwargs), say=(lambda _: None) if quiet else click.echo)
     best = result["best"]
     click.echo(f"wrote {result['output']} (epoch {best['epoch']}: val clean {best['clean_accuracy']:.1%}, "
-               f"certified {best['certified_accuracy']:.1%})")
+               f"certified{' recovery' if kwargs['target'] == 'recover' else ''} {best['certified_accuracy']:.1%})")

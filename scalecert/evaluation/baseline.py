@@ -1,6 +1,8 @@
-"""The standard pixel-space baseline: PatchCleanser's R-covering mask set, one full forward per
-mask; certified iff every masked prediction equals the unmasked one (certified detection, as in
-Minority Reports / PatchCleanser's first round). PyTorch eager or ONNX Runtime on the full model."""
+"""The standard pixel-space baselines: PatchCleanser's R-covering mask set, one full forward per
+mask. Detection: certified iff every masked prediction equals the unmasked one (Minority Reports /
+PatchCleanser's first round). Recovery (PatchCleanser's double masking): two rounds for the label,
+every pair of masks for certification, decided by core/recovery.py. PyTorch eager or ONNX Runtime
+on the full model."""
 from __future__ import annotations
 
 import math
@@ -88,3 +90,58 @@ class PixelMaskingBaseline(Activated):
         elapsed = (time.perf_counter() - start) * 1e3
         return {"label": int(labels[0]), "certified": bool((labels[1:] == labels[0]).all()),
                 "latency_ms": elapsed, "masks": len(self.masks)}
+
+
+# -- recovery (PatchCleanser's double masking) --------------------------------------------------------
+def pair_masked_batch(x: np.ndarray, masks: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """x (1,C,H,W) normalised -> (len(pairs), C, H, W): copy k with masks pairs[k, 0] and
+    pairs[k, 1] set to 0 after normalisation (one mask where the two are the same)."""
+    batch = np.repeat(x, len(pairs), axis=0)
+    for k, (i, j) in enumerate(pairs):
+        for y0, x0, y1, x1 in (masks[i], masks[j]):
+            batch[k, :, y0:y1, x0:x1] = 0.0
+    return batch
+
+
+class PatchCleanserBaseline(PixelMaskingBaseline):
+    """PatchCleanser (Xiang et al., USENIX Security 2022) in pixel space on a runner: `recover` is
+    double masking (the first round over every mask, a second round only for disagreers), and
+    `certify_recovery` runs every pair of masks (each mask with itself included) and certifies the
+    label when all of them predict it; both decided by core/recovery.py (evaluation/recovery_eval.py).
+    As PatchCleanser, no numeric margin: the engine's own argmax is taken as is."""
+
+    def __init__(self, runner: Runner, masks: np.ndarray, engine: str, batch: int = 128):
+        super().__init__(runner, masks, engine)
+        self.batch = batch
+
+    @classmethod
+    def torch_eager(cls, module, masks, threads: int | None = None) -> "PatchCleanserBaseline":
+        return cls(TorchEagerRunner(module, threads), masks, "torch")
+
+    @classmethod
+    def onnx_runtime(cls, onnx_path: str, masks, threads: int | None = None) -> "PatchCleanserBaseline":
+        from scalecert.runtime.pipelines.onnxruntime import OrtRunner
+
+        return cls(OrtRunner(onnx_path, threads=threads), masks, "ort")
+
+    def predictor(self, x: np.ndarray):
+        """predict(pairs) -> (labels, thin) for one normalised (1,C,H,W) image."""
+        def predict(pairs: np.ndarray):
+            labels = []
+            for lo in range(0, len(pairs), self.batch):
+                batch = pair_masked_batch(x, self.masks, pairs[lo:lo + self.batch])
+                labels.append(next(iter(self.runner.infer({"image": batch}).values())).argmax(1))
+            labels = np.concatenate(labels)
+            return labels, np.zeros(len(labels), bool)
+
+        return predict
+
+    def recover(self, x: np.ndarray):
+        from scalecert.evaluation.recovery_eval import fast_path
+
+        return fast_path(len(self.masks), self.predictor(x))
+
+    def certify_recovery(self, x: np.ndarray, early_exit: bool = False):
+        from scalecert.evaluation.recovery_eval import certification
+
+        return certification(len(self.masks), self.predictor(x), self.batch, early_exit)

@@ -202,10 +202,12 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
     return report
 
 
-def _baselines(report, bundle: Bundle, x, labels, engines, masks_per_axis, model, arch, threads, quiet, scratch) -> dict:
+def _baselines(report, bundle: Bundle, x, labels, engines, masks_per_axis, model, arch, threads, quiet, scratch,
+               worker=None, extra=()) -> dict:
     """Each baseline engine in a process of its own (spawned, nothing else loaded), so no ONNX
     Runtime thread pool of ours competes with PyTorch's and neither pays for the other's memory;
-    images arrive decoded and normalised, as the bundle's do."""
+    images arrive decoded and normalised, as the bundle's do. `worker` runs there (detection's
+    _baseline_process unless given; recovery's is evaluation/recovery_bench.py's), with `extra`."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -224,8 +226,8 @@ def _baselines(report, bundle: Bundle, x, labels, engines, masks_per_axis, model
         if engine not in ("torch", "ort"):
             raise ScaleCertError(f"unknown baseline engine {engine!r} (torch, ort)")
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            row, lat = pool.submit(_baseline_process, engine, path, arch, images, masks, labels, threads,
-                                   quiet, scratch).result()
+            row, lat = pool.submit(worker or _baseline_process, engine, path, arch, images, masks, labels, threads,
+                                   quiet, scratch, *extra).result()
         row["process"] = "own (spawned)"
         report["baseline"][engine] = row
         out[engine] = lat

@@ -35,6 +35,18 @@ def run_to(module, layer_node, x):
     return captured["a"]
 
 
+def cut_node(module, layer: str):
+    """The program's node for the plan's layer name. The ONNX graph names the model input `image`
+    (export/to_onnx.py), the program its first placeholder: pixel-space windows cut there."""
+    nodes = list(module.graph.nodes)
+    named = [n for n in nodes if n.name == layer]
+    if not named and layer == "image":
+        named = [n for n in nodes if n.op == "placeholder"][:1]
+    if not named:
+        raise KeyError(f"no node {layer!r} in the program")
+    return named[0]
+
+
 class SplitProgram:
     """A decomposed PyTorch program cut at the superficial layer: A, the SIN gate, the suffix on
     (occluded) gated features. The reference and `scalecert tune` both run the method through it."""
@@ -44,7 +56,7 @@ class SplitProgram:
         import torch
 
         self.torch, self.module, self.phi, self.device = torch, module, phi, device
-        self.layer_node = next(n for n in module.graph.nodes if n.name == layer)
+        self.layer_node = cut_node(module, layer)
         self.mean = torch.tensor(input_spec["mean"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
         self.std = torch.tensor(input_spec["std"], dtype=torch.float32, device=device).reshape(1, -1, 1, 1)
         self.input_size = tuple(input_spec["input_size"])
@@ -83,6 +95,10 @@ class SplitProgram:
         return self.torch.fx.Interpreter(self.module).run(dummy, initial_env={self.layer_node: s})
 
     def occlude(self, s, window_index: np.ndarray):
-        """Row i: s (or its only row) with window window_index[i] of the family zeroed."""
-        masks = self.window_masks[self.torch.from_numpy(np.asarray(window_index)).to(self.device)]
+        """Row i: s (or its only row) with window window_index[i] of the family zeroed; with a
+        (n, k) index, the union of the k windows window_index[i] (a pair for recovery, k = 2)."""
+        index = self.torch.from_numpy(np.asarray(window_index)).to(self.device)
+        masks = self.window_masks[index]
+        if index.dim() == 2:
+            masks = masks.any(1)
         return self.torch.where(masks, self.torch.zeros((), dtype=s.dtype, device=s.device), s)

@@ -24,6 +24,7 @@ from scalecert.training.split_program import SplitProgram
 from scalecert.core import geometry
 
 RECORD_KEY = "scalecert_tune"
+TARGETS = ("detect", "recover")
 MIN_VALIDATION = 200  # validation images below which one checkpoint cannot be told from another
 
 
@@ -47,6 +48,7 @@ class TuneOptions:
     lr: float = 0.01
     weight_decay: float = 5e-4
     occlusions: int = 1
+    target: str = "detect"  # "detect" | "recover": what the occluded copies teach (occlusion_indices)
     limit: int | None = None
     val_limit: int = 1000
     cert_limit: int = 200
@@ -112,6 +114,22 @@ def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def occlusion_indices(rng: np.random.Generator, n_windows: int, n: int, copies: int, target: str) -> list[np.ndarray]:
+    """The windows zeroed in each occluded copy of a batch of n images. Detection: `copies`
+    copies, each with one random window of the family, (n,) indices. Recovery (double masking,
+    docs/design.md §10): those, and `copies` more with the union of two distinct random windows,
+    (n, 2) indices, as PatchCleanser fine-tunes with one and two masks."""
+    singles = [rng.integers(0, n_windows, n) for _ in range(copies)]
+    if target == "detect":
+        return singles
+    pairs = []
+    for _ in range(copies):
+        first = rng.integers(0, n_windows, n)
+        second = (first + rng.integers(1, n_windows, n)) % n_windows if n_windows > 1 else first
+        pairs.append(np.stack([first, second], 1))
+    return singles + pairs
+
+
 # -- the split network --------------------------------------------------------------------------
 class SplitNetwork(SplitProgram):
     """The exporter's split of the model, trained through: a straight-through gate, calibration
@@ -148,10 +166,44 @@ class SplitNetwork(SplitProgram):
                 "prune_rate": rate, "phi": self.phi, "calibration_images": len(pixels),
                 "importance": "taylor |A*dL/dA|"}
 
-    def evaluate(self, pixels: np.ndarray, labels: np.ndarray, cert_limit: int, batch: int = 256) -> dict:
-        """Clean accuracy (gated, no window) on all; certified accuracy (every window of the family
-        predicts the label) on the first cert_limit."""
+    def window_labels(self, s1, index: np.ndarray, batch: int = 256) -> np.ndarray:
+        """Suffix labels of one gated row s1 occluded by each row of index (windows or pairs)."""
+        out = []
+        for lo in range(0, len(index), batch):
+            part = index[lo:lo + batch]
+            out.append(self.suffix(self.occlude(s1.expand(len(part), -1, -1, -1), part)).argmax(1).cpu().numpy())
+        return np.concatenate(out)
+
+    def certified_recovery(self, s1, label: int, batch: int = 256) -> bool:
+        """Whether recovery of `label` is certified for one gated row (core/recovery.py): every
+        pair of windows predicts it. A first round that is not unanimous for `label` already
+        breaks it (the diagonal is part of the pairs); the pairs stop at the first that breaks it.
+        (The recovered label's accuracy, which needs second rounds, is `scalecert bench --mode recover`'s.)"""
+        from scalecert.core import recovery
+
+        n = len(self.windows)
+        first = self.window_labels(s1, np.arange(n), batch)
+        if (first != label).any():
+            return False
+        pairs = np.diag(first).astype(np.int64)
+        upper = np.stack(np.triu_indices(n, 1), 1)
+        for lo in range(0, len(upper), batch):
+            part = upper[lo:lo + batch]
+            predicted = self.window_labels(s1, part, batch)
+            pairs[part[:, 0], part[:, 1]] = pairs[part[:, 1], part[:, 0]] = predicted
+            if (predicted != label).any():
+                return False
+        np.fill_diagonal(pairs, first)
+        return recovery.certified_recovery(pairs, label)
+
+    def evaluate(self, pixels: np.ndarray, labels: np.ndarray, cert_limit: int, batch: int = 256,
+                 target: str = "detect") -> dict:
+        """Clean accuracy (gated, no window) on all; on the first cert_limit, certified accuracy:
+        for detection, every window of the family predicts the label; for recovery, every pair of
+        windows does (certified recovery, the contract of core/recovery.py)."""
         torch = self.torch
+        if target == "recover":
+            return self._evaluate_recovery(pixels, labels, cert_limit, batch)
         correct, certified = 0, 0
         with torch.no_grad():
             for lo in range(0, len(pixels), batch):
@@ -168,10 +220,25 @@ class SplitNetwork(SplitProgram):
                         if (self.suffix(occluded).argmax(1).cpu().numpy() != labels[lo + i]).any():
                             ok = False
                             break
-                    certified += ok
+                    certified += int(ok)
         n_cert = min(cert_limit, len(pixels))
         return {"clean_accuracy": correct / len(pixels), "certified_accuracy": certified / max(1, n_cert),
                 "images": len(pixels), "certified_on": n_cert}
+
+    def _evaluate_recovery(self, pixels, labels, cert_limit: int, batch: int) -> dict:
+        torch = self.torch
+        correct = certified = 0
+        n_cert = min(cert_limit, len(pixels))
+        with torch.no_grad():
+            for lo in range(0, len(pixels), batch):
+                s = self.gated(self.superficial(self.normalize(pixels[lo:lo + batch])))
+                predicted = self.suffix(s).argmax(1).cpu().numpy()
+                correct += int((predicted == labels[lo:lo + batch]).sum())
+                for i in range(min(len(s), max(0, n_cert - lo))):
+                    if predicted[i] == labels[lo + i]:
+                        certified += int(self.certified_recovery(s[i:i + 1], int(labels[lo + i]), batch))
+        return {"clean_accuracy": correct / len(pixels), "certified_accuracy": certified / max(1, n_cert),
+                "images": len(pixels), "certified_on": n_cert, "target": "recover"}
 
 
 # -- setup shared with the exporter -------------------------------------------------------------
@@ -205,7 +272,8 @@ def _save(path: str, payload: dict) -> None:
 def tune(opts: TuneOptions, say=print) -> dict:
     """Fine-tune a state_dict checkpoint through the exporter's split (export/plan.py): the SIN gate
     with a straight-through gradient, recalibrated every `recalibrate_every` steps, and `occlusions`
-    copies of every training image with a random window of the certification family zeroed.
+    copies of every training image with a random window of the certification family zeroed (and,
+    with target "recover", as many with two windows zeroed: occlusion_indices).
     Validates each epoch (clean and certified accuracy), keeps the best checkpoint at opts.output
     and the resumable state at opts.output + ".last". Returns {"output", "best", "history"}."""
     import torch
@@ -222,6 +290,8 @@ def tune(opts: TuneOptions, say=print) -> dict:
                              ("--window-budget", opts.window_budget, 1), ("--threads", opts.threads, 1)):
         if value is not None and value < low:
             raise ScaleCertError(f"{flag} {value}: expected a number >= {low}")
+    if opts.target not in TARGETS:
+        raise ScaleCertError(f"--for {opts.target!r}: expected one of {', '.join(TARGETS)}")
     if not 0 <= opts.prune_rate <= 0.99:
         raise ScaleCertError(f"--prune-rate {opts.prune_rate}: expected a number in [0, 0.99]")
     loaded = load_model(opts.model, opts.arch, None, False, opts.pretrained)
@@ -286,9 +356,9 @@ def tune(opts: TuneOptions, say=print) -> dict:
     record = net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
     if start_epoch == 0 and best is None:
         # the input is the checkpoint to beat: the output is never worse on validation than what came in
-        best = {"epoch": 0, **net.evaluate(val_x, val_y, opts.cert_limit)}
+        best = {"epoch": 0, **net.evaluate(val_x, val_y, opts.cert_limit, target=opts.target)}
         history.append(best)
-        say(f"before tuning: clean {best['clean_accuracy']:.1%}, certified {best['certified_accuracy']:.1%} "
+        say(f"before tuning: clean {best['clean_accuracy']:.1%}, certified {best['certified_accuracy']:.1%}{_recovered(best)} "
             f"(on {best['certified_on']} validation images)")
         _save(opts.output, {"state_dict": {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
                             RECORD_KEY: {"settings": settings, "sin": record, "epoch": 0, "validation": best,
@@ -307,9 +377,10 @@ def tune(opts: TuneOptions, say=print) -> dict:
             x = net.normalize(augment(train_x[index], rng))
             y = torch.from_numpy(train_y[index]).to(device)
             s = net.gated(net.superficial(x), straight_through=True)
-            occluded = [net.occlude(s, rng.integers(0, len(windows), len(index))) for _ in range(opts.occlusions)]
+            occluded = [net.occlude(s, zeroed)
+                        for zeroed in occlusion_indices(rng, len(windows), len(index), opts.occlusions, opts.target)]
             logits = net.suffix(torch.cat([s, *occluded]))
-            targets = y.repeat(1 + opts.occlusions)
+            targets = y.repeat(1 + len(occluded))
             loss = torch.nn.functional.cross_entropy(logits, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -320,14 +391,15 @@ def tune(opts: TuneOptions, say=print) -> dict:
             loss_sum += float(loss.detach()) * len(targets)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.1%}")
         record = net.calibrate(train_x[calib_index], train_y[calib_index], opts.prune_rate)
-        metrics = net.evaluate(val_x, val_y, opts.cert_limit)
+        metrics = net.evaluate(val_x, val_y, opts.cert_limit, target=opts.target)
         metrics.update({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-                        "seconds": time.perf_counter() - started})
+                        "rows_per_image": seen / len(train_x), "seconds": time.perf_counter() - started})
         history.append(metrics)
-        improved = (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (
+        # a diverged epoch (non-finite loss) never wins: its constant prediction "certifies" a class share
+        improved = bool(np.isfinite(metrics["train_loss"])) and (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (
             best["certified_accuracy"], best["clean_accuracy"])
         say(f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}, val clean {metrics['clean_accuracy']:.1%}, "
-            f"certified {metrics['certified_accuracy']:.1%} ({metrics['seconds']:.0f} s)" + ("  [best]" if improved else ""))
+            f"certified {metrics['certified_accuracy']:.1%}{_recovered(metrics)} ({metrics['seconds']:.0f} s)" + ("  [best]" if improved else ""))
         state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         if improved:
             best = metrics
@@ -341,6 +413,10 @@ def tune(opts: TuneOptions, say=print) -> dict:
         say(f"no epoch beat the input on validation (certified {best['certified_accuracy']:.1%}, clean "
             f"{best['clean_accuracy']:.1%}): {opts.output} holds the input weights, unchanged")
     return {"output": opts.output, "best": best, "history": history}
+
+
+def _recovered(metrics: dict) -> str:
+    return " recovery" if metrics.get("target") == "recover" else ""
 
 
 def _version() -> str:

@@ -1,0 +1,75 @@
+"""`scalecert tune --for recover` (issue 13): occluded copies with one and with two windows of the
+family zeroed (PatchCleanser fine-tunes with two masks); validation certifies recovery over every
+pair; the input is kept when training hurts. Tiny random ResNet-20 on real photo crops."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from test_tune import TUNE_ARGS, photo_folder  # noqa: F401  (the module-scoped fixture)
+
+
+def test_recover_copies_zero_one_window_and_unions_of_two_distinct_windows(tiny_checkpoint):
+    """The sampler and the split's occlusion together: the detection copies zero exactly one window
+    of the family, the recovery copies also zero the union of two different windows."""
+    import torch
+
+    from scalecert.core import geometry
+    from scalecert.export.loading import load_model
+    from scalecert.training.tune import SplitNetwork, occlusion_indices, plan
+
+    loaded = load_model(tiny_checkpoint, "resnet20-cifar")
+    program, split = plan(loaded, "5", "image", "5", 100, 2.0)
+    net = SplitNetwork(program.module(), split.layer.name, loaded.preprocess.to_json(), split.windows,
+                       split.layer.shape[1:], "abs")
+    n, masks = len(split.windows), geometry.window_masks(split.windows, split.feature_hw)
+    assert n == 36  # PatchCleanser's 6x6 pixel masks for a 5x5 patch on 32x32
+    rng = np.random.default_rng(0)
+    detect = occlusion_indices(rng, n, 64, 2, "detect")
+    assert [z.shape for z in detect] == [(64,), (64,)]
+    singles, pairs = occlusion_indices(rng, n, 512, 1, "recover")
+    assert singles.shape == (512,) and pairs.shape == (512, 2)
+    assert (pairs[:, 0] != pairs[:, 1]).all() and pairs.min() >= 0 and pairs.max() < n
+    assert len({tuple(p) for p in pairs}) > 200  # many different pairs, not a fixed one
+    ones = torch.ones(512, *split.layer.shape)
+    for index in (singles, pairs):
+        zeroed = (net.occlude(ones, index) == 0).all(1).reshape(512, -1).numpy()  # every channel zeroed
+        expected = masks[index] if index.ndim == 1 else masks[index[:, 0]] | masks[index[:, 1]]
+        np.testing.assert_array_equal(zeroed, expected)
+    assert (expected.sum(1) > masks[pairs[:, 0]].sum(1)).all()  # a second window adds positions
+
+
+def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hurts(tmp_path, photo_folder,
+                                                                                   tiny_checkpoint):
+    """One epoch that learns on three rows per image (clean, one window, two windows) and validates
+    certified recovery; then an epoch at a learning rate that wrecks the weights keeps its input."""
+    import torch
+
+    args = [a for a in TUNE_ARGS if a != "--quiet"]
+    out = str(tmp_path / "recover.pt")
+    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "--for", "recover",
+                   "-o", out, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "certified recovery" in proc.stdout
+    record = torch.load(out + ".last", map_location="cpu", weights_only=True)
+    trained = record["history"][-1]
+    assert trained["rows_per_image"] == pytest.approx(3.0)  # the clean image, one window, a pair
+    assert trained["target"] == "recover" and 0 <= trained["certified_accuracy"] <= 1
+    assert record["settings"]["target"] == "recover"
+
+    hurt = str(tmp_path / "hurt.pt")
+    proc = run_cli("scalecert", "tune", out, "--data", photo_folder, "--epochs", "1", "--for", "recover",
+                   "--lr", "1000", "-o", hurt, *args)
+    assert proc.returncode == 0, proc.stderr
+    assert "no epoch beat the input on validation" in proc.stdout
+    kept = torch.load(hurt, map_location="cpu", weights_only=True)
+    start = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    assert kept["scalecert_tune"]["epoch"] == 0
+    assert all(torch.equal(kept["state_dict"][k], start[k]) for k in start)
+
+
+def test_unknown_target_is_one_line(tmp_path, photo_folder, tiny_checkpoint):
+    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--for", "both",
+                   "-o", str(tmp_path / "x.pt"), *TUNE_ARGS)
+    assert proc.returncode != 0 and "--for" in proc.stderr and "Traceback" not in proc.stderr
