@@ -26,7 +26,7 @@ def timed(fn) -> tuple[float, object]:
 
 def main(argv=None) -> int:
     from scalecert.evaluation.baseline import PatchCleanserBaseline, mask_set
-    from scalecert.export.loading import load_model
+    from scalecert.evaluation.bench import open_baseline
     from scalecert.runtime import datasets
     from scalecert.runtime.images import normalize
     from scalecert.runtime.recovery import Recoverer
@@ -54,20 +54,10 @@ def main(argv=None) -> int:
     _, h, w = spec["input_size"]
     masks = mask_set((h, w), patch, (6, 6))
     x = normalize(np.stack(pixels), spec)
-    loaded = load_model(args.model, args.arch)
-    module = loaded.model.module() if loaded.kind == "exported" else loaded.model
     with tempfile.TemporaryDirectory() as scratch:
-        import onnx_ir as ir
-
-        from scalecert.export.to_onnx import to_onnx
-
-        full, _ = to_onnx(loaded)
-        path = os.path.join(scratch, "full.onnx")
-        ir.save(full, path)
-        engines = [("ort", lambda: PatchCleanserBaseline.onnx_runtime(path, masks, args.threads)),
-                   ("torch", lambda: PatchCleanserBaseline.torch_eager(module, masks, args.threads))]
-        for engine, make in engines:
-            with make() as baseline:
+        for engine in ("ort", "torch"):  # ONNX Runtime's session is closed before torch runs
+            with open_baseline(PatchCleanserBaseline, engine, args.model, args.arch, masks, args.threads,
+                               scratch) as baseline:
                 baseline.certify_recovery(x[:1])
                 fast = [timed(lambda i=i: baseline.recover(x[i:i + 1]))[0] for i in range(len(x))]
                 full_ms = [timed(lambda i=i: baseline.certify_recovery(x[i:i + 1]))[0] for i in range(len(x))]

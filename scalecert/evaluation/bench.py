@@ -237,21 +237,25 @@ def _baselines(report, bundle: Bundle, x, labels, engines, masks_per_axis, model
 def _baseline_process(engine: str, path: str, arch, images: str, masks, labels, threads, quiet: bool, scratch: str):
     """Runs in the spawned process: load the model, run the baseline on every image."""
     from scalecert.evaluation.baseline import PixelMaskingBaseline
+
+    with open_baseline(PixelMaskingBaseline, engine, path, arch, masks, threads, scratch) as baseline:
+        return run_baseline(baseline, np.load(images), labels, quiet)
+
+
+def open_baseline(kind, engine: str, path: str, arch, masks, threads, scratch: str):
+    """A baseline (`kind`: PixelMaskingBaseline or PatchCleanserBaseline) over the model at `path`:
+    the module in PyTorch eager, or its ONNX export (written to `scratch`) on ONNX Runtime."""
     from scalecert.export.loading import load_model
 
     loaded = load_model(path, arch)
     threads = threads or os.cpu_count()
     if engine == "torch":
-        module = loaded.model.module() if loaded.kind == "exported" else loaded.model
-        baseline = PixelMaskingBaseline.torch_eager(module, masks, threads)
-    else:
-        import onnx_ir as ir
+        return kind.torch_eager(loaded.model.module() if loaded.kind == "exported" else loaded.model, masks, threads)
+    import onnx_ir as ir
 
-        from scalecert.export.to_onnx import to_onnx
+    from scalecert.export.to_onnx import to_onnx
 
-        full, _ = to_onnx(loaded)
-        full_path = os.path.join(scratch, "full.onnx")
-        ir.save(full, full_path)
-        baseline = PixelMaskingBaseline.onnx_runtime(full_path, masks, threads)
-    with baseline:
-        return run_baseline(baseline, np.load(images), labels, quiet)
+    full, _ = to_onnx(loaded)
+    full_path = os.path.join(scratch, "full.onnx")
+    ir.save(full, full_path)
+    return kind.onnx_runtime(full_path, masks, threads)

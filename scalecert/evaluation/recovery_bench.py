@@ -137,22 +137,9 @@ def _recovery_baseline_process(engine: str, path: str, arch, images: str, masks,
                                scratch: str, timing_images: int):
     """Runs in a spawned process: PatchCleanser on every image with one engine."""
     from scalecert.evaluation.baseline import PatchCleanserBaseline
-    from scalecert.export.loading import load_model
+    from scalecert.evaluation.bench import open_baseline
 
-    loaded = load_model(path, arch)
-    threads = threads or os.cpu_count()
-    if engine == "torch":
-        module = loaded.model.module() if loaded.kind == "exported" else loaded.model
-        baseline = PatchCleanserBaseline.torch_eager(module, masks, threads)
-    else:
-        import onnx_ir as ir
-
-        from scalecert.export.to_onnx import to_onnx
-
-        full, _ = to_onnx(loaded)
-        full_path = os.path.join(scratch, "full.onnx")
-        ir.save(full, full_path)
-        baseline = PatchCleanserBaseline.onnx_runtime(full_path, masks, threads)
+    baseline = open_baseline(PatchCleanserBaseline, engine, path, arch, masks, threads, scratch)
     x = np.load(images)
     with baseline:
         plain_for = lambda k: int(next(iter(baseline.runner.infer({"image": x[k:k + 1]}).values())).argmax())
