@@ -20,7 +20,7 @@ from scalecert.core.decision import top2_margin
 from scalecert.evaluation import attack
 from scalecert.runtime import Certifier
 from scalecert.runtime.recovery import Recoverer
-from test_soundness import POSITIONS_5x5_32, _report, _target_data, _tiny_module, _train_data
+from test_soundness import POSITIONS_5x5_32, _report, _target_data, _trained_tiny_cnn
 
 
 # -- geometry -------------------------------------------------------------------------------------
@@ -77,30 +77,11 @@ def test_pair_rows_zero_the_union_and_single_rows_are_unchanged(tiny_bundle):
 def tiny_recovery(tmp_path_factory):
     """(bundle, TorchReference, images, labels, names): the tiny CNN of test_soundness (same seed,
     same data), exported with --stride 8 (16 windows, 136 pairs) and --mode recover."""
-    import torch
 
     from scalecert.export.loading import load_model
     from scalecert.training.reference import TorchReference
 
-    torch.manual_seed(0)
-    model = _tiny_module()
-    x, y, steps = _train_data()
-    mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
-    xs = (torch.from_numpy(x).float().permute(0, 3, 1, 2) / 255 - mean) / std
-    ys = torch.from_numpy(y).long()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        idx = torch.randint(0, len(xs), (128,), generator=gen)
-        loss = torch.nn.functional.cross_entropy(model(xs[idx]), ys[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    path = str(tmp_path_factory.mktemp("tinycnn-rec") / "tiny.pt2")
-    batch = torch.export.Dim("batch")
-    torch.export.save(torch.export.export(model, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},)), path)
+    path = _trained_tiny_cnn(tmp_path_factory, "tinycnn-rec")
     bundle = export(tmp_path_factory, "tinycnn-recovery", path, "--input-size", "3x32x32", "--patch", "5",
                     "--layer", "auto", "--stride", "8", "--mode", "recover")
     reference = TorchReference(load_model(path, input_size=(3, 32, 32)), bundle)

@@ -121,13 +121,9 @@ def _target_data():
     return images, labels, [f"crop{i}" for i in range(len(images))]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(bundle, TorchReference, images, labels, names) for a tiny CNN trained for ~300 steps."""
+def _trained_tiny_cnn(tmp_path_factory, folder: str) -> str:
+    """The tiny CNN trained for ~300 steps (seeded), saved with torch.export; its path."""
     import torch
-
-    from scalecert.export.loading import load_model
-    from scalecert.training.reference import TorchReference
 
     torch.manual_seed(0)
     model = _tiny_module()
@@ -145,9 +141,20 @@ def tiny(tmp_path_factory):
         loss.backward()
         opt.step()
     model.eval()
-    path = str(tmp_path_factory.mktemp("tinycnn") / "tiny.pt2")
+    path = str(tmp_path_factory.mktemp(folder) / "tiny.pt2")
     batch = torch.export.Dim("batch")
     torch.export.save(torch.export.export(model, (torch.zeros(2, 3, 32, 32),), dynamic_shapes=({0: batch},)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(bundle, TorchReference, images, labels, names) for a tiny CNN trained for ~300 steps."""
+
+    from scalecert.export.loading import load_model
+    from scalecert.training.reference import TorchReference
+
+    path = _trained_tiny_cnn(tmp_path_factory, "tinycnn")
     bundle = export(tmp_path_factory, "tinycnn-bundle", path, "--input-size", "3x32x32", "--patch", "5",
                     "--layer", "auto")
     reference = TorchReference(load_model(path, input_size=(3, 32, 32)), bundle)

@@ -152,6 +152,17 @@ def extreme_patches(rng, variants, patch_hw) -> np.ndarray:
     return out
 
 
+def plain_patches(content: str, rng, positions, variants, patch_hw, donors):
+    """Patches of a content that needs no gradient (noise, extreme, donor); None for pgd."""
+    if content == "noise":
+        return noise_patches(rng, len(positions), patch_hw)
+    if content == "extreme":
+        return extreme_patches(rng, variants, patch_hw)
+    if content == "donor":
+        return donor_patches(rng, donors, positions, variants, patch_hw)
+    return None
+
+
 def donor_patches(rng, donors: np.ndarray, positions, variants, patch_hw) -> np.ndarray:
     """Patches cut from donor images (n_donors,H,W,3): at the same location or a random one."""
     ph, pw = patch_hw
@@ -343,13 +354,8 @@ def attack_image(certifier, pixels: np.ndarray, label: int, *, contents=("noise"
         for pos, variants in rounds:
             for lo in range(0, len(pos), chunk):
                 p, v = pos[lo:lo + chunk], variants[lo:lo + chunk]
-                if content == "noise":
-                    patches = noise_patches(rng, len(p), patch_hw)
-                elif content == "extreme":
-                    patches = extreme_patches(rng, v, patch_hw)
-                elif content == "donor":
-                    patches = donor_patches(rng, donors, p, v, patch_hw)
-                else:
+                patches = plain_patches(content, rng, p, v, patch_hw, donors)
+                if patches is None:
                     fps = [footprint_of(certifier, q) for q in p]
                     patches = pgd_patches(reference, pixels, target, p, certifier.windows, fps, patch_hw,
                                           steps=pgd_steps, views=pgd_views, rng=rng, recovery=is_recovery(certifier))
@@ -544,13 +550,8 @@ def attack_source_image(certifier, source: np.ndarray, label: int, patch_hw, pos
         (variants,) = _variants_for(content, len(positions), index, False)
         for lo in range(0, len(positions), chunk):
             p, v = positions[lo:lo + chunk], variants[lo:lo + chunk]
-            if content == "noise":
-                patches = noise_patches(rng, len(p), patch_hw)
-            elif content == "extreme":
-                patches = extreme_patches(rng, v, patch_hw)
-            elif content == "donor":
-                patches = donor_patches(rng, donors, p, v, patch_hw)
-            else:
+            patches = plain_patches(content, rng, p, v, patch_hw, donors)
+            if patches is None:
                 raise ValueError(f"source-space attacks take noise, extreme and donor contents, not {content!r}")
             attacked = np.stack([resize_to_input(Image.fromarray(s), certifier.input_spec)
                                  for s in paste(source, p, patches)])
