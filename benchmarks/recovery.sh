@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Certified recovery benchmark (issue 13; not CI, hours of a 2-core CPU at LIMIT=1000): the issue's
 # must-show table.
-#   1. ResNet-20, CIFAR-10, 5x5 patch: tuned with `scalecert tune --for recover` for 36 feature
-#      windows after conv1 (--layer relu --stride 5) against PatchCleanser in pixel space on the
-#      same network tuned the same way for its 36 pixel masks (--layer image --stride 5): same
-#      training settings, only the layer differs; one `bench --mode recover` run, same images;
-#      plus the vanilla model's accuracy on those images (the "within 3 points" reference).
-#   2. EfficientNet-Lite0 (pretrained, vanilla), 32x32 patch, 100 ImageNet images, calibrated on
-#      other images of the sample, at most 36 windows (666 pairs, as the baseline's 6x6 masks).
+#   1. ResNet-20, CIFAR-10, 5x5 patch: `scalecert tune --for recover` with its defaults (6 epochs,
+#      lr 0.01, --stride auto: 36 feature windows after conv1) against PatchCleanser in pixel space
+#      on the same network tuned the same way for its 36 pixel masks (--layer image): only the layer
+#      differs; one `bench --mode recover` run, same images; plus the vanilla model's accuracy on
+#      those images (the "within 3 points" reference).
+#   2. EfficientNet-Lite0 (pretrained, vanilla), 32x32 patch, 100 ImageNet images, exported with
+#      --mode recover (at most 36 windows: 666 pairs, as the baseline's 6x6 masks), calibrated on
+#      other images of the sample.
 #   SHARED=../shared benchmarks/recovery.sh        (FEATURE=a.pt PIXEL=b.pt skip the training)
-#   LIMIT, TIMING (images timed over all pairs), EPOCHS, TRAIN_LIMIT, LR, THREADS override.
+#   LIMIT, TIMING (images timed over all pairs), TRAIN_LIMIT, THREADS override; TUNE_FLAGS adds flags.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -17,9 +18,7 @@ OUT=${OUT:-benchmarks/results}
 WORK=${WORK:-runs}
 LIMIT=${LIMIT:-1000}
 TIMING=${TIMING:-50}
-EPOCHS=${EPOCHS:-6}
 TRAIN_LIMIT=${TRAIN_LIMIT:-50000}
-LR=${LR:-0.02}
 THREADS=${THREADS:-2}
 mkdir -p "$OUT" "$WORK"
 R20="$SHARED/models/resnet20-cifar10.th"
@@ -27,8 +26,7 @@ FEATURE=${FEATURE:-$WORK/r20-recover-feature.pt}
 PIXEL=${PIXEL:-$WORK/r20-recover-pixel.pt}
 train() {  # OUTPUT LAYER: the same settings for both families
   [ -f "$1" ] || scalecert tune "$R20" --arch resnet20-cifar --data "$SHARED/data/cifar10-train" --patch 5 \
-    --layer "$2" --stride 5 --for recover --occlusions 1 --limit "$TRAIN_LIMIT" --epochs "$EPOCHS" --lr "$LR" \
-    --threads "$THREADS" --seed 0 -o "$1"
+    --layer "$2" --for recover --limit "$TRAIN_LIMIT" --threads "$THREADS" ${TUNE_FLAGS:-} -o "$1"
 }
 train "$FEATURE" relu
 train "$PIXEL" image
@@ -49,7 +47,7 @@ rm -rf "$WORK/imagenet-test" "$WORK/imagenet-calib" && mkdir -p "$WORK/imagenet-
 ls "$IMAGES" | sort | head -n 100 | while read -r f; do ln -s "$(realpath "$IMAGES/$f")" "$WORK/imagenet-test/$f"; done
 ls "$IMAGES" | sort | tail -n +101 | while read -r f; do ln -s "$(realpath "$IMAGES/$f")" "$WORK/imagenet-calib/$f"; done
 scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 --calib "$WORK/imagenet-calib" --calib-limit 128 \
-  --window-budget 36 -o "$WORK/effnet-recover.scalecert" --force --quiet
+  --mode recover -o "$WORK/effnet-recover.scalecert" --force --quiet
 scalecert bench "$WORK/effnet-recover.scalecert" --mode recover --data "$WORK/imagenet-test" \
   --labels "$SHARED/data/imagenet-sample/labels.csv" --threads "$THREADS" --timing-images "${EFF_TIMING:-10}" \
   --baseline --baseline-engine both --force --report "$OUT/recovery_effnet.json"

@@ -177,3 +177,21 @@ def test_bad_input_is_one_line(case, tmp_path, photo_folder, tiny_checkpoint):
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
     assert expected in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "o.pt")
+
+
+def test_best_checkpoint_never_a_diverged_or_collapsed_epoch():
+    """The checkpoint rule of `tune` (training/tune.beats): more certified accuracy wins, unless the
+    loss diverged or clean accuracy fell more than max_clean_drop below the input's (a network
+    collapsing to one class 'certifies' that class's images)."""
+    from scalecert.training.tune import beats
+
+    start = {"clean_accuracy": 0.80, "certified_accuracy": 0.02}
+    better = {"clean_accuracy": 0.79, "certified_accuracy": 0.20, "train_loss": 0.4}
+    collapsed = {"clean_accuracy": 0.10, "certified_accuracy": 0.10, "train_loss": 2.3}
+    diverged = {"clean_accuracy": 0.80, "certified_accuracy": 0.30, "train_loss": float("nan")}
+    assert beats(better, start, start, 0.03)
+    assert not beats(collapsed, start, start, 0.03)
+    assert beats(collapsed, start, start, 1.0)  # the guard off
+    assert not beats(diverged, start, start, 0.03)
+    assert not beats({**better, "clean_accuracy": 0.76}, start, start, 0.03)
+    assert not beats(start | {"train_loss": 0.1}, start, start, 0.03)  # a tie keeps what it has

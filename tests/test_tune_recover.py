@@ -3,6 +3,8 @@ family zeroed (PatchCleanser fine-tunes with two masks); validation certifies re
 pair; the input is kept when training hurts. Tiny random ResNet-20 on real photo crops."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -58,6 +60,12 @@ def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hur
     assert trained["target"] == "recover" and 0 <= trained["certified_accuracy"] <= 1
     assert record["settings"]["target"] == "recover"
 
+    bundle = tmp_path / "recover.scalecert"  # export reads the target: a recovery bundle by default
+    proc = run_cli("scalecert-export", out, "--arch", "resnet20-cifar", "-o", str(bundle), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["decision"]["mode"] == "recover"
+
     hurt = str(tmp_path / "hurt.pt")
     proc = run_cli("scalecert", "tune", out, "--data", photo_folder, "--epochs", "1", "--for", "recover",
                    "--lr", "1000", "-o", hurt, *args)
@@ -73,3 +81,16 @@ def test_unknown_target_is_one_line(tmp_path, photo_folder, tiny_checkpoint):
     proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--for", "both",
                    "-o", str(tmp_path / "x.pt"), *TUNE_ARGS)
     assert proc.returncode != 0 and "--for" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_recovery_defaults_hold_pairs_to_patchcleansers_count():
+    """--stride auto plans at most 36 windows for recovery (666 pairs, PatchCleanser's 6x6 masks) and
+    100 for detection: one table (export/plan.WINDOW_BUDGET) that tune and export both read."""
+    from scalecert.export.plan import WINDOW_BUDGET, choose_stride
+    from scalecert.core import geometry
+
+    assert WINDOW_BUDGET == {"detect": 100, "recover": 36}
+    for mode, budget in WINDOW_BUDGET.items():
+        stride = choose_stride("auto", (7, 7), (32, 32), budget)
+        assert geometry.count_windows((7, 7), stride, (32, 32)) <= budget
+    assert geometry.count_windows((7, 7), choose_stride("auto", (7, 7), (32, 32), 36), (32, 32)) == 36

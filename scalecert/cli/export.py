@@ -18,7 +18,8 @@ def _export_options(f):
         click.option("--layer", help="superficial layer: auto, an ONNX tensor or a module path [default: auto, or tuned]"),
         click.option("--prune-rate", help="fraction of feature positions gated off, or auto [default: auto; tuned: its rate]"),
         click.option("--stride", help="occluding stride in feature positions, or auto [default: auto, or tuned]"),
-        click.option("--window-budget", default=100, show_default=True, help="most windows per image for --stride auto"),
+        click.option("--window-budget", type=int, help="most windows per image for --stride auto "
+                     "[default: 100; 36 with --mode recover, whose pairs grow with the square]"),
         click.option("--max-growth", default=2.0, show_default=True, help="--layer auto: window share / patch share bound"),
         click.option("--calib", type=str, help="calibration images (folder) for SIN importances and threshold"),
         click.option("--calib-limit", default=128, show_default=True, help="calibration images used at most"),
@@ -27,9 +28,10 @@ def _export_options(f):
                           "(37 = the pixel-masking baseline: the clean image and 36 masks)"),
         click.option("--threshold", default=0.0, show_default=True,
                      help="the bundle's default confidence threshold T for alerts (docs/design.md §7)"),
-        click.option("--mode", type=click.Choice(["detect", "recover"]), default="detect", show_default=True,
+        click.option("--mode", type=click.Choice(["detect", "recover"]),
                      help="what `scalecert certify` does with this bundle by default: detect (a certified label or "
-                          "an alert) or recover (a label by double masking, docs/design.md §10)"),
+                          "an alert) or recover (a label by double masking, docs/design.md §10) "
+                          "[default: detect, or what a tuned checkpoint was tuned --for]"),
         click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
         click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
         click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True,

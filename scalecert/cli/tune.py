@@ -17,8 +17,8 @@ from scalecert.cli.app import main
 @click.option("--prune-rate", default=0.0, show_default=True,
               help="fraction of feature positions gated off in training (0: no gate)")
 @click.option("--stride", default="auto", show_default=True, help="occluding stride, as for export")
-@click.option("--window-budget", default=100, show_default=True)
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--window-budget", type=int, help="most windows for --stride auto [default: 100; 36 --for recover]")
+@click.option("--epochs", type=int, help="[default: 3; 6 --for recover]")
 @click.option("--batch", default=128, show_default=True)
 @click.option("--lr", default=0.01, show_default=True, help="peak learning rate (one-cycle, SGD with momentum)")
 @click.option("--occlusions", default=1, show_default=True,
@@ -29,6 +29,8 @@ from scalecert.cli.app import main
 @click.option("--limit", type=int, help="use at most N training images")
 @click.option("--val-limit", default=1000, show_default=True)
 @click.option("--cert-limit", default=200, show_default=True, help="validation images certified each epoch")
+@click.option("--max-clean-drop", default=0.03, show_default=True,
+              help="an epoch whose validation clean accuracy falls further below the input's is never kept (1: off)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="continue from OUTPUT.last")
 @click.option("--threads", type=int, help="torch threads (default: torch's choice)")

@@ -52,13 +52,14 @@ class ExportOptions:
     layer: str | None = None  # None: the tune record's, else "auto"
     prune_rate: str | None = None  # None: the tune record's, else "auto"
     stride: str | None = None  # None: the tune record's, else "auto"
-    window_budget: int = 100
+    window_budget: int | None = None  # None: plan.WINDOW_BUDGET of the mode
     max_growth: float = 2.0
     calib: str | None = None
     calib_limit: int = 128
     budget: float = 37.0  # full-model forwards per image: the pixel baseline's clean + 36 masked
     threshold: float = 0.0
-    mode: str = "detect"  # the bundle's default certify mode (bundle/manifest.py MODES)
+    mode: str | None = None  # the bundle's default certify mode (bundle/manifest.py MODES); None: the tune
+    # record's target (a checkpoint tuned --for recover exports for recovery), else detect
     channel_prune: float = 0.0
     remove_dead_channels: bool = True
     phi: str = "abs"
@@ -158,6 +159,10 @@ def choose_plan(opts: ExportOptions, request: Request, model: ir.Model, program,
     from scalecert.export.layers import choose_layer, list_layers
 
     searching = calibration is not None and "auto" in (opts.layer, opts.stride, opts.prune_rate)
+    if searching and opts.mode == "recover":
+        searching = False  # the measured plan scores detection; recovery keeps the geometric rule
+        opts.say(f"--mode recover: layer and stride by the geometric rule (at most {opts.window_budget} windows); "
+                 "the measured plan scores detection, not recovery")
     if not searching:
         if calibration is None and "auto" in (opts.layer, opts.stride) and request.record is None:
             opts.say("no --calib images: layer and stride by the geometric rule (--max-growth, --window-budget), "
@@ -373,8 +378,13 @@ def _apply_tune_defaults(opts: ExportOptions, tuned: dict | None) -> dict | None
     opts.layer = opts.layer or settings.get("layer_name") or "auto"
     opts.stride = opts.stride or (str(settings["stride_chosen"]) if "stride_chosen" in settings else "auto")
     opts.prune_rate = opts.prune_rate or "auto"  # auto with a tune record: the rate it was tuned at
+    opts.mode = opts.mode or settings.get("target") or manifest_io.DEFAULT_MODE
+    if opts.window_budget is None:
+        from scalecert.export.plan import WINDOW_BUDGET
+
+        opts.window_budget = WINDOW_BUDGET.get(opts.mode, WINDOW_BUDGET["detect"])
     if tuned:
-        opts.say(f"tuned checkpoint: patch {opts.patch}, layer {opts.layer}, stride {opts.stride} "
+        opts.say(f"tuned checkpoint: patch {opts.patch}, layer {opts.layer}, stride {opts.stride}, mode {opts.mode} "
                  f"(tune settings unless given here)")
     record = (tuned or {}).get("sin")
     if record is None or opts.calib or record.get("phi", "abs") != opts.phi:

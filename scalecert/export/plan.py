@@ -39,6 +39,11 @@ class SplitPlan:
         return int(self.windows[0, 2] - self.windows[0, 0]), int(self.windows[0, 3] - self.windows[0, 1])
 
 
+# --stride auto: the most windows per image, by decision mode. Recovery certifies every pair of
+# windows, so its cost grows with the square: 36 windows are 666 pairs, PatchCleanser's 6x6 masks.
+WINDOW_BUDGET = {"detect": 100, "recover": 36}
+
+
 def choose_stride(spec: str, window_hw, feature_hw, budget: int) -> int:
     """An explicit positive stride, or `auto`: the smallest whose family has at most `budget` windows."""
     if spec != "auto":
