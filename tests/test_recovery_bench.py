@@ -65,8 +65,8 @@ def test_pair_masked_batch_zeroes_the_union_of_two_masks():
 
 
 def test_bundle_pairs_equal_the_torch_split_union_masks(tiny_pruned_bundle, tiny_checkpoint, photo_files):
-    """Feature windows, 30% of positions gated: a pair through the ONNX suffix with the first window
-    zeroed beforehand gives the logits of the torch split with the union of both windows zeroed."""
+    """Feature windows, 30% of positions gated: a pair as one ONNX suffix row (both rectangles) gives
+    the logits of the torch split with the union of both windows zeroed."""
     from scalecert.training.reference import TorchReference
 
     reference = TorchReference(load_model(tiny_checkpoint, "resnet20-cifar"), tiny_pruned_bundle)

@@ -105,8 +105,7 @@ def run_recovery_bench(bundle: str, data: str, labels_csv=None, limit=None, seed
                        "seed": seed},
               "bundle": summary(opened.manifest), "timing_images": min(timing_images, len(items)),
               "recovery": {}, "baseline": {}, "ratios": {},
-              "pairs_path": "bundle suffix on features with the first window zeroed beforehand (exact union, "
-                            "no pair dedupe); TODO: the runtime's pair suffix after merge"}
+              "pairs_path": "one suffix row per pair (both rectangles), no dedupe on the gate"}
     with Certifier.load(bundle, backend="ort", batch=batch, threads=threads) as cert:
         evaluator = BundleRecovery(cert)
 

@@ -95,13 +95,10 @@ def certification(n: int, predict, batch: int = 1 << 30, early_exit: bool = Fals
 
 
 class BundleRecovery:
-    """Recovery over a bundle's window family through its own ONNX pipelines (`Certifier`, ORT).
-
-    TODO(issue 13, merge with the runtime branch): point `predictor` at the runtime's pair suffix
-    (several rectangles per row, pairs deduplicated on the gate) and the fast path / certification
-    at the Certifier's recovery methods. Until then a pair (i, j) runs as the bundle's suffix with
-    window j on features whose window i was zeroed beforehand (numpy, the ORT CPU backend), which
-    zeroes exactly the union i | j; every pair runs (no dedupe), so latencies here are an upper bound."""
+    """Recovery over a bundle's window family through its own pipelines (`Certifier`): a pair (i, j)
+    is one suffix row with both rectangles (docs/design.md §10), as the runtime's Recoverer runs it.
+    Every pair of the request runs (no dedupe on the gate, which the Recoverer adds): for a bundle
+    with a gate the latencies here are an upper bound."""
 
     def __init__(self, cert):
         self.cert = cert
@@ -114,28 +111,13 @@ class BundleRecovery:
 
         features, _ = self.cert.features(pixels[None])
         features = self.cert.pipeline.select(features, 0)
-        if not isinstance(features, np.ndarray):
-            raise NotImplementedError("pairs before the runtime's pair suffix need numpy features (backend ort-cpu)")
-
-        def logits_for(base, windows):
-            return self.cert.window_logits(base, windows)
 
         def predict(pairs: np.ndarray):
             pairs = np.asarray(pairs)
             if (pairs[:, 0] == pairs[:, 1]).all():  # first round: one window per row, as detection
-                logits = logits_for(features, self.windows[pairs[:, 1]])
+                logits = self.cert.window_logits(features, self.windows[pairs[:, 1]])
             else:
-                logits = np.empty((len(pairs), 0), np.float32)
-                parts, order = [], []
-                for i in np.unique(pairs[:, 0]):
-                    rows = np.flatnonzero(pairs[:, 0] == i)
-                    y0, x0, y1, x1 = self.windows[i]
-                    zeroed = features.copy()
-                    zeroed[..., y0:y1, x0:x1] = 0
-                    parts.append(logits_for(zeroed, self.windows[pairs[rows, 1]]))
-                    order.append(rows)
-                logits = np.empty((len(pairs), parts[0].shape[1]), parts[0].dtype)
-                logits[np.concatenate(order)] = np.concatenate(parts)
+                logits = self.cert.window_logits(features, self.windows[pairs])  # (k, 2, 4): one row per pair
             labels, margins = decision.top2_margin(logits)
             return labels, margins < self.cert.delta
 
