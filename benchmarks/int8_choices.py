@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", required=True)
     parser.add_argument("--calib-limit", type=int, default=64)
     parser.add_argument("--held-back", type=int, default=16)
+    parser.add_argument("--choices", help="comma-separated ACTIVATIONS:KEEP:WEIGHTS_7BIT (default: all)")
+    parser.add_argument("--reference", action="store_true",
+                        help="judge by reference QDQ semantics (graph optimisations off: no fused integer kernels)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     bundle = Bundle.open(args.bundle)
@@ -64,6 +67,8 @@ def main(argv=None) -> int:
     rows = []
     choices = [("int8", "none", False), ("int8", "none", True), ("uint8", "none", True), ("int8", "depthwise", True),
                ("uint8", "depthwise", True)]
+    if args.choices:
+        choices = [(a, k, r == "True") for a, k, r in (c.split(":") for c in args.choices.split(","))]
     with tempfile.TemporaryDirectory() as tmp:
         for activations, keep, reduce_range in choices:
             paths = {part: os.path.join(tmp, f"{part}-{activations}-{keep}-{reduce_range}.onnx") for part in ("prefix", "suffix")}
@@ -73,7 +78,8 @@ def main(argv=None) -> int:
             conversions.to_int8(src["suffix"], paths["suffix"], "suffix", feeds, activations=activations, keep_float=keep,
                                 reduce_range=reduce_range)
             seconds = time.perf_counter() - started
-            with OrtCpuPipeline(paths["prefix"], paths["suffix"], window_parallel=True) as variant:
+            with OrtCpuPipeline(paths["prefix"], paths["suffix"], window_parallel=True,
+                                reference=args.reference) as variant:
                 got = logits_of(variant)
                 per_window_ms = suffix_ms_per_window(variant, held[:1], queue)
             labels = got.argmax(-1)

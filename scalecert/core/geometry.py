@@ -126,9 +126,12 @@ def distinct_windows(windows: np.ndarray, masks: np.ndarray, gate: np.ndarray) -
         return DistinctWindows(np.zeros((0, 4), np.int64), group)
     idx = np.flatnonzero(nonempty)
     packed = np.packbits(inter[idx], axis=1)  # exact, lossless encoding of each row
-    _, first, inverse = np.unique(packed, axis=0, return_index=True, return_inverse=True)
-    group[idx] = inverse.reshape(-1)
-    return DistinctWindows(windows[idx[first]], group)
+    first: dict[bytes, int] = {}  # keyed by the whole row: a hash collision compares the bytes, never merges
+    for k, row in enumerate(packed):
+        group[idx[k]] = first.setdefault(row.tobytes(), len(first))
+    representatives = np.empty(len(first), dtype=np.int64)
+    representatives[group[idx]] = idx  # any member will do: they zero the same kept positions
+    return DistinctWindows(windows[representatives], group)
 
 
 # -- pairs of windows (certified recovery, docs/design.md §10) --------------------------------------
