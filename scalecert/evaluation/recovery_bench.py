@@ -65,7 +65,7 @@ def evaluate_system(n: int, items, predictor_for, plain_for, timing_images: int,
     for k, item in enumerate(items):
         plain.append(plain_for(item))
         fast.append(fast_path(n, predictor_for(item)))
-        certified.append(certification(n, predictor_for(item), PAIR_BATCH, early_exit=True))
+        certified.append(certification(n, predictor_for(item), PAIR_BATCH, early_exit=True, fast=fast[-1]))
         if k < timing_images:
             timed.append(certification(n, predictor_for(item)))
         if bar:

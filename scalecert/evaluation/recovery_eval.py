@@ -64,19 +64,21 @@ def fast_path(n: int, predict) -> Outcome:
     return Outcome(decided.label, decided.case, None, evaluated[0], (time.perf_counter() - start) * 1e3)
 
 
-def certification(n: int, predict, batch: int = 1 << 30, early_exit: bool = False) -> Outcome:
+def certification(n: int, predict, batch: int = 1 << 30, early_exit: bool = False,
+                  fast: Outcome | None = None) -> Outcome:
     """Every pair i <= j (batches of `batch` rows): the double-masking label from those predictions
     and whether every pair predicts it with a margin the engine cannot flip. With early_exit the
     pairs stop at the first that breaks the certificate (a disagreeing first round breaks it before
-    any pair runs); the label and the verdict are the same as without (the test suite checks)."""
+    any pair runs; the label is then the fast path's, `fast` when the caller already has it); the
+    label and the verdict are the same as without (the test suite checks)."""
     start = time.perf_counter()
     first, first_thin = predict(first_round_pairs(n))
     evaluated = n
     if early_exit:
         label, disagreers = recovery.first_round_disagreers(first)
         if disagreers.size or first_thin.any():
-            outcome = fast_path(n, predict)
-            return Outcome(outcome.label, outcome.case, False, evaluated + outcome.evaluated,
+            outcome = fast if fast is not None else fast_path(n, predict)
+            return Outcome(outcome.label, outcome.case, False, evaluated + (outcome.evaluated if fast is None else 0),
                            (time.perf_counter() - start) * 1e3)
     labels = np.diag(first).astype(np.int64)
     thin = np.diag(first_thin).astype(bool)
