@@ -94,3 +94,15 @@ def test_recovery_defaults_hold_pairs_to_patchcleansers_count():
         stride = choose_stride("auto", (7, 7), (32, 32), budget)
         assert geometry.count_windows((7, 7), stride, (32, 32)) <= budget
     assert geometry.count_windows((7, 7), choose_stride("auto", (7, 7), (32, 32), 36), (32, 32)) == 36
+
+
+def test_measured_plan_for_recovery_caps_the_windows():
+    """The measured plan's strides for a recovery export (export/plan.candidate_strides with
+    max_windows): none with more windows than the cap, and the cap changes the choice."""
+    from scalecert.core import geometry
+    from scalecert.export.plan import candidate_strides
+
+    free = candidate_strides((7, 7), (32, 32), 0, 1, 1, 1000)
+    capped = candidate_strides((7, 7), (32, 32), 0, 1, 1, 1000, max_windows=36)
+    assert geometry.count_windows((7, 7), free[0], (32, 32)) > 36
+    assert capped and all(geometry.count_windows((7, 7), s, (32, 32)) <= 36 for s in capped)

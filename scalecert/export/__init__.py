@@ -158,11 +158,8 @@ def choose_plan(opts: ExportOptions, request: Request, model: ir.Model, program,
 
     from scalecert.export.layers import choose_layer, list_layers
 
-    searching = calibration is not None and "auto" in (opts.layer, opts.stride, opts.prune_rate)
-    if searching and opts.mode == "recover":
-        searching = False  # the measured plan scores detection; recovery keeps the geometric rule
-        opts.say(f"--mode recover: layer and stride by the geometric rule (at most {opts.window_budget} windows); "
-                 "the measured plan scores detection, not recovery")
+    recover = opts.mode == "recover"
+    searching = calibration is not None and "auto" in (opts.layer, opts.stride, *(() if recover else (opts.prune_rate,)))
     if not searching:
         if calibration is None and "auto" in (opts.layer, opts.stride) and request.record is None:
             opts.say("no --calib images: layer and stride by the geometric rule (--max-growth, --window-budget), "
@@ -188,17 +185,23 @@ def choose_plan(opts: ExportOptions, request: Request, model: ir.Model, program,
     opts.say(f"plan: scoring {len(layers)} layers on {len(images)} calibration images "
              f"({'certified accuracy' if labels is not None else 'certified rate of own predictions'}), "
              f"budget {opts.budget:g} full forwards per image")
+    if recover:  # pairs cost the square of the windows: single windows score the split, as a proxy
+        opts.say(f"--mode recover: candidates with at most {opts.window_budget} windows, scored by detection (every "
+                 "window agrees) as a proxy for every pair agreeing; no gate")
     with tempfile.TemporaryDirectory(prefix="scalecert-plan-") as scratch:
         search = PlanSearch(model, program, images, labels, request.image_hw, request.patch_hw, opts.budget, opts.phi,
                             scratch, opts.say)
-        table, best = search.search(layers, opts.stride, opts.prune_rate, alpha_for)
+        table, best = search.search(layers, opts.stride, "0" if recover and opts.prune_rate == "auto" else opts.prune_rate,
+                                    alpha_for, opts.window_budget if recover else None)
     window_hw = geometry.window_size(request.patch_hw, request.image_hw, (best.layer.rf.y, best.layer.rf.x),
                                      best.layer.shape[1:])
     plan = SplitPlan(best.layer, request.patch_hw, request.image_hw, window_hw, best.stride,
                      geometry.window_family(window_hw, best.stride, best.layer.shape[1:]))
     record = {"method": "measured", "budget_forwards": opts.budget, "images": len(images),
               "metric": "certified accuracy" if labels is not None else "certified rate (own predictions)",
-              "candidates": [c.row() for c in table], "chosen": best.row()}
+              "candidates": [c.row() for c in table], "chosen": best.row(),
+              **({"max_windows": opts.window_budget, "scored_for_recovery_by": "detection (every window agrees)"}
+                 if recover else {})}
     opts.say(f"plan chose layer {best.layer.name}, stride {best.stride}, rate {best.rate:g}: certified {best.certified:.1%} "
              f"at {best.cost:.1f} full forwards per image")
     return plan, record

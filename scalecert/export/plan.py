@@ -121,12 +121,13 @@ def candidate_layers(layers: list[Layer], patch_hw, image_hw) -> list[Layer]:
 
 
 def candidate_strides(window_hw, feature_hw, prefix_macs: int, suffix_macs: int, full_macs: int,
-                      budget: float) -> list[int]:
-    """The smallest stride whose dense cost fits the budget, then strides with fewer windows."""
+                      budget: float, max_windows: int | None = None) -> list[int]:
+    """The smallest stride whose dense cost fits the budget (and whose family has at most
+    `max_windows` windows), then strides with fewer windows."""
     out, last = [], None
     for stride in range(1, max(feature_hw) + 1):
         n = geometry.count_windows(window_hw, stride, feature_hw)
-        if (prefix_macs + (1 + n) * suffix_macs) / full_macs > budget or n == last:
+        if (prefix_macs + (1 + n) * suffix_macs) / full_macs > budget or n == last or n > (max_windows or n):
             continue
         out.append(stride)
         last = n
@@ -230,9 +231,11 @@ class PlanSearch:
             lo += 64
         return True
 
-    def search(self, layers: list[Layer], stride_spec: str, rate_spec: str, alpha_for) -> tuple[list[Candidate], Candidate]:
+    def search(self, layers: list[Layer], stride_spec: str, rate_spec: str, alpha_for,
+               max_windows: int | None = None) -> tuple[list[Candidate], Candidate]:
         """Every candidate (layer x stride at rate 0, then the best split's rates) and the winner.
-        `alpha_for(layer)` gives the static channel importances for a rate above 0."""
+        `alpha_for(layer)` gives the static channel importances for a rate above 0; `max_windows`
+        caps the family (recovery: its pairs grow with the square)."""
         table = []
 
         def better(a: Candidate, b: Candidate | None) -> bool:
@@ -244,7 +247,8 @@ class PlanSearch:
             _, _, prefix_macs, suffix_macs = self._graphs(layer)
             window_hw = geometry.window_size(self.patch_hw, self.image_hw, (layer.rf.y, layer.rf.x), layer.shape[1:])
             strides = ([choose_stride(stride_spec, window_hw, layer.shape[1:], 0)] if stride_spec != "auto" else
-                       candidate_strides(window_hw, layer.shape[1:], prefix_macs, suffix_macs, self.full_macs, self.budget))
+                       candidate_strides(window_hw, layer.shape[1:], prefix_macs, suffix_macs, self.full_macs, self.budget,
+                                         max_windows))
             for stride in strides:
                 rate = 0.0 if rate_spec == "auto" else float(rate_spec)
                 candidate = self.evaluate(layer, stride, rate, alpha_for(layer) if rate > 0 else None, best)
