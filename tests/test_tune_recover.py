@@ -86,11 +86,11 @@ def test_unknown_target_is_one_line(tmp_path, photo_folder, tiny_checkpoint):
 def test_recovery_defaults_hold_pairs_to_patchcleansers_count():
     """--stride auto plans at most 36 windows for recovery (666 pairs, PatchCleanser's 6x6 masks) and
     100 for detection: one table (export/plan.WINDOW_BUDGET) that tune and export both read."""
-    from scalecert.export.plan import WINDOW_BUDGET, choose_stride
     from scalecert.core import geometry
+    from scalecert.export.plan import WINDOW_BUDGET, choose_stride
 
     assert WINDOW_BUDGET == {"detect": 100, "recover": 36}
-    for mode, budget in WINDOW_BUDGET.items():
+    for budget in WINDOW_BUDGET.values():
         stride = choose_stride("auto", (7, 7), (32, 32), budget)
         assert geometry.count_windows((7, 7), stride, (32, 32)) <= budget
     assert geometry.count_windows((7, 7), choose_stride("auto", (7, 7), (32, 32), 36), (32, 32)) == 36
