@@ -127,7 +127,7 @@ def candidate_strides(window_hw, feature_hw, prefix_macs: int, suffix_macs: int,
     out, last = [], None
     for stride in range(1, max(feature_hw) + 1):
         n = geometry.count_windows(window_hw, stride, feature_hw)
-        if (prefix_macs + (1 + n) * suffix_macs) / full_macs > budget or n == last or n > (max_windows or n):
+        if (prefix_macs + (1 + n) * suffix_macs) / full_macs > budget or n == last or (max_windows is not None and n > max_windows):
             continue
         out.append(stride)
         last = n

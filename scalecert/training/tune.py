@@ -248,14 +248,17 @@ class SplitNetwork(SplitProgram):
 
 
 # -- setup shared with the exporter -------------------------------------------------------------
+def lost_clean(metrics: dict, start: dict, max_clean_drop: float) -> bool:
+    """Validation clean accuracy more than `max_clean_drop` below the input's (`start`)."""
+    return metrics["clean_accuracy"] < start["clean_accuracy"] - max_clean_drop
+
+
 def beats(metrics: dict, best: dict, start: dict, max_clean_drop: float) -> bool:
     """Whether an epoch's validation `metrics` replace the `best` checkpoint so far: more certified
     (then clean) accuracy, a finite training loss, and clean accuracy at most `max_clean_drop` below
     the input's (`start`). A diverged or collapsing network never wins: a constant prediction
     "certifies" its class's share of the images."""
-    if not np.isfinite(metrics.get("train_loss", 0.0)):
-        return False
-    if metrics["clean_accuracy"] < start["clean_accuracy"] - max_clean_drop:
+    if not np.isfinite(metrics.get("train_loss", 0.0)) or lost_clean(metrics, start, max_clean_drop):
         return False
     return (metrics["certified_accuracy"], metrics["clean_accuracy"]) > (best["certified_accuracy"], best["clean_accuracy"])
 
@@ -418,11 +421,10 @@ def tune(opts: TuneOptions, say=print) -> dict:
         metrics.update({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                         "rows_per_image": seen / len(train_x), "seconds": time.perf_counter() - started})
         history.append(metrics)
-        kept_clean = metrics["clean_accuracy"] >= history[0]["clean_accuracy"] - opts.max_clean_drop
         improved = beats(metrics, best, history[0], opts.max_clean_drop)
         say(f"epoch {epoch + 1}: loss {metrics['train_loss']:.3f}, val clean {metrics['clean_accuracy']:.1%}, "
             f"certified {metrics['certified_accuracy']:.1%}{_recovered(metrics)} ({metrics['seconds']:.0f} s)"
-            + ("  [best]" if improved else "" if kept_clean else
+            + ("  [best]" if improved else "" if not lost_clean(metrics, history[0], opts.max_clean_drop) else
                f"  (clean more than {opts.max_clean_drop:.0%} below the input's: not kept)"))
         state_dict = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
         if improved:
