@@ -1,6 +1,6 @@
 """INT8 choices for one bundle, side by side: activation type (symmetric int8, as TensorRT needs,
-or asymmetric uint8, which ONNX Runtime CPU folds ReLU/ReLU6 into) and which convolutions stay
-float (none, depthwise, the most sensitive by a per-node sweep). For each: top-1 agreement with
+or asymmetric uint8, which ONNX Runtime CPU folds ReLU/ReLU6 into), 7-bit weights or not, 8-bit
+depthwise weights or not, and which convolutions stay float (compile/precision.py::KEEP_FLOAT). For each: top-1 agreement with
 fp32 over held-back images x (base + every window), the fp32 and int8 certified rates on them,
 and the suffix latency per window on ONNX Runtime CPU.
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib", required=True)
     parser.add_argument("--calib-limit", type=int, default=64)
     parser.add_argument("--held-back", type=int, default=16)
-    parser.add_argument("--choices", help="comma-separated ACTIVATIONS:KEEP:WEIGHTS_7BIT (default: all)")
+    parser.add_argument("--choices", help="comma-separated ACTIVATIONS:KEEP:WEIGHTS_7BIT[:DEPTHWISE_8BIT] (default: a set)")
     parser.add_argument("--reference", action="store_true",
                         help="judge by reference QDQ semantics (graph optimisations off: no fused integer kernels)")
     parser.add_argument("--out")
@@ -65,18 +65,20 @@ def main(argv=None) -> int:
     ref_labels = reference.argmax(-1)
     ref_cert = (ref_labels == ref_labels[:, :1]).all(1)
     rows = []
-    choices = [("int8", "none", False), ("int8", "none", True), ("uint8", "none", True), ("int8", "depthwise", True),
-               ("uint8", "depthwise", True)]
+    choices = [("int8", "none", False, False), ("uint8", "none", True, False), ("uint8", "none", True, True),
+               ("uint8", "first", True, True), ("uint8", "high_resolution", True, True)]
     if args.choices:
-        choices = [(a, k, r == "True") for a, k, r in (c.split(":") for c in args.choices.split(","))]
+        choices = [(a, k, r == "True", rest == ["True"]) for a, k, r, *rest in (c.split(":") for c in args.choices.split(","))]
     with tempfile.TemporaryDirectory() as tmp:
-        for activations, keep, reduce_range in choices:
-            paths = {part: os.path.join(tmp, f"{part}-{activations}-{keep}-{reduce_range}.onnx") for part in ("prefix", "suffix")}
+        for activations, keep, reduce_range, full_range_depthwise in choices:
+            paths = {part: os.path.join(tmp, f"{part}-{activations}-{keep}-{reduce_range}-{full_range_depthwise}.onnx")
+                     for part in ("prefix", "suffix")}
+            weights = {"full_range_depthwise": full_range_depthwise}
             started = time.perf_counter()
             conversions.to_int8(src["prefix"], paths["prefix"], "prefix", prefix_feeds, activations=activations,
-                                keep_float=keep, reduce_range=reduce_range)
+                                keep_float=keep, reduce_range=reduce_range, **weights)
             conversions.to_int8(src["suffix"], paths["suffix"], "suffix", feeds, activations=activations, keep_float=keep,
-                                reduce_range=reduce_range)
+                                reduce_range=reduce_range, **weights)
             seconds = time.perf_counter() - started
             with OrtCpuPipeline(paths["prefix"], paths["suffix"], window_parallel=True,
                                 reference=args.reference) as variant:
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
                 per_window_ms = suffix_ms_per_window(variant, held[:1], queue)
             labels = got.argmax(-1)
             cert = (labels == labels[:, :1]).all(1)
-            row = {"activations": activations, "float_kept": keep, "weights_7bit": reduce_range, "top1_agreement": float((labels == ref_labels).mean()),
+            row = {"activations": activations, "float_kept": keep, "weights_7bit": reduce_range,
+                   "depthwise_8bit": full_range_depthwise or not reduce_range, "top1_agreement": float((labels == ref_labels).mean()),
                    "base_agreement": float((labels[:, 0] == ref_labels[:, 0]).mean()),
                    "certified_fp32": float(ref_cert.mean()), "certified_int8": float(cert.mean()),
                    "status_agreement": float((cert == ref_cert).mean()), "suffix_ms_per_window": per_window_ms,

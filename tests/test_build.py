@@ -11,6 +11,7 @@ import pytest
 
 from conftest import PHOTOS, export, in_process, run_cli
 from scalecert.bundle import manifest as manifest_io
+from scalecert.compile.precision import INT8_FLOAT_STEPS
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_bench_sweeps_precisions(built, tmp_path, photo_dir):
 def test_int8_below_the_floor_is_refused_unless_accepted(tmp_path, tiny_bundle, photo_dir):
     """The variant is compared with fp32 on the calibration images (base and every window); below
     the agreement floor (here raised to 100% so that any flip counts) build refuses in one line and
-    leaves the bundle as it was; --accept-loss keeps it and says so."""
+    leaves the bundle as it was, after trying every float step; --accept-loss keeps it and says so."""
     bundle = str(tmp_path / "b")
     shutil.copytree(tiny_bundle, bundle)
     before = open(os.path.join(bundle, "manifest.json")).read()
@@ -113,10 +114,13 @@ def test_int8_below_the_floor_is_refused_unless_accepted(tmp_path, tiny_bundle, 
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: int8 variant refused: top-1 agreement") and "--accept-loss" in lines[0]
-    assert "int8 (cpu) vs fp32 on 4" in proc.stdout  # both numbers printed before the verdict
+    assert "int8 (cpu, float kept: high_resolution) vs fp32 on 4" in proc.stdout  # both numbers printed before the verdict
     assert open(os.path.join(bundle, "manifest.json")).read() == before
     proc = run_cli("scalecert", "build", bundle, "--precision", "int8", "--calib", photo_dir, "--min-agreement", "1",
                    "--accept-loss")
     assert proc.returncode == 0 and "warning: int8 kept with --accept-loss" in proc.stdout, proc.stderr
     variant = _manifest(bundle)["precisions"]["int8"]
     assert variant["accepted_loss"] and variant["family"] == "cpu" and variant["vs_fp32"]["top1_agreement"] < 1
+    # no float step met the raised floor, so each was tried, fastest first, and the last is kept
+    assert [step["float_kept"] for step in variant["float_steps"]] == list(INT8_FLOAT_STEPS)
+    assert variant["float_kept"] == INT8_FLOAT_STEPS[-1]

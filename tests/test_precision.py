@@ -292,3 +292,63 @@ def test_int8_suffix_runs_fused_on_ort_cpu(variants, request, tmp_path):
     ops = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
     convs = Counter(n.op_type for n in onnx.load(files["fp32"]["suffix"]).graph.node)["Conv"]
     assert ops["QLinearConv"] == convs and ops["Conv"] == 0 and ops["FusedConv"] == 0, dict(ops)
+
+
+def _mobile_block(path: str) -> None:
+    """A real ONNX file shaped like a mobile network's start: stem conv (3->8, stride 2), depthwise
+    3x3, pointwise 1x1 (8->16), then a stride-2 pointwise conv and a pooled linear head."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+
+    def weight(name, shape):
+        return onnx.numpy_helper.from_array(rng.normal(0, 0.3, shape).astype(np.float32), name)
+
+    nodes = [h.make_node("Conv", ["x", "w0", "b0"], ["c0"], name="stem", strides=[2, 2], pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c0"], ["r0"], name="r0"),
+             h.make_node("Conv", ["r0", "w1", "b1"], ["c1"], name="depthwise", group=8, pads=[1, 1, 1, 1]),
+             h.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             h.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="pointwise"),
+             h.make_node("Conv", ["c2", "w3", "b3"], ["c3"], name="low_resolution", strides=[2, 2]),
+             h.make_node("GlobalAveragePool", ["c3"], ["pooled"], name="pool"),
+             h.make_node("Flatten", ["pooled"], ["flat"], name="flat"),
+             h.make_node("Gemm", ["flat", "w4", "b4"], ["logits"], name="head", transB=1)]
+    inits = [weight("w0", (8, 3, 3, 3)), weight("b0", (8,)), weight("w1", (8, 1, 3, 3)), weight("b1", (8,)),
+             weight("w2", (16, 8, 1, 1)), weight("b2", (16,)), weight("w3", (16, 16, 1, 1)), weight("b3", (16,)),
+             weight("w4", (10, 16)), weight("b4", (10,))]
+    graph = h.make_graph(nodes, "mobile", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [None, 3, 16, 16])],
+                         [h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, [None, 10])], inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+
+
+def _weight_codes(path: str) -> dict[str, np.ndarray]:
+    """{conv name: its int8 weight codes} of a QDQ model."""
+    model = onnx.load(path)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    dq_input = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    return {n.name: inits[dq_input[n.input[1]]] for n in model.graph.node
+            if n.op_type == "Conv" and n.input[1] in dq_input and dq_input[n.input[1]] in inits}
+
+
+def test_int8_depthwise_weights_get_the_full_range_and_float_steps_pick_convolutions(tmp_path):
+    """CPU family: 7-bit weights (|code| <= 64) everywhere except depthwise convolutions, which use
+    [-127, 127]; KEEP_FLOAT 'first' leaves the stem float, 'high_resolution' every convolution at half
+    the input's width or more (stem, depthwise, pointwise here), never the stride-2 one after them."""
+    src = str(tmp_path / "mobile.onnx")
+    _mobile_block(src)
+    feeds = [{"x": np.random.default_rng(i).normal(0, 1, (4, 3, 16, 16)).astype(np.float32)} for i in range(3)]
+    out = {}
+    for keep, wide in (("none", False), ("none", True), ("first", True), ("high_resolution", True)):
+        dst = str(tmp_path / f"{keep}-{wide}.onnx")
+        info = precision.to_int8(src, dst, "suffix", feeds, activations="uint8", reduce_range=True,
+                                 full_range_depthwise=wide, keep_float=keep)
+        out[keep, wide] = (_weight_codes(dst), info)
+    narrow, _ = out["none", False]
+    wide, info = out["none", True]
+    assert set(narrow) == set(wide) == {"stem", "depthwise", "pointwise", "low_resolution"}
+    assert all(np.abs(codes).max() <= 64 for codes in narrow.values())
+    assert np.abs(wide["depthwise"]).max() == 127 and "full range for 1 depthwise" in info["weight_type"]
+    assert all(np.array_equal(wide[name], narrow[name]) for name in ("stem", "pointwise", "low_resolution"))
+    assert set(out["first", True][0]) == {"depthwise", "pointwise", "low_resolution"}
+    assert set(out["high_resolution", True][0]) == {"low_resolution"}
+    with pytest.raises(ValueError, match="keep_float"):
+        precision.to_int8(src, str(tmp_path / "bad.onnx"), "suffix", feeds, keep_float="everything")

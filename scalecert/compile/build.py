@@ -103,7 +103,7 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
             images = normalize(np.random.default_rng(0).integers(0, 256, (4, h, w, 3), dtype=np.uint8), bundle.input_spec)
         if precision not in variants or (precision == "int8" and (calib is not None or rebuild_int8)):
             family = int8_family(backend)
-            variants[precision] = _make_variant(staged, precision, images, windows, family)
+            variants[precision] = _make_variant(staged, precision, images, windows, family, min_agreement)
             say(f"{precision}: wrote {variants[precision]['prefix']} and {variants[precision]['suffix']}")
             if precision == "int8":
                 _int8_verdict(variants[precision], accept_loss, min_agreement, say)
@@ -132,36 +132,49 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
     return manifest
 
 
-def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: np.ndarray, family: str = "gpu") -> dict:
+def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: np.ndarray, family: str = "gpu",
+                  min_agreement: float = INT8_FLOOR["top1_agreement"]) -> dict:
+    """The fp16 or int8 variant's files in the staged bundle and its comparison with fp32 on held-back
+    images. int8 tries conversions.INT8_FLOAT_STEPS in order and keeps the first whose top-1 agreement
+    on a second held-back slice (`select`, not the one that judges) meets `min_agreement`."""
     from scalecert.compile import precision as conversions
-    from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline
 
     work = staged.path
     src = staged.files("fp32")
     names = {part: f"{part}.{precision}.onnx" for part in ("prefix", "suffix")}
     info: dict = {"conversion": {}}
     held = images[:max(8, len(images) // 4)] if precision == "int8" and len(images) >= 16 else images[:16]
+    reference = precision == "int8" and family == "gpu"
     if precision == "fp16":
         for part in ("prefix", "suffix"):
             info["conversion"][part] = conversions.to_fp16(src[part], os.path.join(work, names[part]), part)
     else:
-        fit = images[len(held):] if len(images) >= 16 else images  # ranges from the rest: `held` judges them
+        # ranges from `fit`; `held` judges the result (_int8_verdict), `select` picks the float step
+        select = images[len(held):len(held) + max(8, len(images) // 8)] if len(images) >= 16 else images
+        fit = images[len(held) + len(select):] if len(images) >= 16 else images
         with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
             feeds_for = {"suffix": suffix_feeds(fp32, fit, windows)}
+            select_logits = _window_logits(fp32, select, windows)
         feeds_for["prefix"] = [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]
-        options = ({"activations": "uint8", "reduce_range": True} if family == "cpu" else
+        options = ({"activations": "uint8", "reduce_range": True, "full_range_depthwise": True} if family == "cpu" else
                    {"activations": "int8", "reduce_range": False})
-        for part in ("prefix", "suffix"):
-            info["conversion"][part] = conversions.to_int8(src[part], os.path.join(work, names[part]), part,
-                                                           feeds_for[part], **options)
-        info.update({"family": family, "calibration_images": len(fit), "held_back_images": len(held)})
+        info["float_steps"] = []
+        for keep in conversions.INT8_FLOAT_STEPS:  # fastest first; the first that meets the floor on `select`
+            for part in ("prefix", "suffix"):
+                info["conversion"][part] = conversions.to_int8(src[part], os.path.join(work, names[part]), part,
+                                                               feeds_for[part], keep_float=keep, **options)
+            with _variant_pipeline(work, names, reference) as variant:
+                agreement = float((_window_logits(variant, select, windows).argmax(-1) == select_logits.argmax(-1)).mean())
+            info["float_steps"].append({"float_kept": keep, "select_agreement": agreement})
+            if agreement >= min_agreement:
+                break
+        info.update({"family": family, "float_kept": keep, "calibration_images": len(fit),
+                     "select_images": len(select), "held_back_images": len(held)})
     for part in ("prefix", "suffix"):
         problems = conversions.check_static_precision(os.path.join(work, names[part]))
         if problems:
             raise ScaleCertError(f"{names[part]}: {problems[0]}")
-    with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32, \
-            OrtCpuPipeline(os.path.join(work, names["prefix"]), os.path.join(work, names["suffix"]),
-                           reference=precision == "int8" and family == "gpu") as variant:
+    with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32, _variant_pipeline(work, names, reference) as variant:
         ref, got = _window_logits(fp32, held, windows), _window_logits(variant, held, windows)
     ref_labels, got_labels = ref.argmax(-1), got.argmax(-1)
     ref_cert, got_cert = (ref_labels == ref_labels[:, :1]).all(1), (got_labels == got_labels[:, :1]).all(1)
@@ -176,11 +189,18 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
     return {**names, **info}
 
 
+def _variant_pipeline(work: str, names: dict, reference: bool):
+    from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline
+
+    return OrtCpuPipeline(os.path.join(work, names["prefix"]), os.path.join(work, names["suffix"]), reference=reference)
+
+
 def _int8_verdict(variant: dict, accept_loss: bool, min_agreement: float, say) -> None:
     """Print the comparison with fp32; refuse a variant below the floor unless the loss is accepted."""
     v = variant["vs_fp32"]
     drop = v["certified_rate_fp32"] - v["certified_rate"]
-    say(f"int8 ({variant['family']}) vs fp32 on {v['images']} held-back images: top-1 agreement "
+    kept = variant.get("float_kept", "none")
+    say(f"int8 ({variant['family']}, float kept: {kept}) vs fp32 on {v['images']} held-back images: top-1 agreement "
         f"{v['top1_agreement']:.1%} over the base and {v['windows_per_image'] - 1} windows, certified "
         f"{v['certified_rate']:.1%} vs {v['certified_rate_fp32']:.1%}")
     problems = []

@@ -282,6 +282,38 @@ class BiasCorrection(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=self.corrected > 0)
 
 
+class FullRangeDepthwiseWeights(ir.passes.InPlacePass):
+    """Requantize every depthwise convolution's weights on the full symmetric int8 range
+    [-127, 127], per output channel, from the float weights; other convolutions keep the 7-bit range.
+
+    Why: a depthwise channel has 9-25 weights, so its rounding error does not average out, and
+    EfficientNet-Lite loses much of its int8 agreement there on 7 bits. The 7-bit range exists for
+    ONNX Runtime's x86 u8s8 GEMM kernels without VNNI, whose int16 pair sums saturate on 8-bit
+    weights; its depthwise kernel widens to int32 before multiplying and does not saturate
+    (`benchmarks/int8_choices.py --reference` agrees with the fused kernels)."""
+
+    def __init__(self, float_weights: dict[str, np.ndarray]):
+        super().__init__()
+        self.float_weights = float_weights
+        self.widened = 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for node in model.graph:
+            if not _is_depthwise(node) or node.name not in self.float_weights or node.inputs[1] is None:
+                continue
+            dq = node.inputs[1].producer()
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
+                continue
+            weights = self.float_weights[node.name].astype(np.float64)
+            peak = np.abs(weights.reshape(len(weights), -1)).max(axis=1)
+            scale = np.where(peak > 0, peak, 1.0) / 127.0
+            codes = np.clip(np.rint(weights / scale.reshape(-1, 1, 1, 1)), -127, 127).astype(np.int8)
+            dq.inputs[0].const_value = ir.tensor(codes, name=dq.inputs[0].name)
+            dq.inputs[1].const_value = ir.tensor(scale.astype(np.float32), name=dq.inputs[1].name)
+            self.widened += 1
+        return ir.passes.PassResult(model, modified=self.widened > 0)
+
+
 def _conv_weights(model: ir.Model) -> dict[str, np.ndarray]:
     return {n.name: n.inputs[1].const_value.numpy() for n in model.graph
             if n.op_type == "Conv" and n.inputs[1] is not None and n.inputs[1].const_value is not None}
@@ -292,12 +324,32 @@ def _is_depthwise(node: ir.Node) -> bool:
     return node.op_type == "Conv" and group is not None and group.as_int() > 1
 
 
-KEEP_FLOAT = {"none": lambda node: False, "depthwise": _is_depthwise}
+def _is_first_conv(node: ir.Node) -> bool:
+    graph = node.graph
+    return node.op_type == "Conv" and graph is not None and node is next(n for n in graph if n.op_type == "Conv")
+
+
+def _is_high_resolution_conv(node: ir.Node) -> bool:
+    """A convolution whose output keeps at least half the width of the graph's input."""
+    if node.op_type != "Conv" or node.graph is None:
+        return False
+    width_in, width_out = node.graph.inputs[0].shape[-1], node.outputs[0].shape[-1]
+    return isinstance(width_in, int) and isinstance(width_out, int) and width_out * 2 >= width_in
+
+
+KEEP_FLOAT = {"none": lambda node: False, "depthwise": _is_depthwise, "first": _is_first_conv,
+              "high_resolution": _is_high_resolution_conv}
+# What `scalecert build` keeps in float, tried in this order (fastest first) until the variant meets
+# the floor on held-back images (compile/build.py): nothing; the first convolution, which reads the
+# input (for a cut at the image, the normalised image, which one per-tensor uint8 scale resolves
+# coarsely); every convolution at half the input's width or more (a mobile network's stem and first
+# blocks, the layers most sensitive to quantisation). Measured in benchmarks/RESULTS.md.
+INT8_FLOAT_STEPS = ("none", "first", "high_resolution")
 
 
 def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dict[str, np.ndarray]],
             activations: str = "int8", keep_float: str = "none", reduce_range: bool = True,
-            bias_correction: bool = True) -> dict:
+            bias_correction: bool = True, full_range_depthwise: bool = False) -> dict:
     """Static QDQ INT8 variant calibrated once on `calibration_feeds` (MinMax ranges).
 
     activations="int8" (default): symmetric int8 activations and per-channel symmetric int8
@@ -305,7 +357,9 @@ def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dic
     TensorRT's explicit quantisation accepts, and with one_qdq_pair_per_consumer ONNX Runtime
     CPU runs it with its fused u8s8 kernels. activations="uint8": asymmetric uint8 activations
     (ONNX Runtime then also drops the Relus into the quantisation range), faster and slightly
-    more accurate on ONNX Runtime x86, but TensorRT rejects it.
+    more accurate on ONNX Runtime x86, but TensorRT rejects it. `reduce_range`: weights on 7 bits
+    (x86 without VNNI); with `full_range_depthwise` the depthwise convolutions still get 8 bits
+    (FullRangeDepthwiseWeights). `keep_float`: a KEEP_FLOAT rule for convolutions left in float.
 
     Not quantized: the protected gate/mask nodes, and the nodes that produce graph outputs
     (int8 logits would tie)."""
@@ -334,10 +388,12 @@ def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dic
             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False})
     quantized = ir.load(dst_path)
+    widening = FullRangeDepthwiseWeights(_conv_weights(model)) if full_range_depthwise and reduce_range else None
     pairing = OneQdqPairPerConsumer()
     correction = BiasCorrection(_conv_weights(model), conv_input_means(src_path, calibration_feeds)) \
         if bias_correction else None
-    run_passes(quantized, *([correction] if correction else []), *([pairing] if symmetric else []), finish())
+    run_passes(quantized, *([widening] if widening else []), *([correction] if correction else []),
+               *([pairing] if symmetric else []), finish())
     ir.save(quantized, dst_path)
     pairs = pairing.added
     _check_same_io(src_path, dst_path)
@@ -346,7 +402,8 @@ def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dic
     return {"method": "static QDQ (onnxruntime.quantization.quantize_static)", "kind": kind,
             "onnxruntime": onnxruntime.__version__,
             "activation_type": "int8 symmetric" if symmetric else "uint8 asymmetric",
-            "weight_type": "int8 symmetric per-channel" + (", 7-bit range" if reduce_range else ""),
+            "weight_type": "int8 symmetric per-channel" + (", 7-bit range" if reduce_range else "")
+            + (f", full range for {widening.widened} depthwise convolutions" if widening else ""),
             "bias": "float32", "tensorrt": symmetric,
             "calibration_method": "MinMax", "calibration_inputs": len(calibration_feeds),
             "nodes_quantized": len(computed), "nodes_excluded": excluded, "float_kept": keep_float,
