@@ -52,6 +52,29 @@ def test_distinct_windows_is_exact_grouping():
         assert len(d.representatives) == len(distinct_rows)
 
 
+def test_dedupe_reuses_the_all_kept_answer_only_for_an_all_kept_gate():
+    """geometry.Dedupe gives what distinct_windows/distinct_pairs give for every gate, computing the
+    all-kept answer once (the same object comes back) and never reusing it for another gate."""
+    rng = np.random.default_rng(1)
+    feature_hw = (13, 11)
+    windows = geometry.window_family((4, 3), 3, feature_hw)
+    masks = geometry.window_masks(windows, feature_hw)
+    pairs = geometry.pair_indices(len(windows))
+    dedupe = geometry.Dedupe(windows, masks)
+    all_kept = np.ones(feature_hw, np.uint8)
+    one_off = all_kept.copy()
+    one_off[6, 5] = 0
+    for gate in (all_kept, one_off, rng.random(feature_hw) < 0.5, all_kept):
+        for got, want in ((dedupe.windows_for(gate), geometry.distinct_windows(windows, masks, gate)),
+                          (dedupe.pairs_for(gate, pairs), geometry.distinct_pairs(windows, masks, gate, pairs)),
+                          (dedupe.pairs_for(gate, pairs[:5]), geometry.distinct_pairs(windows, masks, gate, pairs[:5]))):
+            assert np.array_equal(got.group_of_window, want.group_of_window)
+            assert np.array_equal(got.representatives, want.representatives)
+    assert dedupe.windows_for(all_kept) is dedupe.windows_for(all_kept)
+    assert dedupe.pairs_for(all_kept, pairs) is dedupe.pairs_for(all_kept, pairs)
+    assert dedupe.pairs_for(all_kept, pairs[:5]) is not dedupe.pairs_for(all_kept, pairs)
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
 def test_image_modes_convert_to_rgb(tmp_path, mode):
     rng = np.random.default_rng(1)

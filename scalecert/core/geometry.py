@@ -157,3 +157,29 @@ def distinct_pairs(windows: np.ndarray, masks: np.ndarray, gate: np.ndarray, pai
     if their unions zero exactly the same kept positions; a pair whose union holds no kept
     position (group -1) sees the un-occluded features. Representatives are (k, 2, 4) rows."""
     return distinct_windows(pair_rectangles(windows, pairs), pair_masks(masks, pairs), gate)
+
+
+class Dedupe:
+    """distinct_windows and distinct_pairs for one window family, with the answer for a gate that
+    keeps every position (the default, rate 0) computed once and reused: the same function on the
+    same inputs, so exactly as exact, without redoing the boolean work per image (on a 224x224 map
+    that work is 5 ms for 36 windows and far more for 666 pairs). Callers must not modify results."""
+
+    def __init__(self, windows: np.ndarray, masks: np.ndarray):
+        self.windows, self.masks = windows, masks
+        self._all_kept: dict[bytes | None, DistinctWindows] = {}
+
+    def windows_for(self, gate: np.ndarray) -> DistinctWindows:
+        if not gate.all():
+            return distinct_windows(self.windows, self.masks, gate)
+        if None not in self._all_kept:
+            self._all_kept[None] = distinct_windows(self.windows, self.masks, gate)
+        return self._all_kept[None]
+
+    def pairs_for(self, gate: np.ndarray, pairs: np.ndarray) -> DistinctWindows:
+        if not gate.all():
+            return distinct_pairs(self.windows, self.masks, gate, pairs)
+        key = np.ascontiguousarray(pairs, dtype=np.int64).tobytes()  # the whole array: equal keys, equal pairs
+        if key not in self._all_kept:
+            self._all_kept[key] = distinct_pairs(self.windows, self.masks, gate, pairs)
+        return self._all_kept[key]

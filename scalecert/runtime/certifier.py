@@ -81,6 +81,7 @@ class Certifier:
         self.feature_hw = bundle.feature_hw
         self.windows = bundle.windows()
         self.masks = geometry.window_masks(self.windows, self.feature_hw)
+        self.dedupe = geometry.Dedupe(self.windows, self.masks)
         delta = bundle.margin(backend, precision)
         if delta is None:
             raise ScaleCertError(f"{bundle.path}: no numeric margin measured for {backend} at {precision}")
@@ -172,7 +173,7 @@ class Certifier:
         return results
 
     def _certify_features(self, features, gate, start, after_prefix, name) -> Result:
-        distinct = geometry.distinct_windows(self.windows, self.masks, gate[0])
+        distinct = self.dedupe.windows_for(gate[0])
         reps = distinct.representatives
         rep_labels = np.full(len(reps), -1, np.int64)  # -1, -inf: not evaluated (early exit), never agreeing
         rep_margins = np.full(len(reps), -np.inf, np.float32)

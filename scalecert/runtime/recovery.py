@@ -152,7 +152,7 @@ class Recoverer:
         check_recoverable(certifier.bundle)
         self.certifier, self.certify_pairs = certifier, bool(certify)
         self.bundle, self.manifest = certifier.bundle, certifier.manifest
-        self.windows, self.masks = certifier.windows, certifier.masks
+        self.windows, self.masks, self.dedupe = certifier.windows, certifier.masks, certifier.dedupe
         self.feature_hw, self.backend, self.delta = certifier.feature_hw, certifier.backend, certifier.delta
         self.early_exit = False
         self.pairs = geometry.pair_indices(len(self.windows))
@@ -187,7 +187,7 @@ class Recoverer:
 
     # -- the two rounds ----------------------------------------------------------------------
     def first_round(self, rows: _Rows, gate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        distinct = geometry.distinct_windows(self.windows, self.masks, gate)
+        distinct = self.dedupe.windows_for(gate)
         labels, margins, _ = rows.expanded(distinct)
         return labels, margins
 
@@ -195,7 +195,7 @@ class Recoverer:
         """Labels of the pairs (i, j) for every window j, stopped at the first batch that holds a
         label other than `label` (window i's first-round label); rows not run are -1."""
         pairs = np.stack([np.full(len(self.windows), i, np.int64), np.arange(len(self.windows))], axis=1)
-        distinct = geometry.distinct_pairs(self.windows, self.masks, gate, pairs)
+        distinct = self.dedupe.pairs_for(gate, pairs)
         labels, _, _ = rows.expanded(distinct, stop_unless=label)
         return labels
 
@@ -214,7 +214,7 @@ class Recoverer:
     def certify_label(self, rows: _Rows, gate: np.ndarray, label: int) -> tuple[bool, int]:
         """Every pair i <= j predicts `label` with margin >= delta (rows run, after dedupe)."""
         before = rows.rows_run
-        distinct = geometry.distinct_pairs(self.windows, self.masks, gate, self.pairs)
+        distinct = self.dedupe.pairs_for(gate, self.pairs)
         labels, margins, _ = rows.expanded(distinct)
         ok = recovery.certified_recovery(labels, label, thin=margins < self.delta)
         return ok, rows.rows_run - before
