@@ -6,7 +6,7 @@ the pairs (i, i)) and, separately, runs the fast path; medians per image and rat
 Runtime sessions are closed before torch runs (no idle pool competes with it).
 
     python benchmarks/recovery_speed.py BUNDLE MODEL --arch resnet20-cifar --data DIR [--images 20]
-        [--threads 2] [--out R.json]
+        [--threads 2] [--precision fp32|fp16|int8] [--out R.json]
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--precision", default="fp32", help="the bundle's variant scalecert runs (built with `scalecert build`)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     rows = {}
@@ -46,7 +47,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         # scalecert and PatchCleanser on ONNX Runtime take turns image by image, the order alternating,
         # so that drift of the machine's speed (+-15% here) falls on both alike.
-        with Recoverer.load(args.bundle, backend="ort", threads=args.threads, certify=True) as recoverer:
+        with Recoverer.load(args.bundle, backend="ort", threads=args.threads, precision=args.precision,
+                            certify=True) as recoverer:
             spec, patch = recoverer.certifier.input_spec, recoverer.certifier.bundle.patch_hw
             pixels = [recoverer.prepare(f) for f in files]
             x = normalize(np.stack(pixels), spec)
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     for key in ("patchcleanser-torch", "patchcleanser-ort"):
         rows[key]["scalecert_certify_speedup"] = rows[key]["certify_ms"] / ours_ms
         rows[key]["scalecert_fast_path_speedup"] = rows[key]["fast_path_ms"] / rows["scalecert"]["fast_path_ms"]
-    report = {"bundle": args.bundle, "model": args.model, "images": len(pixels), "threads": args.threads, "rows": rows}
+    report = {"bundle": args.bundle, "precision": args.precision, "model": args.model, "images": len(pixels), "threads": args.threads, "rows": rows}
     print(json.dumps(report, indent=1))
     if args.out:
         with open(args.out, "w") as out:
