@@ -19,6 +19,8 @@ if [ -n "${CALIB:-}" ]; then
   scalecert build "$WORK/eff" --precision int8 --calib "$CALIB"
   scalecert bench "$WORK/eff" --data "$TEST" --precision fp32,int8 --threshold $THRESHOLDS --baseline \
     --baseline-engine both --report "$OUT/defaults_effnet.json" --plot "$OUT/defaults_effnet.png"
+  # the same-engine ratio, both sides in one process taking turns (bench runs baselines one after the other)
+  python benchmarks/same_engine.py "$WORK/eff" --data "$TEST" --out "$OUT/same_engine_effnet.json"
 fi
 
 if [ ! -f "$WORK/r20-tuned.pt" ]; then

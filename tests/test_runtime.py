@@ -74,6 +74,15 @@ def test_dedupe_reuses_the_all_kept_answer_only_for_an_all_kept_gate():
     assert dedupe.pairs_for(all_kept, pairs) is dedupe.pairs_for(all_kept, pairs)
     assert dedupe.pairs_for(all_kept, pairs[:5]) is not dedupe.pairs_for(all_kept, pairs)
 
+    class Owner:  # as Certifier and Recoverer: `dedupe = property(Dedupe.of)`
+        dedupe = property(geometry.Dedupe.of)
+
+    owner = Owner()
+    owner.windows, owner.masks = windows, masks
+    assert owner.dedupe is owner.dedupe and owner.dedupe.windows is windows
+    owner.windows, owner.masks = windows[1:], masks[1:]  # a replaced family (the negative controls do this)
+    assert owner.dedupe.windows is owner.windows and len(owner.dedupe.windows_for(all_kept).group_of_window) == len(windows) - 1
+
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
 def test_image_modes_convert_to_rgb(tmp_path, mode):

@@ -150,8 +150,9 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
             info["conversion"][part] = conversions.to_fp16(src[part], os.path.join(work, names[part]), part)
     else:
         # ranges from `fit`; `held` judges the result (_int8_verdict), `select` picks the float step
-        select = images[len(held):len(held) + max(8, len(images) // 8)] if len(images) >= 16 else images
-        fit = images[len(held) + len(select):] if len(images) >= 16 else images
+        rest = images[len(held):] if len(images) >= 16 else images
+        size = max(8, len(images) // 8)
+        select, fit = (rest[:size], rest[size:]) if len(rest) >= size + 8 else (rest, rest)  # too few: picked on fit
         with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
             feeds_for = {"suffix": suffix_feeds(fp32, fit, windows)}
             select_logits = _window_logits(fp32, select, windows)

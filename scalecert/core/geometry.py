@@ -169,6 +169,15 @@ class Dedupe:
         self.windows, self.masks = windows, masks
         self._all_kept: dict[bytes | None, DistinctWindows] = {}
 
+    @staticmethod
+    def of(owner) -> "Dedupe":
+        """The Dedupe of `owner`'s current `windows` and `masks`, rebuilt whenever either is replaced
+        (use as `dedupe = property(Dedupe.of)`)."""
+        cached = owner.__dict__.get("_dedupe")
+        if cached is None or cached.windows is not owner.windows or cached.masks is not owner.masks:
+            cached = owner.__dict__["_dedupe"] = Dedupe(owner.windows, owner.masks)
+        return cached
+
     def windows_for(self, gate: np.ndarray) -> DistinctWindows:
         if not gate.all():
             return distinct_windows(self.windows, self.masks, gate)

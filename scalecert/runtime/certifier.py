@@ -81,7 +81,6 @@ class Certifier:
         self.feature_hw = bundle.feature_hw
         self.windows = bundle.windows()
         self.masks = geometry.window_masks(self.windows, self.feature_hw)
-        self.dedupe = geometry.Dedupe(self.windows, self.masks)
         delta = bundle.margin(backend, precision)
         if delta is None:
             raise ScaleCertError(f"{bundle.path}: no numeric margin measured for {backend} at {precision}")
@@ -96,6 +95,8 @@ class Certifier:
         bundle = Bundle.open(bundle_dir, verify=True)
         bundle.files(precision)
         return cls(bundle, pipelines.pick(backend, precision, bundle), precision, batch, early_exit, threads, threshold)
+
+    dedupe = property(geometry.Dedupe.of)
 
     @property
     def pipeline(self) -> Pipeline:

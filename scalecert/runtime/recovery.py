@@ -152,10 +152,12 @@ class Recoverer:
         check_recoverable(certifier.bundle)
         self.certifier, self.certify_pairs = certifier, bool(certify)
         self.bundle, self.manifest = certifier.bundle, certifier.manifest
-        self.windows, self.masks, self.dedupe = certifier.windows, certifier.masks, certifier.dedupe
+        self.windows, self.masks = certifier.windows, certifier.masks
         self.feature_hw, self.backend, self.delta = certifier.feature_hw, certifier.backend, certifier.delta
         self.early_exit = False
         self.pairs = geometry.pair_indices(len(self.windows))
+
+    dedupe = property(geometry.Dedupe.of)
 
     @classmethod
     def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, threads: int | None = None,
