@@ -136,7 +136,8 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
                   min_agreement: float = INT8_FLOOR["top1_agreement"]) -> dict:
     """The fp16 or int8 variant's files in the staged bundle and its comparison with fp32 on held-back
     images. int8 tries conversions.INT8_FLOAT_STEPS in order and keeps the first whose top-1 agreement
-    on a second held-back slice (`select`, not the one that judges) meets `min_agreement`."""
+    on a second held-back slice (`select`, not the one that judges; the range images when there are
+    too few for it) meets `min_agreement`."""
     from scalecert.compile import precision as conversions
 
     work = staged.path
