@@ -135,9 +135,8 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
 def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: np.ndarray, family: str = "gpu",
                   min_agreement: float = INT8_FLOOR["top1_agreement"]) -> dict:
     """The fp16 or int8 variant's files in the staged bundle and its comparison with fp32 on held-back
-    images. int8 tries conversions.INT8_FLOAT_STEPS in order and keeps the first whose top-1 agreement
-    on a second held-back slice (`select`, not the one that judges; the range images when there are
-    too few for it) meets `min_agreement`."""
+    images. int8 tries conversions.INT8_FLOAT_STEPS in order, fastest first, and keeps the first that
+    meets the floor on the held-back images, which so both pick the step and judge it."""
     from scalecert.compile import precision as conversions
 
     work = staged.path
@@ -150,34 +149,31 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
         for part in ("prefix", "suffix"):
             info["conversion"][part] = conversions.to_fp16(src[part], os.path.join(work, names[part]), part)
     else:
-        # ranges from `fit`; `held` judges the result (_int8_verdict), `select` picks the float step
-        rest = images[len(held):] if len(images) >= 16 else images
-        size = max(8, len(images) // 8)
-        select, fit = (rest[:size], rest[size:]) if len(rest) >= size + 8 else (rest, rest)  # too few: picked on fit
+        fit = images[len(held):] if len(images) >= 16 else images  # ranges from the rest: `held` judges them
         with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
             feeds_for = {"suffix": suffix_feeds(fp32, fit, windows)}
-            select_logits = _window_logits(fp32, select, windows)
         feeds_for["prefix"] = [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]
         options = ({"activations": "uint8", "reduce_range": True, "full_range_depthwise": True} if family == "cpu" else
                    {"activations": "int8", "reduce_range": False})
-        info["float_steps"] = []
-        for keep in conversions.INT8_FLOAT_STEPS:  # fastest first; the first that meets the floor on `select`
+        info.update({"family": family, "calibration_images": len(fit), "held_back_images": len(held), "float_steps": []})
+    with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
+        ref = _window_logits(fp32, held, windows)
+    for keep in conversions.INT8_FLOAT_STEPS if precision == "int8" else [None]:
+        if keep is not None:
             for part in ("prefix", "suffix"):
                 info["conversion"][part] = conversions.to_int8(src[part], os.path.join(work, names[part]), part,
                                                                feeds_for[part], keep_float=keep, **options)
-            with _variant_pipeline(work, names, reference) as variant:
-                agreement = float((_window_logits(variant, select, windows).argmax(-1) == select_logits.argmax(-1)).mean())
-            info["float_steps"].append({"float_kept": keep, "select_agreement": agreement})
-            if agreement >= min_agreement:
+        for part in ("prefix", "suffix"):
+            problems = conversions.check_static_precision(os.path.join(work, names[part]))
+            if problems:
+                raise ScaleCertError(f"{names[part]}: {problems[0]}")
+        with _variant_pipeline(work, names, reference) as variant:
+            got = _window_logits(variant, held, windows)
+        if keep is not None:
+            info["float_kept"] = keep
+            info["float_steps"].append({"float_kept": keep, "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean())})
+            if not _below_floor(ref, got, min_agreement):
                 break
-        info.update({"family": family, "float_kept": keep, "calibration_images": len(fit),
-                     "select_images": len(select), "held_back_images": len(held)})
-    for part in ("prefix", "suffix"):
-        problems = conversions.check_static_precision(os.path.join(work, names[part]))
-        if problems:
-            raise ScaleCertError(f"{names[part]}: {problems[0]}")
-    with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32, _variant_pipeline(work, names, reference) as variant:
-        ref, got = _window_logits(fp32, held, windows), _window_logits(variant, held, windows)
     ref_labels, got_labels = ref.argmax(-1), got.argmax(-1)
     ref_cert, got_cert = (ref_labels == ref_labels[:, :1]).all(1), (got_labels == got_labels[:, :1]).all(1)
     info["vs_fp32"] = {"images": len(held), "held_back": precision == "int8" and len(images) >= 16,
@@ -189,6 +185,24 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
                                      if precision == "int8" and family == "gpu" else "ONNX Runtime CPU kernels"),
                        "status_agreement": float((ref_cert == got_cert).mean())}
     return {**names, **info}
+
+
+def _floor_problems(agreement: float, certified_drop: float, images: int, min_agreement: float) -> list[str]:
+    """Why a variant falls below INT8_FLOOR; empty when it meets it (one image of slack on the
+    certified rate for small samples)."""
+    problems = []
+    if agreement < min_agreement:
+        problems.append(f"top-1 agreement {agreement:.1%} is below {min_agreement:.0%}")
+    if certified_drop > INT8_FLOOR["certified_drop"] + 1 / max(1, images):
+        problems.append(f"certified rate falls {certified_drop:.1%}")
+    return problems
+
+
+def _below_floor(ref: np.ndarray, got: np.ndarray, min_agreement: float) -> list[str]:
+    """_floor_problems of window logits `got` against fp32's `ref`, (images, 1 + windows, classes) each."""
+    ref_labels, got_labels = ref.argmax(-1), got.argmax(-1)
+    drop = (ref_labels == ref_labels[:, :1]).all(1).mean() - (got_labels == got_labels[:, :1]).all(1).mean()
+    return _floor_problems(float((ref_labels == got_labels).mean()), float(drop), len(ref), min_agreement)
 
 
 def _variant_pipeline(work: str, names: dict, reference: bool):
@@ -205,11 +219,7 @@ def _int8_verdict(variant: dict, accept_loss: bool, min_agreement: float, say) -
     say(f"int8 ({variant['family']}, float kept: {kept}) vs fp32 on {v['images']} held-back images: top-1 agreement "
         f"{v['top1_agreement']:.1%} over the base and {v['windows_per_image'] - 1} windows, certified "
         f"{v['certified_rate']:.1%} vs {v['certified_rate_fp32']:.1%}")
-    problems = []
-    if v["top1_agreement"] < min_agreement:
-        problems.append(f"top-1 agreement {v['top1_agreement']:.1%} is below {min_agreement:.0%}")
-    if drop > INT8_FLOOR["certified_drop"] + 1 / max(1, v["images"]):  # one image of slack on a small sample
-        problems.append(f"certified rate falls {drop:.1%}")
+    problems = _floor_problems(v["top1_agreement"], drop, v["images"], min_agreement)
     variant["accepted_loss"] = bool(problems) and accept_loss
     if problems and not accept_loss:
         raise ScaleCertError(f"int8 variant refused: {'; '.join(problems)} (floor: docs/design.md §3.7); "
