@@ -388,9 +388,10 @@ def to_int8(src_path: str, dst_path: str, kind: str, calibration_feeds: list[dic
             nodes_to_exclude=excluded, calibrate_method=CalibrationMethod.MinMax,
             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True, "QuantizeBias": False})
     quantized = ir.load(dst_path)
-    widening = FullRangeDepthwiseWeights(_conv_weights(model)) if full_range_depthwise and reduce_range else None
+    float_weights = _conv_weights(model)
+    widening = FullRangeDepthwiseWeights(float_weights) if full_range_depthwise and reduce_range else None
     pairing = OneQdqPairPerConsumer()
-    correction = BiasCorrection(_conv_weights(model), conv_input_means(src_path, calibration_feeds)) \
+    correction = BiasCorrection(float_weights, conv_input_means(src_path, calibration_feeds)) \
         if bias_correction else None
     run_passes(quantized, *([widening] if widening else []), *([correction] if correction else []),
                *([pairing] if symmetric else []), finish())

@@ -179,16 +179,15 @@ class Dedupe:
         return cached
 
     def windows_for(self, gate: np.ndarray) -> DistinctWindows:
-        if not gate.all():
-            return distinct_windows(self.windows, self.masks, gate)
-        if None not in self._all_kept:
-            self._all_kept[None] = distinct_windows(self.windows, self.masks, gate)
-        return self._all_kept[None]
+        return self._reused(gate, None, lambda: distinct_windows(self.windows, self.masks, gate))
 
     def pairs_for(self, gate: np.ndarray, pairs: np.ndarray) -> DistinctWindows:
-        if not gate.all():
-            return distinct_pairs(self.windows, self.masks, gate, pairs)
         key = np.ascontiguousarray(pairs, dtype=np.int64).tobytes()  # the whole array: equal keys, equal pairs
+        return self._reused(gate, key, lambda: distinct_pairs(self.windows, self.masks, gate, pairs))
+
+    def _reused(self, gate: np.ndarray, key: bytes | None, compute) -> DistinctWindows:
+        if not gate.all():
+            return compute()
         if key not in self._all_kept:
-            self._all_kept[key] = distinct_pairs(self.windows, self.masks, gate, pairs)
+            self._all_kept[key] = compute()
         return self._all_kept[key]
