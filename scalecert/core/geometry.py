@@ -170,7 +170,7 @@ class Dedupe:
         self._all_kept: dict[bytes | None, DistinctWindows] = {}
 
     @staticmethod
-    def of(owner) -> "Dedupe":
+    def of(owner) -> Dedupe:
         """The Dedupe of `owner`'s current `windows` and `masks`, rebuilt whenever either is replaced
         (use as `dedupe = property(Dedupe.of)`)."""
         cached = owner.__dict__.get("_dedupe")
