@@ -261,6 +261,46 @@ def test_window_masks_stay_exact(name, variants, request):
             assert np.array_equal(bits(occluded), bits(direct)), f"{name}: pair {pair.tolist()}"
 
 
+def _with_occluded_output(path: str, out: str) -> str:
+    model = onnx.load(path)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("occluded_features", onnx.TensorProto.FLOAT, None))
+    onnx.save(model, out)
+    return out
+
+
+@pytest.mark.parametrize("name", ("fp32", *PRECISIONS))
+def test_occlusion_ignores_what_it_hides(name, variants, request, tmp_path):
+    """Whatever the window hides (NaN, +-inf, -0, huge values) the occluded tensor is +0 there, bit
+    for bit, and the logits do not move; outside it the features pass unchanged (-0 as +0,
+    non-finite as 0). docs/design.md §2: the mask is F - F * U on F made finite, not a Where; a
+    plain F * (1 - U) leaves -0 and NaN under the window and fails here."""
+    bundle, files = variants("tiny_deep_pruned_bundle", request)
+    m = manifest_io.read(bundle)
+    windows = _windows(m)
+    suffix = _with_occluded_output(files[name]["suffix"], str(tmp_path / "suffix.onnx"))
+    shape = (1, *m["layer"]["shape"])
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal(shape).astype(np.float32)
+    features[..., 0, 0] = -0.0  # passes as +0 where no window covers it
+    masks = geometry.window_masks(windows, shape[2:])
+    junk = np.array([np.nan, np.inf, -np.inf, -0.0, 3e38, -3e38], np.float32)
+    with OrtRunner(suffix) as runner:
+        for k in np.linspace(0, len(windows) - 1, 5).astype(int):
+            inside = masks[k].reshape(1, 1, *shape[2:])
+            hidden = np.where(inside, rng.choice(junk, shape).astype(np.float32), features)
+            clean = runner.infer({"features": features, "windows": windows[k:k + 1]})
+            dirty = runner.infer({"features": hidden, "windows": windows[k:k + 1]})
+            occluded = dirty["occluded_features"]
+            assert np.array_equal(bits(occluded), bits(clean["occluded_features"])), f"window {k}"
+            assert (bits(occluded)[np.broadcast_to(inside, occluded.shape)] == 0).all()  # +0, not -0
+            assert np.array_equal(bits(dirty["logits"]), bits(clean["logits"])), f"{name}: window {k}"
+            expected = np.where(inside, np.float32(0), features) + np.float32(0)  # -0 -> +0
+            assert np.array_equal(bits(occluded), bits(expected))
+        outside = np.where(masks[0].reshape(1, 1, *shape[2:]), features, np.float32(np.inf))
+        occluded = runner.infer({"features": outside, "windows": windows[:1]})["occluded_features"]
+        assert np.isfinite(occluded).all() and (occluded[np.isinf(np.broadcast_to(outside, occluded.shape))] == 0).all()
+
+
 @pytest.mark.parametrize("name", PRECISIONS)
 def test_gate_comparison_stays_float32(name, variants, request):
     _, files = variants("tiny_deep_pruned_bundle", request)
