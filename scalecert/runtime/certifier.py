@@ -1,6 +1,7 @@
 """Window-batched certification of images against a bundle (no torch)."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 from dataclasses import dataclass, field, fields
@@ -87,6 +88,7 @@ class Certifier:
         self.delta = delta
         self.threshold = bundle.default_threshold if threshold is None else decision.check_threshold(threshold)
         self.classes = bundle.classes
+        self._source_reports: dict = {}
         self._pipeline = pipelines.open_pipeline(bundle, backend, precision, threads)
 
     @classmethod
@@ -134,8 +136,16 @@ class Certifier:
         return array, (h, w)
 
     def source_report(self, source_hw, requested_hw=None, global_scale: bool = False) -> dict:
-        """The certificate in source pixels at this source size (docs/design.md §8)."""
-        return source_space.report(source_hw, self.input_spec, self.bundle.patch_hw, requested_hw, global_scale)
+        """The certificate in source pixels at this source size (docs/design.md §8). A pure function
+        of its arguments, kept per size: a camera or a dataset repeats a few sizes, and computing it
+        (about 1.5 ms) was the largest cost of certify() outside the sessions."""
+        key = (tuple(source_hw), None if requested_hw is None else tuple(requested_hw), bool(global_scale))
+        if key not in self._source_reports:
+            if len(self._source_reports) >= 1024:
+                self._source_reports.clear()
+            self._source_reports[key] = source_space.report(source_hw, self.input_spec, self.bundle.patch_hw,
+                                                            requested_hw, global_scale)
+        return copy.deepcopy(self._source_reports[key])
 
     # -- inference ------------------------------------------------------------------------
     def features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
