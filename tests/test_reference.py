@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 
 from conftest import IMAGENET, R20, cifar_files, export, need
 from scalecert.export.loading import load_model
@@ -39,6 +40,7 @@ def test_resnet20_200_cifar_images_match_reference(r20_pruned_bundle):
     assert outcomes["certified"] > 0 and outcomes["alert"] > 0  # both branches exercised
 
 
+@pytest.mark.slow
 def test_efficientnet_10_imagenet_images_match_reference(tmp_path_factory):
     images = os.path.join(need(IMAGENET), "images")
     files = sorted(os.listdir(images))

@@ -205,6 +205,7 @@ def r20_model():
     return load_model(R20, arch="resnet20-cifar")
 
 
+@pytest.mark.slow
 def test_resnet20_attacked_everywhere_never_certified_wrong(r20_bundle, r20_model):
     from scalecert.training.reference import TorchReference
 
@@ -220,6 +221,7 @@ def test_resnet20_attacked_everywhere_never_certified_wrong(r20_bundle, r20_mode
 
 
 # -- (iii) pretrained ResNet-20 with 30% of positions gated off by static thresholds -------------
+@pytest.mark.slow
 def test_resnet20_pruned_gates_attacked_everywhere_never_certified_wrong(r20_pruned_bundle, r20_model):
     from scalecert.training.reference import TorchReference
 
@@ -346,6 +348,7 @@ def test_negative_control_footprint_too_small_is_caught(tiny):
 
 
 # -- (v) the int8 variant (static QDQ) of pretrained ResNet-20: its own certificate holds -------
+@pytest.mark.slow
 def test_resnet20_int8_variant_attacked_everywhere_never_certified_wrong(r20_bundle, tmp_path):
     bundle = str(tmp_path / "r20-int8")
     shutil.copytree(r20_bundle, bundle)

@@ -128,6 +128,7 @@ def test_resume_continues_from_the_last_epoch(tmp_path, photo_folder, tiny_check
     assert last["epoch"] == 1 and len(last["history"]) == 2
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(tmp_path, photo_folder, tiny_checkpoint):
     import torch
 

@@ -42,6 +42,7 @@ def test_recover_copies_zero_one_window_and_unions_of_two_distinct_windows(tiny_
     assert (expected.sum(1) > masks[pairs[:, 0]].sum(1)).all()  # a second window adds positions
 
 
+@pytest.mark.slow
 def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hurts(tmp_path, photo_folder,
                                                                                    tiny_checkpoint):
     """One epoch that learns on three rows per image (clean, one window, two windows) and validates
