@@ -1,5 +1,6 @@
-"""ONNX Runtime kernel time by op type for a bundle's suffix at each precision (1 thread).
-    python benchmarks/profile_suffix_ops.py BUNDLE [--windows 19] [--precisions fp32,int8]"""
+"""ONNX Runtime kernel time by op type for a bundle's suffix at each precision, and the share of the
+window occlusion (the nodes named scalecert/..., export/split.py::OcclusionSuffix).
+    python benchmarks/profile_suffix_ops.py BUNDLE [--windows 19] [--precisions fp32,int8] [--threads 1]"""
 from __future__ import annotations
 
 import argparse
@@ -18,13 +19,14 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=19)
     parser.add_argument("--precisions", default="fp32,int8")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     bundle = Bundle.open(args.bundle)
     windows = np.concatenate([np.zeros((1, 4), np.int64), bundle.windows()])[:args.windows]
     features = np.random.default_rng(0).standard_normal((1, *bundle.manifest["layer"]["shape"])).astype(np.float32)
     for precision in args.precisions.split(","):
         options = ort.SessionOptions()
-        options.enable_profiling, options.intra_op_num_threads = True, 1
+        options.enable_profiling, options.intra_op_num_threads = True, args.threads
         options.profile_file_prefix = f"/tmp/scalecert-ops-{precision}"
         path = bundle.files(precision)["suffix"]
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
@@ -32,12 +34,13 @@ def main() -> None:
             session.run(None, {"features": features, "windows": windows})
         with open(session.end_profiling()) as f:
             events = json.load(f)
-        by_op = collections.Counter()
+        by_op, occlusion = collections.Counter(), 0
         for e in events:
             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
                 by_op[e["args"]["op_name"]] += e["dur"]
+                occlusion += e["dur"] if e["name"].startswith("scalecert/") else 0
         total = sum(by_op.values())
-        print(f"{precision}: {total / args.runs / 1e3:.1f} ms per call;",
+        print(f"{precision}: {total / args.runs / 1e3:.1f} ms per call (occlusion {occlusion / args.runs / 1e3:.1f} ms);",
               ", ".join(f"{op} {100 * t / total:.1f}%" for op, t in by_op.most_common(8)))
 
 
