@@ -136,7 +136,7 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
                   min_agreement: float = INT8_FLOOR["top1_agreement"]) -> dict:
     """The fp16 or int8 variant's files in the staged bundle and its comparison with fp32 on held-back
     images. int8 tries conversions.INT8_FLOAT_STEPS in order, fastest first, and keeps the first that
-    meets the floor on the held-back images, which so both pick the step and judge it."""
+    meets the floor on the held-back images: they both pick the step and judge it."""
     from scalecert.compile import precision as conversions
 
     work = staged.path
@@ -144,20 +144,20 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
     names = {part: f"{part}.{precision}.onnx" for part in ("prefix", "suffix")}
     info: dict = {"conversion": {}}
     held = images[:max(8, len(images) // 4)] if precision == "int8" and len(images) >= 16 else images[:16]
+    fit = images[len(held):] if len(images) >= 16 else images  # int8 ranges from the rest: `held` judges them
     reference = precision == "int8" and family == "gpu"
+    with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
+        ref = _window_logits(fp32, held, windows)
+        if precision == "int8":
+            feeds_for = {"suffix": suffix_feeds(fp32, fit, windows),
+                         "prefix": [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]}
     if precision == "fp16":
         for part in ("prefix", "suffix"):
             info["conversion"][part] = conversions.to_fp16(src[part], os.path.join(work, names[part]), part)
     else:
-        fit = images[len(held):] if len(images) >= 16 else images  # ranges from the rest: `held` judges them
-        with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
-            feeds_for = {"suffix": suffix_feeds(fp32, fit, windows)}
-        feeds_for["prefix"] = [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]
         options = ({"activations": "uint8", "reduce_range": True, "full_range_depthwise": True} if family == "cpu" else
                    {"activations": "int8", "reduce_range": False})
         info.update({"family": family, "calibration_images": len(fit), "held_back_images": len(held), "float_steps": []})
-    with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
-        ref = _window_logits(fp32, held, windows)
     for keep in conversions.INT8_FLOAT_STEPS if precision == "int8" else [None]:
         if keep is not None:
             for part in ("prefix", "suffix"):
