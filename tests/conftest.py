@@ -122,6 +122,16 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_bn_checkpoint(tmp_path_factory) -> str:
+    """The tiny ResNet-20 with random BatchNorm statistics too: a blank image has features other
+    than 0 there, so --fill blank puts a real fill under the windows."""
+    from scalecert.export.archs import random_checkpoint
+
+    return random_checkpoint("resnet20-cifar", str(tmp_path_factory.mktemp("tiny-bn") / "tiny-bn-r20.pt"), seed=1,
+                             random_norms=True)
+
+
+@pytest.fixture(scope="session")
 def photo_dir(tmp_path_factory) -> str:
     """scikit-image's photos as PNG files (NAME.png for NAME in PHOTOS). Read-only: copy to add files."""
     from PIL import Image
@@ -161,10 +171,18 @@ def tiny_bundle(tmp_path_factory, tiny_checkpoint) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_blank_bundle(tmp_path_factory, tiny_bn_checkpoint) -> str:
+    """tiny_bn_checkpoint at layer1.0 with a 5x5 patch, everything else default (--fill blank)."""
+    return export(tmp_path_factory, "tiny-blank", tiny_bn_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
+                  "--layer", "layer1.0", "--stride", "2")
+
+
+@pytest.fixture(scope="session")
 def tiny_pruned_bundle(tmp_path_factory, tiny_checkpoint, calib_dir) -> str:
     """Random-weight ResNet-20, the shallow layer, 30% of positions gated off."""
     return export(tmp_path_factory, "gate-tiny", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
-                  "--layer", "relu", "--stride", "3", "--calib", calib_dir, "--prune-rate", "0.3")
+                  "--layer", "relu", "--stride", "3", "--calib", calib_dir, "--prune-rate", "0.3",
+                  "--fill", "zero")
 
 
 @pytest.fixture(scope="session")
@@ -178,13 +196,15 @@ def tiny_deep_pruned_bundle(tmp_path_factory, tiny_checkpoint, calib_dir) -> str
 
 @pytest.fixture(scope="session")
 def r20_bundle(tmp_path_factory) -> str:
-    """ResNet-20 (pretrained, ../shared) with a 5x5 patch, dense gates."""
-    return export(tmp_path_factory, "r20", need(R20), "--arch", "resnet20-cifar", "--patch", "5")
+    """ResNet-20 (pretrained, ../shared) with a 5x5 patch, dense gates, zeroed windows (the
+    source-space attacks were sized on what it certifies; r20_pruned_bundle has the default fill)."""
+    return export(tmp_path_factory, "r20", need(R20), "--arch", "resnet20-cifar", "--patch", "5", "--fill", "zero")
 
 
 @pytest.fixture(scope="session")
 def r20_pruned_bundle(tmp_path_factory) -> str:
-    """ResNet-20 with a 5x5 patch and 30% of positions gated off (calibrated on CIFAR train)."""
+    """ResNet-20 with a 5x5 patch and 30% of positions gated off (calibrated on CIFAR train), windows
+    filled (the default): dedupe with a fill under a sparse gate, checked against the reference."""
     return export(tmp_path_factory, "r20p", need(R20), "--arch", "resnet20-cifar", "--patch", "5", "--layer", "relu",
                   "--stride", "3", "--calib", need(CIFAR_TRAIN), "--calib-limit", "200", "--prune-rate", "0.3")
 

@@ -63,6 +63,29 @@ def test_candidate_strides_fit_the_budget():
     assert all(1 + n <= 37 for n in counts) and 1 + geometry.count_windows((7, 7), strides[0] - 1, (32, 32)) > 37
 
 
+def test_recovery_compares_layers_at_the_most_windows():
+    """Recovery (max_windows) scores one stride per layer: the smallest within budget and cap."""
+    from scalecert.core import geometry
+
+    strides = candidate_strides((7, 7), (32, 32), prefix_macs=0, suffix_macs=10, full_macs=10, budget=37.0,
+                                max_windows=25)
+    assert len(strides) == 1 and geometry.count_windows((7, 7), strides[0], (32, 32)) <= 25
+    assert geometry.count_windows((7, 7), strides[0] - 1, (32, 32)) > 25
+
+
+def test_occlusion_is_part_of_the_cost():
+    """The occlusion is elementwise work over each row's whole features (twice that with a fill), so
+    at the image layer the pixel baseline's 36 windows plus the clean row cost more than its 37
+    forwards: the default budget does not admit the baseline plus overhead."""
+    from scalecert.export.plan import occlusion_macs
+
+    image = Layer("image", "", 0, (3, 224, 224), RF((1, 0, 0), (1, 0, 0)), True)
+    deep = Layer("deep", "", 9, (24, 56, 56), RF((1, 0, 0), (1, 0, 0)), True)
+    assert occlusion_macs(image, False) > 0 and occlusion_macs(deep, True) == 2 * occlusion_macs(deep, False)
+    full = 385_000_000  # EfficientNet-Lite0
+    assert 37 * (full + occlusion_macs(image, False)) / full > 37.0
+
+
 def test_export_with_calibration_measures_the_plan(tmp_path_factory, tiny_checkpoint, calib_dir):
     bundle = export(tmp_path_factory, "planned", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
                     "--calib", calib_dir)
@@ -91,6 +114,8 @@ def test_export_without_calibration_says_the_rule_is_geometric(tmp_path_factory,
     (["--budget", "0"], "--budget 0: expected a positive number of full forwards per image"),
     (["--threshold", "1.5"], "--threshold 1.5: expected a confidence in [0, 1)"),
     (["--threshold", "-0.1"], "--threshold -0.1: expected a confidence in [0, 1)"),
+    (["--fill", "grey"], "Invalid value for '--fill': 'grey' is not one of 'auto', 'zero', 'blank'. "
+                         "(see scalecert-export --help)"),
 ])
 def test_export_bad_plan_options_are_one_line(tmp_path, tiny_checkpoint, args, needle):
     proc = run_cli("scalecert-export", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5", *args,

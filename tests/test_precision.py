@@ -268,17 +268,30 @@ def _with_occluded_output(path: str, out: str) -> str:
     return out
 
 
+def _occlusion_fill(suffix_path: str, shape) -> np.ndarray:
+    """The suffix's window fill (--fill blank), or zeros (--fill zero)."""
+    for init in onnx.load(suffix_path).graph.initializer:
+        if init.name == "occlusion_fill":
+            return onnx.numpy_helper.to_array(init).reshape(shape)
+    return np.zeros(shape, np.float32)
+
+
+@pytest.mark.parametrize("fixture,fill", (("tiny_blank_bundle", "blank"), ("tiny_pruned_bundle", "zero")))
 @pytest.mark.parametrize("name", ("fp32", *PRECISIONS))
-def test_occlusion_ignores_what_it_hides(name, variants, request, tmp_path):
-    """Whatever the window hides (NaN, +-inf, -0, huge values) the occluded tensor is +0 there, bit
-    for bit, and the logits do not move; outside it the features pass unchanged (-0 as +0,
-    non-finite as 0). docs/design.md §2: the mask is F - F * U on F made finite, not a Where; a
-    plain F * (1 - U) leaves -0 and NaN under the window and fails here."""
-    bundle, files = variants("tiny_deep_pruned_bundle", request)
+def test_occlusion_ignores_what_it_hides(name, fixture, fill, variants, request, tmp_path):
+    """Whatever the window hides (NaN, +-inf, -0, huge values) the occluded tensor holds the fill
+    there (+0, or the blank image's features), bit for bit, and the logits do not move; outside it
+    the features pass unchanged (-0 as +0, non-finite as 0). docs/design.md §2: the mask is
+    F - F * U (+ fill * U) on F made finite, not a Where; a plain F * (1 - U) leaves -0 and NaN
+    under the window and fails here."""
+    bundle, files = variants(fixture, request)
     m = manifest_io.read(bundle)
+    assert m["windows"]["fill"] == fill
     windows = _windows(m)
     suffix = _with_occluded_output(files[name]["suffix"], str(tmp_path / "suffix.onnx"))
     shape = (1, *m["layer"]["shape"])
+    filling = _occlusion_fill(files[name]["suffix"], shape)
+    assert (filling != 0).any() == (fill == "blank")
     rng = np.random.default_rng(0)
     features = rng.standard_normal(shape).astype(np.float32)
     features[..., 0, 0] = -0.0  # passes as +0 where no window covers it
@@ -292,9 +305,10 @@ def test_occlusion_ignores_what_it_hides(name, variants, request, tmp_path):
             dirty = runner.infer({"features": hidden, "windows": windows[k:k + 1]})
             occluded = dirty["occluded_features"]
             assert np.array_equal(bits(occluded), bits(clean["occluded_features"])), f"window {k}"
-            assert (bits(occluded)[np.broadcast_to(inside, occluded.shape)] == 0).all()  # +0, not -0
+            under = np.broadcast_to(inside, occluded.shape)
+            assert np.array_equal(bits(occluded)[under], bits(filling + np.float32(0))[under])  # no -0
             assert np.array_equal(bits(dirty["logits"]), bits(clean["logits"])), f"{name}: window {k}"
-            expected = np.where(inside, np.float32(0), features) + np.float32(0)  # -0 -> +0
+            expected = np.where(inside, filling, features) + np.float32(0)  # -0 -> +0
             assert np.array_equal(bits(occluded), bits(expected))
         outside = np.where(masks[0].reshape(1, 1, *shape[2:]), features, np.float32(np.inf))
         occluded = runner.infer({"features": outside, "windows": windows[:1]})["occluded_features"]

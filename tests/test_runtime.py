@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -52,6 +54,58 @@ def test_distinct_windows_is_exact_grouping():
         assert len(d.representatives) == len(distinct_rows)
 
 
+def test_filled_windows_group_by_coverage_only():
+    """With a fill (docs/design.md §3.5) a gated-off position under a window holds the fill, not 0:
+    Dedupe(filled=True) groups windows as if every position were kept, whatever the gate, and
+    skips none as empty."""
+    rng = np.random.default_rng(2)
+    feature_hw = (13, 11)
+    windows = geometry.window_family((4, 3), 2, feature_hw)
+    masks = geometry.window_masks(windows, feature_hw)
+    pairs = geometry.pair_indices(len(windows))
+    dedupe = geometry.Dedupe(windows, masks, filled=True)
+    everywhere = np.ones(feature_hw, bool)
+    for gate in (np.zeros(feature_hw, bool), rng.random(feature_hw) < 0.3, everywhere):
+        got = dedupe.windows_for(gate)
+        assert (got.group_of_window >= 0).all()
+        assert np.array_equal(got.representatives, geometry.distinct_windows(windows, masks, everywhere).representatives)
+        assert np.array_equal(dedupe.pairs_for(gate, pairs).group_of_window,
+                              geometry.distinct_pairs(windows, masks, everywhere, pairs).group_of_window)
+
+
+def test_filled_bundle_runs_every_window_the_gate_would_have_skipped(tmp_path_factory, tiny_bn_checkpoint, calib_dir,
+                                                                    photo_files):
+    """A --fill blank bundle with a sparse gate: every window's label equals that window's own row
+    through the suffix (no dedupe), on real photos. Grouping by kept positions, as without a fill,
+    would reuse logits that are not the window's own for some of them (the negative control)."""
+    from conftest import export
+    from scalecert.bundle import Bundle
+    from scalecert.runtime.images import load_image, normalize
+    from scalecert.runtime.pipelines.onnxruntime import OrtRunner
+
+    bundle = export(tmp_path_factory, "blank-gated", tiny_bn_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
+                    "--layer", "layer1.0", "--stride", "2", "--calib", calib_dir, "--prune-rate", "0.7")
+    m = Bundle.open(bundle).manifest
+    assert m["windows"]["fill"] == "blank" and m["sin"]["prune_rate"] == 0.7
+    wrong_without = 0
+    with Certifier.load(bundle, backend="ort") as certifier, \
+            OrtRunner(os.path.join(bundle, "prefix.onnx")) as prefix, OrtRunner(os.path.join(bundle, "suffix.onnx")) as suffix:
+        windows = certifier.windows
+        for path in photo_files:
+            pixels = load_image(path, m["input"])
+            features = prefix.infer({"image": normalize(pixels, m["input"])})["features"]
+            own = suffix.infer({"features": features, "windows": windows})["logits"].argmax(1)
+            result = certifier.certify(pixels)
+            assert np.array_equal(result.window_labels, own), path
+            unfilled = geometry.Dedupe(windows, certifier.masks, filled=False).windows_for(result.gate)
+            every = suffix.infer({"features": features, "windows": np.concatenate([np.zeros((1, 4), np.int64), windows])})["logits"]
+            base, rows = every[0], every[1:]
+            for i, group in enumerate(unfilled.group_of_window):  # what grouping by kept positions would reuse
+                reused = base if group < 0 else rows[np.flatnonzero(unfilled.group_of_window == group)[0]]
+                wrong_without += not np.array_equal(reused, rows[i])
+    assert wrong_without > 0
+
+
 def test_dedupe_reuses_the_all_kept_answer_only_for_an_all_kept_gate():
     """geometry.Dedupe gives what distinct_windows/distinct_pairs give for every gate, computing the
     all-kept answer once (the same object comes back) and never reusing it for another gate."""
@@ -79,6 +133,7 @@ def test_dedupe_reuses_the_all_kept_answer_only_for_an_all_kept_gate():
 
     owner = Owner()
     owner.windows, owner.masks = windows, masks
+    owner.bundle = types.SimpleNamespace(window_filled=False)
     assert owner.dedupe is owner.dedupe and owner.dedupe.windows is windows
     owner.windows, owner.masks = windows[1:], masks[1:]  # a replaced family (the negative controls do this)
     assert owner.dedupe.windows is owner.windows and len(owner.dedupe.windows_for(all_kept).group_of_window) == len(windows) - 1

@@ -86,6 +86,7 @@ def test_tuned_checkpoint_exports_with_its_gate_and_certifies(tuned, tmp_path, p
     record = torch.load(tuned, weights_only=True)["scalecert_tune"]
     assert manifest["threat_model"]["patch"] == [5, 5] and manifest["windows"]["stride"] == 8
     assert manifest["sin"]["threshold"] == record["sin"]["threshold"] and manifest["sin"]["prune_rate"] == 0.5
+    assert manifest["windows"]["fill"] == "zero"  # tune trains with zeroed windows, so its export zeroes them
 
     loaded = load_model(tuned, "resnet20-cifar")
     program, split = plan(loaded, "5", "auto", "8", 100, 2.0)

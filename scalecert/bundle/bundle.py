@@ -58,6 +58,12 @@ class Bundle:
         return int(self.manifest["windows"]["stride"])
 
     @property
+    def window_filled(self) -> bool:
+        """Whether windows hold a fill other than 0 (--fill blank, docs/design.md §2): then what an
+        occluded row holds depends on the whole window, not only on its kept positions (§3.5)."""
+        return self.manifest["windows"].get("fill", "zero") == "blank"
+
+    @property
     def classes(self) -> list[str] | None:
         return self.manifest.get("classes")
 

@@ -18,6 +18,7 @@ def summary(m: dict) -> dict:
         "window_size": windows["size"],
         "occluding_stride": windows["stride"],
         "windows_per_image": windows["count"],
+        "window_fill": windows.get("fill", "zero"),
         "prune_rate": sin["prune_rate"],
         "threshold": sin["threshold"],
         "importance": sin["importance"],
@@ -47,7 +48,8 @@ def render(s: dict) -> str:
         ("layer", f"{s['layer']} [{s['layer_scope'] or 'root'}], features {'x'.join(map(str, s['feature_shape']))}"),
         ("receptive field", f"{s['receptive_field'][0]}x{s['receptive_field'][1]} px, stride {s['rf_stride'][0]}x{s['rf_stride'][1]}"),
         ("footprint", f"{s['footprint'][0]}x{s['footprint'][1]} positions (largest over all patch positions)"),
-        ("windows", f"{s['window_size'][0]}x{s['window_size'][1]} at stride {s['occluding_stride']}: {s['windows_per_image']} per image"),
+        ("windows", f"{s['window_size'][0]}x{s['window_size'][1]} at stride {s['occluding_stride']}: {s['windows_per_image']} per image, "
+                    + ("holding a blank image's features" if s["window_fill"] == "blank" else "zeroed")),
         ("SIN gate", f"prune rate {s['prune_rate']:.2f}, tau {s['threshold']:.4g}, importance {s['importance']}"),
         ("dead channels", f"{s['dead_channels']} ({'removed from the graphs' if s['dead_channels_removed'] else 'zeroed'})"),
         ("margin delta", ", ".join(f"{k} {v:g}" for k, v in s["margin"].items())),

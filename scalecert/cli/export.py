@@ -32,6 +32,10 @@ def _export_options(f):
                      help="what `scalecert certify` does with this bundle by default: detect (a certified label or "
                           "an alert) or recover (a label by double masking, docs/design.md §10) "
                           "[default: detect, or what a tuned checkpoint was tuned --for]"),
+        click.option("--fill", type=click.Choice(["auto", "zero", "blank"]),
+                     help="what a window holds: blank (the layer's features of a blank image, the pixel baseline's "
+                          "mask seen at the layer) or zero [default: auto: blank, zero for a tuned checkpoint, "
+                          "which was tuned with zeroed windows]"),
         click.option("--channel-prune", default=0.0, show_default=True, help="fraction of least important channels removed"),
         click.option("--keep-dead-channels", is_flag=True, help="zero channels with alpha = 0 instead of cutting them out"),
         click.option("--phi", type=click.Choice(["abs", "relu"]), default="abs", show_default=True,
@@ -49,7 +53,7 @@ def _export_options(f):
 
 
 def _do_export(model, arch, pretrained, input_size, patch, for_source, layer, prune_rate, stride, window_budget,
-               max_growth, calib, calib_limit, budget, threshold, mode, channel_prune, keep_dead_channels, phi, classes,
+               max_growth, calib, calib_limit, budget, threshold, mode, fill, channel_prune, keep_dead_channels, phi, classes,
                trust_pickle, output, force,
                list_archs, quiet):
     if list_archs:
@@ -66,7 +70,7 @@ def _do_export(model, arch, pretrained, input_size, patch, for_source, layer, pr
                          layer=layer,
                          prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
                          calib=calib, calib_limit=calib_limit, budget=budget, threshold=threshold, mode=mode,
-                         channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi,
+                         fill=fill, channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi,
                          classes=classes, trust_pickle=trust_pickle, force=force, echo=None if quiet else click.echo)
     path = export_bundle(opts)
     if not quiet:

@@ -163,10 +163,14 @@ class Dedupe:
     """distinct_windows and distinct_pairs for one window family, with the answer for a gate that
     keeps every position (the default, rate 0) computed once and reused: the same function on the
     same inputs, so exactly as exact, without redoing the boolean work per image (on a 224x224 map
-    that work is 5 ms for 36 windows and far more for 666 pairs). Callers must not modify results."""
+    that work is 5 ms for 36 windows and far more for 666 pairs). Callers must not modify results.
 
-    def __init__(self, windows: np.ndarray, masks: np.ndarray):
-        self.windows, self.masks = windows, masks
+    With `filled` (windows hold a nonzero fill, docs/design.md §3.5), an occluded row is the fill on
+    the whole window, gated-off positions included, so every position counts as kept: windows
+    group only when they cover the same positions."""
+
+    def __init__(self, windows: np.ndarray, masks: np.ndarray, filled: bool = False):
+        self.windows, self.masks, self.filled = windows, masks, filled
         self._all_kept: dict[bytes | None, DistinctWindows] = {}
 
     @staticmethod
@@ -175,15 +179,21 @@ class Dedupe:
         (use as `dedupe = property(Dedupe.of)`)."""
         cached = owner.__dict__.get("_dedupe")
         if cached is None or cached.windows is not owner.windows or cached.masks is not owner.masks:
-            cached = owner.__dict__["_dedupe"] = Dedupe(owner.windows, owner.masks)
+            cached = owner.__dict__["_dedupe"] = Dedupe(owner.windows, owner.masks, owner.bundle.window_filled)
         return cached
 
     def windows_for(self, gate: np.ndarray) -> DistinctWindows:
+        gate = self._counted(gate)
         return self._reused(gate, None, lambda: distinct_windows(self.windows, self.masks, gate))
 
     def pairs_for(self, gate: np.ndarray, pairs: np.ndarray) -> DistinctWindows:
+        gate = self._counted(gate)
         key = np.ascontiguousarray(pairs, dtype=np.int64).tobytes()  # the whole array: equal keys, equal pairs
         return self._reused(gate, key, lambda: distinct_pairs(self.windows, self.masks, gate, pairs))
+
+    def _counted(self, gate: np.ndarray) -> np.ndarray:
+        """The positions whose occlusion can change a row: the kept ones, or all with a fill."""
+        return np.ones(gate.shape, bool) if self.filled else gate
 
     def _reused(self, gate: np.ndarray, key: bytes | None, compute) -> DistinctWindows:
         if not gate.all():

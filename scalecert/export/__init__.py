@@ -29,7 +29,7 @@ from scalecert.bundle import manifest as manifest_io
 from scalecert.bundle.staging import check_output, staging
 from scalecert.core import decision, geometry
 from scalecert.errors import ScaleCertError
-from scalecert.export.calibrate import CalibrationSet, channel_importance, choose_gate
+from scalecert.export.calibrate import CalibrationSet, blank_features, channel_importance, choose_gate
 from scalecert.export.channels import dead_channel_plan
 from scalecert.export.loading import LoadedModel, load_model
 from scalecert.export.plan import SplitPlan, plan_split
@@ -60,6 +60,7 @@ class ExportOptions:
     threshold: float = 0.0
     mode: str | None = None  # the bundle's default certify mode (bundle/manifest.py MODES); None: the tune
     # record's target (a checkpoint tuned --for recover exports for recovery), else detect
+    fill: str | None = None  # what windows hold: "blank" or "zero"; None/"auto": zero for a tuned checkpoint, else blank
     channel_prune: float = 0.0
     remove_dead_channels: bool = True
     phi: str = "abs"
@@ -116,7 +117,17 @@ def export_bundle(opts: ExportOptions) -> str:
         if removable and not opts.remove_dead_channels:
             removable, why = False, "kept by request (--keep-dead-channels)"
         kept_channels = int(live.sum()) if removable else plan.layer.shape[0]
-        suffix = build_suffix(model, plan.layer, kept_channels, np.flatnonzero(live) if removable else None)
+        dense_fill = fill = None  # dense: every channel, dead ones 0
+        if opts.fill == "blank":
+            dense_fill = blank_features(model, plan.layer, request.input_spec["input_size"], work)
+            dense_fill = np.where(live[:, None, None], dense_fill, np.float32(0))
+            fill = dense_fill[live] if removable else dense_fill
+            if not fill.any():  # always at the image layer: a blank image is 0 there
+                dense_fill = fill = None
+                opts.fill = "zero"
+                if plan.layer.index:
+                    opts.say("--fill blank: a blank image's features are 0 at this layer, the same as --fill zero")
+        suffix = build_suffix(model, plan.layer, kept_channels, np.flatnonzero(live) if removable else None, fill)
         save_checked(suffix, os.path.join(work, "suffix.onnx"))
         rate = str(plan_record["chosen"]["prune_rate"]) if plan_record.get("chosen") else opts.prune_rate
         gate = choose_gate(importance, calibration, request.record, live, rate, opts.phi)
@@ -138,7 +149,7 @@ def export_bundle(opts: ExportOptions) -> str:
                          "dead_channels_removed": bool(removable and not live.all()), "dead_channels_note": why,
                          "calibration_images": len(calibration.images) if calibration is not None else 0})
         if sin_info["dead_channels_removed"]:
-            sin_info["removal_savings"] = _removal_savings(model, plan, opts.phi, stats)
+            sin_info["removal_savings"] = _removal_savings(model, plan, opts.phi, stats, dense_fill)
             opts.say(f"removed {int((~live).sum())} dead channels: {sin_info['removal_savings']}")
         manifest = _manifest(opts, loaded, request, plan, num_classes, classes, kept_channels, sin_info, margin, stats,
                              started, work)
@@ -190,7 +201,7 @@ def choose_plan(opts: ExportOptions, request: Request, model: ir.Model, program,
                  "window agrees) as a proxy for every pair agreeing; no gate")
     with tempfile.TemporaryDirectory(prefix="scalecert-plan-") as scratch:
         search = PlanSearch(model, program, images, labels, request.image_hw, request.patch_hw, opts.budget, opts.phi,
-                            scratch, opts.say)
+                            scratch, opts.say, opts.fill)
         table, best = search.search(layers, opts.stride, "0" if recover and opts.prune_rate == "auto" else opts.prune_rate,
                                     alpha_for, opts.window_budget if recover else None)
     window_hw = geometry.window_size(request.patch_hw, request.image_hw, (best.layer.rf.y, best.layer.rf.x),
@@ -332,10 +343,10 @@ def _read_classes(path: str | None, count: int | None):
     return names
 
 
-def _removal_savings(model: ir.Model, plan: SplitPlan, phi: str, stats: dict) -> dict:
+def _removal_savings(model: ir.Model, plan: SplitPlan, phi: str, stats: dict, dense_fill) -> dict:
     channels = plan.layer.shape[0]
     dense_prefix = graph_stats(with_shapes(build_prefix(model, plan.layer, np.ones(channels, np.float32), -1.0, phi, False)))
-    dense_suffix = graph_stats(with_shapes(build_suffix(model, plan.layer, channels)))
+    dense_suffix = graph_stats(with_shapes(build_suffix(model, plan.layer, channels, fill=dense_fill)))
     return {"prefix_params": dense_prefix["params"] - stats["prefix"]["params"],
             "prefix_macs": dense_prefix["macs"] - stats["prefix"]["macs"],
             "suffix_params": dense_suffix["params"] - stats["suffix"]["params"],
@@ -361,7 +372,8 @@ def _manifest(opts, loaded, request, plan: SplitPlan, num_classes, classes, kept
                   "receptive_field": {"y": list(rf.y), "x": list(rf.x), "size": list(rf.size())},
                   "max_growth": opts.max_growth},
         "windows": {"footprint": list(plan.window_hw), "stride": plan.stride, "size": list(plan.window_size),
-                    "count": len(plan.windows), "budget": opts.window_budget if opts.stride == "auto" else None},
+                    "count": len(plan.windows), "budget": opts.window_budget if opts.stride == "auto" else None,
+                    "fill": opts.fill},
         "sin": sin_info,
         "margin": {manifest_io.margin_key("ort-cpu", "fp32"): margin["delta"]},
         "margin_measurement": {manifest_io.margin_key("ort-cpu", "fp32"): margin},
@@ -382,6 +394,8 @@ def _apply_tune_defaults(opts: ExportOptions, tuned: dict | None) -> dict | None
     opts.stride = opts.stride or (str(settings["stride_chosen"]) if "stride_chosen" in settings else "auto")
     opts.prune_rate = opts.prune_rate or "auto"  # auto with a tune record: the rate it was tuned at
     opts.mode = opts.mode or settings.get("target") or manifest_io.DEFAULT_MODE
+    if opts.fill in (None, "auto"):  # tune trains with zeroed windows (training/split_program.py)
+        opts.fill = settings.get("fill", "zero") if tuned else "blank"
     if opts.window_budget is None:
         from scalecert.export.plan import WINDOW_BUDGET
 

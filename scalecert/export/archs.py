@@ -81,12 +81,21 @@ def _networks():
     return networks
 
 
-def random_checkpoint(arch: str, path: str, seed: int = 0) -> str:
-    """Save a {"state_dict": ...} checkpoint of `arch` with seeded random weights (tests, smoke runs)."""
+def random_checkpoint(arch: str, path: str, seed: int = 0, random_norms: bool = False) -> str:
+    """Save a {"state_dict": ...} checkpoint of `arch` with seeded random weights (tests, smoke runs).
+    With random_norms, BatchNorm statistics and affine terms are random too (as after training: a
+    blank image then has features other than 0)."""
     import torch
 
     torch.manual_seed(seed)
-    torch.save({"state_dict": REGISTRY[arch].build().state_dict()}, path)
+    state = REGISTRY[arch].build().state_dict()
+    if random_norms:
+        for key, value in state.items():
+            if key.endswith(("running_mean", "bias")) and value.is_floating_point():
+                value.copy_(0.2 * torch.randn_like(value))
+            elif key.endswith(("running_var", "weight")) and value.dim() == 1:
+                value.copy_(0.5 + torch.rand_like(value))
+    torch.save({"state_dict": state}, path)
     return path
 
 

@@ -80,6 +80,18 @@ def plan_split(model: ir.Model, image_hw, patch_hw, layer_spec: str, stride_spec
 AUTO_RATES = (0.1, 0.2, 0.3, 0.5)
 MAX_LAYER_GROWTH = 4.0  # window share / patch share: beyond this a window hides too much to certify
 STRIDES_PER_LAYER = 3  # the smallest stride within the budget, and the next cheaper window counts
+# The occlusion is elementwise work over each row's whole (C', H', W') features, not MACs: 2 passes
+# (F - F*U), 4 with a fill (export/split.py). One pass over an element costs about 40 convolution
+# MACs on ONNX Runtime CPU (EfficientNet-Lite0, 2 threads: 37 image-layer rows took 9.7 ms of
+# occlusion against 9.3 ms per full forward; benchmarks/profile_suffix_ops.py), so at the image
+# layer 37 rows cost 38.2 forwards, not the pixel baseline's 37.
+OCCLUSION_MACS_PER_PASS = 40
+
+
+def occlusion_macs(layer: Layer, filled: bool) -> int:
+    """The occlusion's cost per row, in MAC-equivalents."""
+    channels, height, width = layer.shape
+    return channels * height * width * (4 if filled else 2) * OCCLUSION_MACS_PER_PASS
 
 
 @dataclass
@@ -123,15 +135,18 @@ def candidate_layers(layers: list[Layer], patch_hw, image_hw) -> list[Layer]:
 def candidate_strides(window_hw, feature_hw, prefix_macs: int, suffix_macs: int, full_macs: int,
                       budget: float, max_windows: int | None = None) -> list[int]:
     """The smallest stride whose dense cost fits the budget (and whose family has at most
-    `max_windows` windows), then strides with fewer windows."""
+    `max_windows` windows), then strides with fewer windows. With `max_windows` (recovery) only the
+    first: recovery is scored by single windows, which cannot see that a pair of larger windows
+    hides far more than one, so layers are compared at the most windows allowed (docs/design.md §4)."""
     out, last = [], None
+    wanted = 1 if max_windows is not None else STRIDES_PER_LAYER
     for stride in range(1, max(feature_hw) + 1):
         n = geometry.count_windows(window_hw, stride, feature_hw)
         if (prefix_macs + (1 + n) * suffix_macs) / full_macs > budget or n == last or (max_windows is not None and n > max_windows):
             continue
         out.append(stride)
         last = n
-        if len(out) == STRIDES_PER_LAYER:
+        if len(out) == wanted:
             break
     return out
 
@@ -140,17 +155,19 @@ class PlanSearch:
     """Scores candidate splits on calibration images (normalised (N,C,H,W) and labels or None)."""
 
     def __init__(self, model: ir.Model, program, images: np.ndarray, labels, image_hw, patch_hw, budget: float,
-                 phi: str, work: str, say=lambda _: None):
+                 phi: str, work: str, say=lambda _: None, fill: str = "zero"):
         from scalecert.export.stats import graph_stats
 
         self.model, self.program, self.images, self.labels = model, program, images, labels
         self.image_hw, self.patch_hw, self.budget, self.phi = tuple(image_hw), tuple(patch_hw), budget, phi
-        self.work, self.say = work, say
+        self.work, self.say, self.fill = work, say, fill
         self.full_macs = max(1, graph_stats(model)["macs"])
         self._layers: dict[str, tuple] = {}
+        self._filled: dict[str, bool] = {}
 
     def _graphs(self, layer: Layer):
-        """(ungated features on the calibration images, suffix path, prefix MACs, suffix MACs)."""
+        """(ungated features on the calibration images, suffix path, prefix MACs, suffix MACs per row
+        with the occlusion's elementwise work counted in)."""
         if layer.name not in self._layers:
             import os
 
@@ -161,15 +178,20 @@ class PlanSearch:
 
             channels = layer.shape[0]
             prefix = build_prefix(self.model, layer, np.ones(channels, np.float32), -1.0, "abs", remove_dead=False)
-            suffix = build_suffix(self.model, layer, channels)
             tag = f"plan-{len(self._layers)}"
             prefix_path, suffix_path = (os.path.join(self.work, f"{tag}-{p}.onnx") for p in ("prefix", "suffix"))
             save_checked(prefix, prefix_path)
-            save_checked(suffix, suffix_path)
             x = self.images
             features = run_onnx(prefix_path, [{"image": x[i:i + 32]} for i in range(0, len(x), 32)], "features")
+            fill = None
+            if self.fill == "blank":
+                fill = run_onnx(prefix_path, [{"image": np.zeros_like(x[:1])}], "features")[0]
+                fill = fill if fill.any() else None  # all 0: the same as --fill zero
+            self._filled[layer.name] = fill is not None
+            suffix = build_suffix(self.model, layer, channels, fill=fill)
+            save_checked(suffix, suffix_path)
             self._layers[layer.name] = (features, suffix_path, graph_stats(with_shapes(prefix))["macs"],
-                                        graph_stats(with_shapes(suffix))["macs"])
+                                        graph_stats(with_shapes(suffix))["macs"] + occlusion_macs(layer, fill is not None))
         return self._layers[layer.name]
 
     def evaluate(self, layer: Layer, stride: int, rate: float = 0.0, alpha: np.ndarray | None = None,
@@ -180,6 +202,7 @@ class PlanSearch:
         from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
         features, suffix_path, prefix_macs, suffix_macs = self._graphs(layer)
+        filled = self._filled[layer.name]  # every position counts for dedupe (Dedupe, filled)
         feature_hw = layer.shape[1:]
         window_hw = geometry.window_size(self.patch_hw, self.image_hw, (layer.rf.y, layer.rf.x), feature_hw)
         windows = geometry.window_family(window_hw, stride, feature_hw)
@@ -197,7 +220,7 @@ class PlanSearch:
         with OrtRunner(suffix_path) as suffix:
             for i in range(n_images):
                 gated = np.where(gates[i][None, None] & live, features[i:i + 1], np.float32(0))
-                distinct = geometry.distinct_windows(windows, masks, gates[i])
+                distinct = geometry.distinct_windows(windows, masks, np.ones_like(gates[i]) if filled else gates[i])
                 run.append(len(distinct.representatives))
                 base = int(suffix.infer({"features": gated, "windows": np.zeros((1, 4), np.int64)})["logits"].argmax())
                 truth = base if self.labels is None else self.labels[i]

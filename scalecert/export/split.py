@@ -2,11 +2,12 @@
 
 prefix.onnx: image (N,C,H,W) -> features (N,C',H',W') gated, gate (N,H',W') uint8
 suffix.onnx: features (N|1,C',H',W'), windows (B,4R) int64 -> logits (B,K): each row holds R >= 1
-rectangles [y0,x0,y1,x1) (R is the same for the whole batch) and zeroes their union, so a row of
-one rectangle is a window (detection) and a row of two is a pair (recovery, docs/design.md §10)
+rectangles [y0,x0,y1,x1) (R is the same for the whole batch) and occludes their union (zeros, or
+the bundle's constant fill: the layer's features of a blank image), so a row of one rectangle is a
+window (detection) and a row of two is a pair (recovery, docs/design.md §10)
 
 The gate is per position with static alpha and tau (docs/design.md §3.3); the window masks are
-built inside the suffix from the rectangles and zero exactly the window (§3.4). Nodes added here
+built inside the suffix from the rectangles and occlude exactly the window (§3.4). Nodes added here
 are named "scalecert/...": compile/precision.py never converts them.
 """
 from __future__ import annotations
@@ -84,10 +85,18 @@ class OcclusionSuffix(ir.passes.InPlacePass):
     finite F this is +0 wherever U = 1 and F elsewhere (-0 becomes +0), bit for bit, on every
     engine; it replaced a Where over (B, C', H', W'), which ONNX Runtime runs about 5x slower than
     a Mul. Not F * (1 - U): ONNX Runtime drops an "Add 0" that would clear the sign of -0, and
-    F * 0 keeps the sign of F, so the zeroed values would depend on what they hide."""
+    F * 0 keeps the sign of F, so the zeroed values would depend on what they hide.
 
-    def __init__(self, layer: Layer, channels: int):
+    With `fill` (C', H', W'), the window holds the fill instead of zeros: (F - F * U) + fill * U, which
+    is fill exactly under the window (+0 + v = v) and the zeroed form elsewhere (x + +-0 = x for
+    x != 0). The fill is a constant of the bundle (the layer's features of a blank image, §2), so
+    what the window holds still does not depend on the input."""
+
+    def __init__(self, layer: Layer, channels: int, fill: np.ndarray | None = None):
         self.layer, self.channels = layer, channels
+        self.fill = None if fill is None else check_fill(fill, (channels, *layer.shape[1:]))
+        if self.fill is not None and not self.fill.any():
+            self.fill = None  # all +0: the zeroed form is already the fill
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -132,7 +141,10 @@ class OcclusionSuffix(ir.passes.InPlacePass):
                         "features_non_finite")
         finite = op("Where", [non_finite, zero, features_in], "finite_features")  # once per call, not per row
         hidden = op("Mul", [finite, union01], "hidden_features")
-        masked = op("Sub", [finite, hidden], "occluded_features")  # (B, C', H', W')
+        masked = op("Sub", [finite, hidden], "zeroed_features" if self.fill is not None else "occluded_features")
+        if self.fill is not None:
+            fill = add_constant(graph, "occlusion_fill", self.fill[None])
+            masked = op("Add", [masked, op("Mul", [fill, union01], "window_fill")], "occluded_features")
 
         for node, index in list(feature.uses()):
             node.replace_input_with(index, masked)
@@ -142,6 +154,17 @@ class OcclusionSuffix(ir.passes.InPlacePass):
         graph.extend(nodes)
         self.old_inputs = old_inputs
         return ir.passes.PassResult(model, modified=True)
+
+
+def check_fill(fill: np.ndarray, shape) -> np.ndarray:
+    """The window's fill as float32 (C', H', W'), finite, with -0 made +0 (so that the value under a
+    window is one bit pattern)."""
+    fill = np.asarray(fill, np.float32)
+    if fill.shape != tuple(shape):
+        raise ScaleCertError(f"occlusion fill of shape {fill.shape}, expected {tuple(shape)}")
+    if not np.isfinite(fill).all():
+        raise ScaleCertError("the layer's features of a blank image are not finite; export with --fill zero")
+    return fill + np.float32(0.0)
 
 
 class DropOldInputs(ir.passes.InPlacePass):
@@ -172,11 +195,13 @@ def build_prefix(model: ir.Model, layer: Layer, alpha: np.ndarray, threshold: fl
     return run_passes(prefix, *passes, gate, finish())
 
 
-def build_suffix(model: ir.Model, layer: Layer, channels: int, keep: np.ndarray | None = None) -> ir.Model:
+def build_suffix(model: ir.Model, layer: Layer, channels: int, keep: np.ndarray | None = None,
+                 fill: np.ndarray | None = None) -> ir.Model:
     """The occluding suffix on `channels` feature channels, on a clone of `model`; with `keep`, the
-    Convs reading the features take only those input channels (dead channels removed)."""
+    Convs reading the features take only those input channels (dead channels removed); with `fill`
+    (channels, H', W'), windows hold it instead of zeros."""
     suffix = model.clone()
-    occlusion = OcclusionSuffix(layer, channels)
+    occlusion = OcclusionSuffix(layer, channels, fill)
     passes = [occlusion, finish(), DropOldInputs(occlusion)]
     if keep is not None:
         passes.append(SliceSuffixInputs(keep))

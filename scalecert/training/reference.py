@@ -24,6 +24,8 @@ class TorchReference(SplitProgram):
         sin = bundle.manifest["sin"]
         super().__init__(program.module(), bundle.manifest["layer"]["name"], bundle.input_spec, bundle.windows(),
                          bundle.feature_hw, sin["alpha"], sin["threshold"], sin["phi"])
+        if bundle.manifest["windows"].get("fill", "zero") == "blank":
+            self.use_blank_fill()
 
     def certify(self, pixels_uint8: np.ndarray, batch: int = 128) -> dict:
         """-> {"status", "label", "window_labels", "gate"} for one HxWx3 uint8 image."""

@@ -65,6 +65,14 @@ class SplitProgram:
         self.window_masks = torch.from_numpy(masks).to(device)
         self.alpha = torch.as_tensor(np.asarray(alpha, np.float32), device=device).reshape(1, -1, 1, 1)
         self.tau = float(np.float32(tau))
+        self.fill = None  # what an occluded window holds: zeros, or use_blank_fill()'s features
+
+    def use_blank_fill(self) -> None:
+        """Windows hold the layer's features of a blank image (0 after normalisation), dead channels
+        0: the bundle's --fill blank (export/split.py), recomputed here in PyTorch."""
+        with self.torch.no_grad():
+            blank = self.superficial(self.torch.zeros(1, *self.input_size, device=self.device))
+        self.fill = self.torch.where(self.alpha > 0, blank, self.torch.zeros((), dtype=blank.dtype, device=self.device))
 
     def normalize(self, pixels_uint8: np.ndarray):
         x = self.torch.from_numpy(np.ascontiguousarray(pixels_uint8)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
@@ -95,10 +103,12 @@ class SplitProgram:
         return self.torch.fx.Interpreter(self.module).run(dummy, initial_env={self.layer_node: s})
 
     def occlude(self, s, window_index: np.ndarray):
-        """Row i: s (or its only row) with window window_index[i] of the family zeroed; with a
-        (n, k) index, the union of the k windows window_index[i] (a pair for recovery, k = 2)."""
+        """Row i: s (or its only row) with window window_index[i] of the family zeroed (or filled,
+        use_blank_fill); with a (n, k) index, the union of the k windows window_index[i] (a pair for
+        recovery, k = 2)."""
         index = self.torch.from_numpy(np.asarray(window_index)).to(self.device)
         masks = self.window_masks[index]
         if index.dim() == 2:
             masks = masks.any(1)
-        return self.torch.where(masks, self.torch.zeros((), dtype=s.dtype, device=s.device), s)
+        hidden = self.torch.zeros((), dtype=s.dtype, device=s.device) if self.fill is None else self.fill.to(s.dtype)
+        return self.torch.where(masks, hidden, s)
