@@ -5,7 +5,9 @@
 #  - ResNet-20: `scalecert tune` with defaults, one epoch on 5000 CIFAR-10 training images, exported
 #    with defaults; bench on 1000 test images against the vanilla model's pixel baseline.
 #  - int8 (build defaults) on both, and the confidence-threshold curve.
-#   SHARED=../shared CALIB=dir TEST=dir benchmarks/defaults.sh
+#   SHARED=../shared CALIB=dir TEST=dir [TEST_LABELS=labels.csv] benchmarks/defaults.sh
+#   (the ImageNet runs in RESULTS.md: CALIB=runs/imagenet-calib TEST=runs/imagenet-test
+#    TEST_LABELS=../shared/data/imagenet-sample/labels.csv, folders made by benchmarks/recovery.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared}
@@ -17,10 +19,10 @@ THRESHOLDS=0,0.5,0.8,0.95
 if [ -n "${CALIB:-}" ]; then
   scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 --calib "$CALIB" -o "$WORK/eff" --force
   scalecert build "$WORK/eff" --precision int8 --calib "$CALIB"
-  scalecert bench "$WORK/eff" --data "$TEST" --precision fp32,int8 --threshold $THRESHOLDS --baseline \
-    --baseline-engine both --report "$OUT/defaults_effnet.json" --plot "$OUT/defaults_effnet.png"
+  scalecert bench "$WORK/eff" --data "$TEST" ${TEST_LABELS:+--labels "$TEST_LABELS"} --precision fp32,int8 --threshold $THRESHOLDS --baseline \
+    --baseline-engine both --threads 2 --report "$OUT/defaults_effnet.json" --plot "$OUT/defaults_effnet.png"
   # the same-engine ratio, both sides in one process taking turns (bench runs baselines one after the other)
-  python benchmarks/same_engine.py "$WORK/eff" --data "$TEST" --out "$OUT/same_engine_effnet.json"
+  python benchmarks/same_engine.py "$WORK/eff" --data "$TEST" --threads 2 --out "$OUT/same_engine_effnet.json"
 fi
 
 if [ ! -f "$WORK/r20-tuned.pt" ]; then
