@@ -72,14 +72,8 @@ def ungated_features(model: ir.Model, layer: Layer, calibration: CalibrationSet,
 def blank_features(model: ir.Model, layer: Layer, input_chw, work: str) -> np.ndarray:
     """The layer's features (C, H', W') of a blank image: 0 after normalisation, the pixel baseline's
     mask value. Windows are filled with it (--fill blank, docs/design.md §2)."""
-    from scalecert.export.split import build_prefix
-
-    path = os.path.join(work, "blank.onnx")
-    save_checked(build_prefix(model, layer, np.ones(layer.shape[0], np.float32), -1.0, "abs", remove_dead=False), path)
-    try:
-        return run_onnx(path, [{"image": np.zeros((1, *input_chw), np.float32)}], "features")[0]
-    finally:
-        os.remove(path)
+    blank = CalibrationSet(np.zeros((1, *input_chw), np.float32), [None])
+    return ungated_features(model, layer, blank, work)[0]
 
 
 def channel_importance(model: ir.Model, program, layer: Layer, calibration: CalibrationSet | None, record: dict | None,

@@ -202,11 +202,11 @@ class PlanSearch:
         from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
         features, suffix_path, prefix_macs, suffix_macs = self._graphs(layer)
-        filled = self._filled[layer.name]  # every position counts for dedupe (Dedupe, filled)
         feature_hw = layer.shape[1:]
         window_hw = geometry.window_size(self.patch_hw, self.image_hw, (layer.rf.y, layer.rf.x), feature_hw)
         windows = geometry.window_family(window_hw, stride, feature_hw)
         masks = geometry.window_masks(windows, feature_hw)
+        dedupe = geometry.Dedupe(windows, masks, self._filled[layer.name])
         if rate > 0:
             score = sin.scores(features, alpha, self.phi)
             gates = sin.gate(score, sin.threshold_for_rate(score, rate))
@@ -220,7 +220,7 @@ class PlanSearch:
         with OrtRunner(suffix_path) as suffix:
             for i in range(n_images):
                 gated = np.where(gates[i][None, None] & live, features[i:i + 1], np.float32(0))
-                distinct = geometry.distinct_windows(windows, masks, np.ones_like(gates[i]) if filled else gates[i])
+                distinct = dedupe.windows_for(gates[i])
                 run.append(len(distinct.representatives))
                 base = int(suffix.infer({"features": gated, "windows": np.zeros((1, 4), np.int64)})["logits"].argmax())
                 truth = base if self.labels is None else self.labels[i]
