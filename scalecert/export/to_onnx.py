@@ -76,6 +76,27 @@ def _optimize(model: ir.Model) -> None:
         onnxscript.optimizer.optimize(model)
 
 
+def _refuse_training(model: ir.Model, source: str) -> None:
+    """A graph that trains normalises by batch statistics or drops at random, in the prefix and in the
+    suffix alike (a window's logits would depend on the other windows of its batch): refused whole."""
+    from scalecert.export.receptive import const_array
+
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        training = None
+        if node.op_type == "BatchNormalization":
+            mode = node.attributes.get("training_mode")
+            if (mode is not None and mode.as_int() != 0) or len(node.outputs) > 1:
+                training = "normalises by the statistics of each batch"
+        elif node.op_type == "Dropout" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            flag = const_array(node.inputs[2])
+            if flag is None or bool(flag.ravel()[0]):
+                training = "may drop activations at random"
+        if training:
+            raise ScaleCertError(f"{source}: the graph is in training mode: {node.op_type} {node.name or '(unnamed)'} {training}; "
+                                 "export the model after model.eval() (torch.onnx.export(..., "
+                                 "training=torch.onnx.TrainingMode.EVAL))")
+
+
 def to_onnx(loaded: LoadedModel):
     """-> (onnx-ir model, ExportedProgram or None)."""
     program = None
@@ -90,6 +111,7 @@ def to_onnx(loaded: LoadedModel):
     except Exception as exc:  # noqa: BLE001
         raise ScaleCertError(f"{loaded.source}: ONNX shape inference failed: {str(exc).splitlines()[0][:160]}") from None
     model = ir.from_proto(proto)
+    _refuse_training(model, loaded.source)
     if program is None:  # the dynamo path already folded constants and fused Conv+BN
         _optimize(model)
     image, logits = model.graph.inputs[0], model.graph.outputs[0]
