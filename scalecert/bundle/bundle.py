@@ -115,6 +115,20 @@ class Bundle:
                                  f"`scalecert build BUNDLE --precision {precision}`")
         return {part: os.path.join(self.path, variant[part]) for part in ("prefix", "suffix")}
 
+    def proven_prefix(self, precision: str = "fp32") -> str:
+        """The prefix file of a precision, refused unless its locality was proven and checked for
+        exactly these bytes (export/locality.py, docs/design.md §3.1); the caller has verified the
+        file hashes. Bundles exported before the check have no record: they must be re-exported."""
+        name = self.precisions[precision]["prefix"]
+        record = (self.manifest.get("locality") or {}).get(name)
+        if record is None:
+            raise ScaleCertError(f"{self.path}: {name} has no locality record (exported by a scalecert that did not "
+                                 "prove and check the prefix at export); re-export the bundle")
+        sha = (self.manifest["files"].get(name) or {}).get("sha256")
+        if record.get("sha256") != sha or not record.get("check", {}).get("passed"):
+            raise ScaleCertError(f"{self.path}: {name} is not the file whose locality was proven; re-export the bundle")
+        return os.path.join(self.path, name)
+
     def margin(self, backend: str, precision: str) -> float | None:
         """The numeric margin delta measured for this backend and precision, None if never measured."""
         value = self.manifest["margin"].get(manifest_io.margin_key(backend, precision))

@@ -46,6 +46,16 @@ def _reference_answers(bundle: Bundle) -> dict:
         return {manifest_io.margin_key("ort-cpu", "fp32"): probes.answers(certifier, bundle)}
 
 
+def _confirm_prefixes(work: str, manifest: dict, bundle: Bundle) -> None:
+    """A new threshold is a new prefix file: prove and check its locality again (export/locality.py)."""
+    from scalecert.export.locality import confirm
+    from scalecert.runtime.doctor import probe_pixels
+
+    pixels = probe_pixels(bundle)
+    manifest["locality"] = {files["prefix"]: confirm(work, manifest, files["prefix"], pixels)
+                            for files in bundle.precisions.values()}
+
+
 def derive(bundle_dir: str, output: str, prune_rate: float | None = None, stride: int | None = None) -> str:
     """A copy of the bundle at `output` with another pruning rate (threshold from the calibrated
     table, set in every precision's prefix) and/or occluding stride (a new window family)."""
@@ -67,6 +77,9 @@ def derive(bundle_dir: str, output: str, prune_rate: float | None = None, stride
                                         "size": [int(windows[0, 2] - windows[0, 0]), int(windows[0, 3] - windows[0, 1])]})
         changed = (prune_rate is not None and prune_rate != bundle.manifest["sin"]["prune_rate"]) or \
             (stride is not None and stride != bundle.stride)
+        manifest["files"] = manifest_io.describe_files(work, list(manifest["files"]))
+        if prune_rate is not None and prune_rate != bundle.manifest["sin"]["prune_rate"]:
+            _confirm_prefixes(work, manifest, bundle)
         if changed and manifest.get("probes"):
             manifest["probes"]["answers"] = _reference_answers(Bundle(work, manifest))
         manifest["files"] = manifest_io.describe_files(work, list(manifest["files"]))

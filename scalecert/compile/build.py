@@ -21,7 +21,9 @@ from scalecert.bundle import Bundle, manifest as manifest_io
 from scalecert.bundle.staging import staging
 from scalecert.core.margin import measure_margin
 from scalecert.errors import ScaleCertError
+from scalecert.export.locality import confirm as confirm_locality
 from scalecert.runtime import pipelines
+from scalecert.runtime.doctor import probe_pixels
 
 BACKENDS = {"ort": "ort-cpu", "ort-cpu": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "trt"}
 
@@ -104,12 +106,16 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
         if precision not in variants or (precision == "int8" and (calib is not None or rebuild_int8)):
             family = int8_family(backend)
             variants[precision] = _make_variant(staged, precision, images, windows, family, min_agreement)
-            say(f"{precision}: wrote {variants[precision]['prefix']} and {variants[precision]['suffix']}")
             if precision == "int8":
                 _int8_verdict(variants[precision], accept_loss, min_agreement, say)
                 for key in [k for k in manifest["margin"] if k.endswith("-int8")]:  # measured on the old variant
                     del manifest["margin"][key]
                     manifest.get("margin_measurement", {}).pop(key, None)
+            prefix_file = variants[precision]["prefix"]
+            manifest.setdefault("locality", {})[prefix_file] = confirm_locality(
+                work, manifest, prefix_file, probe_pixels(staged), say=say)
+            manifest["files"] = manifest_io.describe_files(work, sorted(_bundle_files(work)))
+            say(f"{precision}: wrote {prefix_file} and {variants[precision]['suffix']}")
         if backend == "trt":
             from scalecert.compile.tensorrt import build_engines
 
@@ -232,7 +238,6 @@ def _margin_images(bundle: Bundle, images: np.ndarray) -> np.ndarray:
     """The margin is measured on the image `scalecert doctor` re-measures it on (the first probe
     image) and on a calibration image: a build on the device then passes doctor's spread check
     there unless the engine's numerics drift."""
-    from scalecert.runtime.doctor import probe_pixels
     from scalecert.runtime.images import normalize
 
     return np.concatenate([normalize(probe_pixels(bundle)[None], bundle.input_spec), images[:1]])

@@ -11,6 +11,7 @@
   choose_gate       pruning rate and static threshold tau                 (calibrate.py)
   build_prefix      the gated prefix                                      (split.py)
   measure_margin    the numeric margin on ONNX Runtime CPU                (core/margin.py)
+  confirm_locality  the saved prefix proven local and checked by patching  (locality.py)
   write_manifest    every choice, statistic, hash and tool version
 
 docs/design.md §3 says why each stage keeps the certificate sound.
@@ -32,6 +33,7 @@ from scalecert.errors import ScaleCertError
 from scalecert.export.calibrate import CalibrationSet, blank_features, channel_importance, choose_gate
 from scalecert.export.channels import dead_channel_plan
 from scalecert.export.loading import LoadedModel, load_model
+from scalecert.export.locality import confirm as confirm_locality
 from scalecert.export.plan import SplitPlan, plan_split
 from scalecert.export.split import WINDOWS_LAYOUT, build_prefix, build_suffix
 from scalecert.export.stats import graph_stats, with_shapes
@@ -155,6 +157,8 @@ def export_bundle(opts: ExportOptions) -> str:
                              started, work)
         manifest["plan"] = plan_record
         manifest["decision"] = {"threshold": opts.threshold, "mode": opts.mode}
+        manifest["locality"] = {"prefix.onnx": confirm_locality(work, manifest, "prefix.onnx", _check_pixels(request),
+                                                                say=opts.say)}
         manifest["probes"] = _known_answers(work, manifest, request)
         manifest["files"] = manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx", *manifest["probes"]["images"]])
         manifest_io.write(work, manifest)
@@ -423,6 +427,16 @@ def _measure_margin(work: str, input_spec: dict, calibration, windows: np.ndarra
     with OrtCpuPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
                         window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
         return measure_margin(pipeline, image, windows)
+
+
+def _check_pixels(request: Request) -> np.ndarray:
+    """The image the locality check patches: the first calibration image, else a synthetic one."""
+    from scalecert.runtime import probes
+    from scalecert.runtime.images import load_image
+
+    if request.calibration_items:
+        return load_image(request.calibration_items[0][0], request.input_spec)
+    return probes.synthetic_images(request.image_hw, 1)[0]
 
 
 def _known_answers(work: str, manifest: dict, request: Request) -> dict:

@@ -33,10 +33,11 @@ from scalecert.core import geometry
 from scalecert.core.margin import delta_from_spread, measure_margin
 from scalecert.errors import ScaleCertError
 from scalecert.runtime import pipelines, probes
+from scalecert.runtime.locality import BATCH, check_locality
 from scalecert.runtime.images import normalize
 
 LOCALITY_POSITIONS = 64
-LOCALITY_BATCH = 16
+LOCALITY_BATCH = BATCH
 LATENCY_RUNS = 5
 CROSS_ENGINE_FP32 = 0.01  # logits: fp32 on two engines (TF32 off) agree within 1e-3 in tests/test_gpu.py
 
@@ -182,71 +183,20 @@ def check_engines(bundle: Bundle, precision: str) -> Check:
 # -- on-device probes ------------------------------------------------------------------------------
 
 
-def bits(array: np.ndarray) -> np.ndarray:
-    """Bit patterns of an array (floats compared bitwise: -0.0 != 0.0)."""
-    array = np.ascontiguousarray(array)
-    return array.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[array.dtype.itemsize])
-
-
-def patch_positions(patch_hw, image_hw, count: int, rng) -> list[tuple[int, int]]:
-    """About `count` top-left patch positions: the four corners, a regular grid and random ones."""
-    (ph, pw), (h, w) = patch_hw, image_hw
-    last_y, last_x = h - ph, w - pw
-    step = max(1, int(np.sqrt((last_y + 1) * (last_x + 1) / max(1, count // 2))))
-    grid = {(y, x) for y in range(0, last_y + 1, step) for x in range(0, last_x + 1, step)}
-    corners = {(0, 0), (0, last_x), (last_y, 0), (last_y, last_x)}
-    random = {(int(rng.integers(0, last_y + 1)), int(rng.integers(0, last_x + 1))) for _ in range(count // 2)}
-    picked = sorted(grid)
-    if len(picked) > count // 2:
-        picked = [picked[i] for i in rng.choice(len(picked), count // 2, replace=False)]
-    return sorted(corners | set(picked) | random)
-
-
-def patch_contents(rng, patch_hw, spec: dict, kind: int) -> np.ndarray:
-    """(3, ph, pw) in network input space: random pixels (0), saturated pixels (1), far outside
-    the pixel range (2: the threat model allows any values)."""
-    ph, pw = patch_hw
-    if kind == 2:
-        return rng.uniform(-30, 30, (3, ph, pw)).astype(np.float32)
-    pixels = rng.integers(0, 256, (ph, pw, 3)) if kind == 0 else rng.choice([0, 255], (ph, pw, 3))
-    _, h, w = spec["input_size"]
-    image = np.zeros((h, w, 3), np.uint8)
-    image[:ph, :pw] = pixels.astype(np.uint8)
-    return normalize(image, spec)[0, :, :ph, :pw]
-
-
 def probe_locality(pipeline, bundle: Bundle, pixels: np.ndarray, count: int = LOCALITY_POSITIONS,
                    seed: int = 0) -> Check:
-    """Patched copies of one image, in batches, against the clean image run alone: features and
-    gates outside each patch's footprint must be bit-identical."""
-    spec, patch_hw, feature_hw = bundle.input_spec, bundle.patch_hw, bundle.feature_hw
-    rng = np.random.default_rng(seed)
-    clean = normalize(pixels[None], spec)
-    features, gate = pipeline.prefix(clean)
-    want_f, want_g = bits(features[0]), bits(np.reshape(gate[0], feature_hw))
-    positions = patch_positions(patch_hw, bundle.image_hw, count, rng)
-    leaks, moved = [], 0
-    for lo in range(0, len(positions), LOCALITY_BATCH):
-        chunk = positions[lo:lo + LOCALITY_BATCH]
-        batch = np.repeat(clean, len(chunk), axis=0)
-        for k, (y, x) in enumerate(chunk):
-            batch[k, :, y:y + patch_hw[0], x:x + patch_hw[1]] = patch_contents(rng, patch_hw, spec, (lo + k) % 3)
-        got_f, got_g = pipeline.prefix(batch)
-        for k, (y, x) in enumerate(chunk):
-            y0, x0, y1, x1 = geometry.footprint((y, x), patch_hw, bundle.receptive_field, feature_hw)
-            changed = (bits(got_f[k]) != want_f).any(axis=0) | (bits(np.reshape(got_g[k], feature_hw)) != want_g)
-            inside = np.zeros(feature_hw, bool)
-            inside[y0:y1, x0:x1] = True
-            if (changed & ~inside).any():
-                leaks.append((y, x))
-            moved += bool((changed & inside).any())
-    data = {"positions": len(positions), "leaking": len(leaks), "moved_inside": moved, "first_leaks": leaks[:5]}
-    if leaks:
-        return Check("locality", False, f"patches at {len(leaks)} of {len(positions)} positions changed features or gates "
-                     f"outside their footprint (first at {leaks[0]})",
+    """The locality check (runtime/locality.py) through this pipeline's prefix: features and gates
+    outside each patch's footprint must be bit-identical to the clean image's, run alone."""
+    report = check_locality(pipeline.prefix, pixels, bundle.input_spec, bundle.patch_hw, bundle.receptive_field,
+                            bundle.feature_hw, seed=seed, limit=count)
+    data = report.to_json(bundle.patch_hw)
+    if not report.passed:
+        return Check("locality", False, f"{len(report.leaks)} of {report.patched_images} patched images changed "
+                     f"features or gates outside their footprint ({data['first_leak']})",
                      "the prefix is not local as run here: do not certify on this device; report it", data)
-    return Check("locality", True, f"{len(positions)} patch positions (random, saturated, out-of-range contents, "
-                 f"batches of {LOCALITY_BATCH}): nothing moved outside the footprint; {moved} moved inside", data=data)
+    return Check("locality", True, f"{report.positions} patch positions across the input, {report.patched_images} "
+                 f"patched images (random, extreme, out-of-range, adversarial contents, batches of {LOCALITY_BATCH}): "
+                 f"nothing moved outside the footprint; {report.moved_inside} moved inside", data=data)
 
 
 def probe_spread(pipeline, bundle: Bundle, pixels: np.ndarray, delta: float) -> Check:

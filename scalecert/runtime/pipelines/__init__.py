@@ -54,10 +54,12 @@ def pick(backend: str, precision: str, bundle) -> str:
 
 
 def open_pipeline(bundle, backend: str, precision: str, threads: int | None = None) -> Pipeline:
-    """An inactive pipeline for one precision of the bundle on one backend. Every backend runs the
+    """An inactive pipeline for one precision of the bundle on one backend; refused for a prefix whose
+    locality was not proven and checked (bundle.proven_prefix). Every backend runs the
     prefix on ONNX Runtime CPU (`threads` intra-op threads); the GPU backends run only the suffix
     on the GPU (docs/design.md §9)."""
     backend = canonical(backend)
+    bundle.proven_prefix(precision)
     if backend == "trt":
         from scalecert.runtime.pipelines.tensorrt import TrtPipeline
 
