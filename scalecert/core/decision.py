@@ -9,7 +9,10 @@ positions), and T, the confidence threshold of the alert operating point (0 by d
 - A window *disagrees* when it predicts another label with confidence >= T. Any disagreeing
   window raises the alert, and the disagreeing windows localise the patch.
 - The image is *certified* with label y0 when every window (and the base) predicts y0 with
-  margin >= delta and log-confidence >= log T + delta.
+  margin > delta and log-confidence > log T + delta, strictly: a tie is no certificate.
+- A margin is top-1 minus top-2 logit less a floor of ULPS float32 ulps of the row's largest
+  |logit| (§3.6): delta is measured on a few images and may be 0, so it is a sample, not a bound;
+  a gap within the rounding of the logits' own scale never certifies, whatever delta says.
 - Otherwise the status is *uncertified*: the label is reported, with neither an alert nor a
   certificate. With T = 0 every other label disagrees, so this happens only for thin margins on
   an engine that is not bit-exact.
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STATUSES = ("certified", "alert", "uncertified")
+ULPS = 4  # the margin floor, in float32 ulps of the row's largest |logit|
 
 
 @dataclass(frozen=True)
@@ -35,13 +39,19 @@ class Decision:
         return self.status == "certified"
 
 
+def margin_floor(logits: np.ndarray) -> np.ndarray:
+    """Per row: ULPS float32 ulps of its largest |logit| (a gap below it is rounding, not a decision)."""
+    scale = np.abs(np.asarray(logits, np.float32)).max(axis=1)
+    return (ULPS * np.spacing(np.nan_to_num(scale, nan=np.inf, posinf=np.finfo(np.float32).max))).astype(np.float32)
+
+
 def top2_margin(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(argmax, top-1 minus top-2) per row."""
+    """(argmax, top-1 minus top-2 minus margin_floor) per row: a tie has a negative margin."""
     labels = logits.argmax(axis=1)
     if logits.shape[1] < 2:
         return labels, np.full(len(logits), np.inf, dtype=np.float32)
     part = np.partition(logits, -2, axis=1)
-    return labels, part[:, -1] - part[:, -2]
+    return labels, (part[:, -1] - part[:, -2]) - margin_floor(logits)
 
 
 def log_confidence(logits: np.ndarray) -> np.ndarray:
@@ -84,9 +94,9 @@ def disagreeing(base_label: int, window_labels: np.ndarray, window_logconf: np.n
 def certifying(label: int, labels: np.ndarray, margins: np.ndarray, logconf: np.ndarray | None, delta: float,
                threshold: float = 0.0) -> np.ndarray:
     """Per row: does this prediction hold `label` robustly enough to certify (§3.6, §7)?"""
-    ok = (labels == label) & (margins >= delta)
+    ok = (labels == label) & (margins > delta)
     if threshold > 0:
-        ok &= np.asarray(logconf) >= log_threshold(threshold) + delta
+        ok &= np.asarray(logconf) > log_threshold(threshold) + delta
     return ok
 
 

@@ -7,8 +7,8 @@ Inputs are predictions of the suffix on the features with windows zeroed:
 - `second`: {i: (W,) labels}, for a window i, the labels with windows i and j zeroed, j over the
   family (j == i is the first-round prediction of i);
 - `pairs`: (W, W) labels for every pair (symmetric; the diagonal is the first round).
-Margins enter as a boolean "thin" map: a prediction whose top-1 minus top-2 logit is below the
-engine's numeric margin delta cannot be relied on, so it never certifies.
+Margins enter as a boolean "thin" map: a prediction whose margin (core/decision.py::top2_margin)
+does not exceed the engine's numeric margin delta cannot be relied on, so it never certifies.
 """
 from __future__ import annotations
 

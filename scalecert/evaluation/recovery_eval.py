@@ -121,6 +121,6 @@ class BundleRecovery:
             else:
                 logits = self.cert.window_logits(features, self.windows[pairs])  # (k, 2, 4): one row per pair
             labels, margins = decision.top2_margin(logits)
-            return labels, margins < self.cert.delta
+            return labels, margins <= self.cert.delta
 
         return predict

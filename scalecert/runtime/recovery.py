@@ -214,11 +214,11 @@ class Recoverer:
         return recovery.double_masking(first, second), first, first_rows, rows.rows_run - first_rows
 
     def certify_label(self, rows: _Rows, gate: np.ndarray, label: int) -> tuple[bool, int]:
-        """Every pair i <= j predicts `label` with margin >= delta (rows run, after dedupe)."""
+        """Every pair i <= j predicts `label` with margin > delta (rows run, after dedupe)."""
         before = rows.rows_run
         distinct = self.dedupe.pairs_for(gate, self.pairs)
         labels, margins, _ = rows.expanded(distinct)
-        ok = recovery.certified_recovery(labels, label, thin=margins < self.delta)
+        ok = recovery.certified_recovery(labels, label, thin=margins <= self.delta)
         return ok, rows.rows_run - before
 
     # -- images ------------------------------------------------------------------------------
