@@ -12,7 +12,8 @@ from test_results_file import certify_folder, data_dir, local_rows, rows  # noqa
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'scalecert[ray]'")
 
-SAME = ("status", "label", "windows_evaluated", "windows_total", "alert_windows", "true_label", "error")
+SAME = ("status", "label", "windows_evaluated", "windows_total", "alert_windows", "true_label", "error", "source",
+        "bundle_sha256", "file_sha256")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -2,6 +2,7 @@
 killed run (torn last line), Parquet, and `--ray` without Ray installed. Real images, real bundle."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,15 @@ def rows(path: str) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def read_rows(path: str) -> list[dict]:
+    """A results file's rows, .jsonl or .parquet."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    return rows(path)
+
+
 def certify_folder(bundle, data, out, **kw):
     from scalecert.evaluation.folder import certify_folder as run
 
@@ -58,7 +68,7 @@ def test_one_row_per_image_as_certify_json(local_rows, tiny_bundle, data_dir):
         for rel in (os.path.join("airplane", "coffee.png"), os.path.join("dog", "0000.jpg")):
             expected = cert.certify(os.path.join(data_dir, rel)).to_json()
             row = by_path[rel]
-            assert set(row) == set(expected) | {"path", "true_label"}
+            assert set(row) == set(expected) | {"path", "true_label", "bundle_sha256", "file_sha256"}
             for key in ("status", "label", "windows_evaluated", "windows_total", "alert_windows", "base_margin"):
                 assert row.get(key) == expected.get(key), (rel, key)
     classes = sorted(os.listdir(data_dir))
@@ -148,3 +158,145 @@ def test_ray_flag_before_a_path_is_refused(tiny_bundle, data_dir, tmp_path):
     proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--ray")
     assert proc.returncode == 2 and "add --out" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "r.jsonl").exists()
+
+
+# --- rows keyed by bundle and file content (no ../shared: generated images, scikit-image's photos) --
+
+TIMING = ("latency_ms", "prefix_ms", "suffix_ms")
+
+
+def photo_jpeg(path, name="chelsea") -> None:
+    """A 640x480 JPEG photo: scikit-image's, resized."""
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(getattr(data, name)()).resize((640, 480), Image.BILINEAR).save(path, quality=90)
+
+
+def write_photo_folder(root) -> str:
+    """An ImageFolder tree: a 640x480 JPEG photo and a 16-bit PNG in cats/, a small generated PNG
+    and a broken file in other/."""
+    import numpy as np
+    from PIL import Image
+
+    os.makedirs(root / "cats")
+    os.makedirs(root / "other")
+    photo_jpeg(root / "cats" / "photo.jpg")
+    ramp = np.add.outer(np.arange(48) * 900, np.arange(64) * 300).astype(np.uint16)  # up to 61200: 16 bits used
+    wide = Image.fromarray(ramp)
+    assert wide.mode == "I;16"
+    wide.save(root / "cats" / "wide.png")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(root / "other" / "small.png")
+    (root / "other" / "broken.jpg").write_bytes(b"not an image")
+    return str(root)
+
+
+def logged_run(bundle, data, out, **kw) -> tuple[dict, str]:
+    from scalecert.evaluation.folder import certify_folder as run
+
+    lines = []
+    counts = run(bundle, data, out, threads=1, quiet=True, log=lines.append, **kw)
+    return counts, lines[0]
+
+
+@pytest.fixture
+def photo_folder(tmp_path) -> str:
+    return write_photo_folder(tmp_path / "photos")
+
+
+@pytest.mark.parametrize("ext", [".jsonl", ".parquet"])
+def test_a_replaced_image_is_certified_again(tiny_bundle, photo_folder, tmp_path, ext):
+    if ext == ".parquet":
+        pytest.importorskip("pyarrow.parquet")
+    out = str(tmp_path / f"results{ext}")
+    counts, line = logged_run(tiny_bundle, photo_folder, out)
+    assert counts["written"] == counts["images"] == 4 and counts["skipped"] == counts["replaced"] == 0
+    assert "0 rows reused, 0 replaced" in line and "4 new" in line
+    before = {r["path"]: r for r in read_rows(out)}
+    photo_jpeg(os.path.join(photo_folder, "cats", "photo.jpg"), "astronaut")  # same name, another image
+    counts, line = logged_run(tiny_bundle, photo_folder, out)
+    assert (counts["skipped"], counts["written"], counts["replaced"]) == (3, 1, 1)
+    assert "3 rows reused, 1 replaced (1 changed file, 0 other bundle or settings), 0 new" in line
+    after = read_rows(out)
+    assert len(after) == 4 and len({r["path"] for r in after}) == 4  # the old row is gone
+    key = os.path.join("cats", "photo.jpg")
+    new = next(r for r in after if r["path"] == key)
+    with open(os.path.join(photo_folder, key), "rb") as f:
+        assert new["file_sha256"] == hashlib.sha256(f.read()).hexdigest() != before[key]["file_sha256"]
+    assert {r["path"]: r for r in after if r["path"] != key} == {p: r for p, r in before.items() if p != key}
+
+
+def test_another_bundle_or_setting_certifies_every_image_again(tiny_bundle, photo_folder, tmp_path):
+    """The same model re-exported (its manifest differs only in `created`), then another threshold:
+    every row is replaced each time, error rows included."""
+    out = str(tmp_path / "results.jsonl")
+    logged_run(tiny_bundle, photo_folder, out)
+    first = {r["path"]: r["bundle_sha256"] for r in read_rows(out)}
+    again = str(tmp_path / "bundle")
+    shutil.copytree(tiny_bundle, again)
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    manifest["created"] = "2001-01-01T00:00:00"
+    (tmp_path / "bundle" / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    counts, line = logged_run(again, photo_folder, out)
+    assert (counts["skipped"], counts["written"], counts["replaced"]) == (0, 4, 4)
+    assert "0 rows reused, 4 replaced (0 changed file, 4 other bundle or settings), 0 new" in line
+    second = {r["path"]: r["bundle_sha256"] for r in read_rows(out)}
+    assert second.keys() == first.keys() and len(set(second.values())) == 1 and not set(second.values()) & set(
+        first.values())
+    counts, _ = logged_run(again, photo_folder, out, threshold=0.5)
+    assert (counts["skipped"], counts["replaced"]) == (0, 4)
+    assert len(read_rows(out)) == 4
+
+
+def test_an_unchanged_rerun_reuses_every_row(tiny_bundle, photo_folder, tmp_path):
+    out = tmp_path / "results.jsonl"
+    logged_run(tiny_bundle, str(photo_folder), str(out))
+    text = out.read_text()
+    counts, line = logged_run(tiny_bundle, str(photo_folder), str(out))
+    assert (counts["skipped"], counts["written"], counts["replaced"]) == (4, 0, 0)
+    assert "4 rows reused, 0 replaced (0 changed file, 0 other bundle or settings), 0 new" in line
+    assert out.read_text() == text  # not rewritten
+    assert counts["error"] == 1 and sum(counts.get(s, 0) for s in ("certified", "alert", "uncertified")) == 3
+
+
+def test_error_rows_are_keyed_and_old_rows_are_stale(tiny_bundle, photo_folder, tmp_path):
+    """A fixed broken file is certified again; a row without the keys (an older scalecert's) is
+    replaced; of two rows for an image (a killed run appended the second) the last counts, and the
+    next finished run leaves one row per image."""
+    out = tmp_path / "results.jsonl"
+    logged_run(tiny_bundle, photo_folder, str(out))
+    photo, wide, broken, small = (os.path.join(*p) for p in (("cats", "photo.jpg"), ("cats", "wide.png"),
+                                                               ("other", "broken.jpg"), ("other", "small.png")))
+    done = {r["path"]: r for r in read_rows(str(out))}
+    assert done[broken]["status"] == "error"
+    assert done[broken]["file_sha256"] == hashlib.sha256(b"not an image").hexdigest()
+    photo_jpeg(os.path.join(photo_folder, broken))  # fixed
+    unkeyed = {k: v for k, v in done[wide].items() if k not in ("bundle_sha256", "file_sha256")}
+    earlier = {**done[photo], "label": 999}
+    out.write_text("".join(json.dumps(r) + "\n" for r in (earlier, done[photo], unkeyed, done[broken], done[small])))
+    counts, line = logged_run(tiny_bundle, photo_folder, str(out))
+    assert (counts["skipped"], counts["written"], counts["replaced"]) == (2, 2, 2)
+    assert "2 rows reused, 2 replaced (1 changed file, 1 other bundle or settings), 0 new" in line
+    after = {r["path"]: r for r in read_rows(str(out))}
+    assert len(read_rows(str(out))) == 4 and after[photo] == done[photo] and after[small] == done[small]
+    assert after[broken]["status"] != "error" and "bundle_sha256" in after[wide]
+
+
+def test_rows_equal_certify_json_from_source_files(tiny_bundle, photo_folder, tmp_path):
+    """A 640x480 JPEG's row reports its 640x480 source, a 16-bit PNG's no bounded source patch:
+    the row is `certify FILE --json`'s object, timings aside, plus the row's keys."""
+    out = str(tmp_path / "results.jsonl")
+    logged_run(tiny_bundle, photo_folder, out)
+    by_path = {r["path"]: r for r in read_rows(out)}
+    files = [os.path.join(photo_folder, "cats", name) for name in ("photo.jpg", "wide.png")]
+    proc = run_cli("scalecert", "certify", tiny_bundle, *files, "--json", "--threads", "1", check=True)
+    expected = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert expected[0]["source"]["size"] == [480, 640] and expected[1]["source"]["covered_patch"] is None
+    for path, want in zip(files, expected):
+        row = dict(by_path[os.path.relpath(path, photo_folder)])
+        with open(path, "rb") as f:
+            assert row.pop("file_sha256") == hashlib.sha256(f.read()).hexdigest()
+        assert row.pop("true_label") == 0 and len(row.pop("bundle_sha256")) == 64
+        assert row.pop("path") == os.path.relpath(path, photo_folder)
+        assert {k: v for k, v in row.items() if k not in TIMING} == {k: v for k, v in want.items() if k not in TIMING}

@@ -73,7 +73,7 @@ def check_png_dir(png_dir: str) -> None:
               "refused if the bundle's input patch cannot cover it at an image's size (docs/design.md §8)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 @click.option("--out", help="certify a data folder (one DIR) into this .jsonl or .parquet file, one row per image; "
-              "rerunning resumes it")
+              "rerunning reuses the rows of unchanged images certified by the same bundle and settings")
 @click.option("--labels", "labels_csv", help="with --out: CSV file,index labelling DIR's images (README: Data)")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
               help="with --out: run on Ray (`--ray`: RAY_ADDRESS's cluster or a local one; `--ray=ADDRESS`)")

@@ -52,8 +52,8 @@ def certify_folder_command(bundle, images, out, labels_csv, ray_address, workers
         click.echo(json.dumps({"out": out, **counts}))
     else:
         statuses = ", ".join(f"{counts[s]} {s}" for s in ("certified", "alert", "uncertified", "error") if s in counts)
-        click.echo(f"{out}: {counts['images']} images ({statuses}); {counts['written']} written now, "
-                   f"{counts['skipped']} already there")
+        click.echo(f"{out}: {counts['images']} images ({statuses}); {counts['written']} written now "
+                   f"({counts['replaced']} replacing stale rows), {counts['skipped']} reused")
     if errors:
         click.echo(f"{errors} of {counts['images']} images could not be processed (status \"error\" in {out})", err=True)
         sys.exit(1)

@@ -8,7 +8,8 @@ where `concurrency=` is deprecated). Each actor unpacks the bundle, which travel
 (no shared filesystem needed for it), opens it once with every hash verified on the worker, and holds
 one Certifier for its life. An actor that dies is restarted and its batch retried (Ray Data's actor
 pools default to max_restarts=-1, max_task_retries=-1); the driver deduplicates rows by the image's
-relative path (evaluation/results_file.py), so every image appears exactly once.
+relative path (evaluation/results_file.py), so every image appears exactly once. A worker keys each
+row by the bundle it opened and the bytes it read (bundle_sha256, file_sha256).
 """
 from __future__ import annotations
 
@@ -167,14 +168,17 @@ class FolderActor(_BundleActor):
     def __init__(self, bundle_ref, options: dict, index_ref, exit_spec: str | None = None):
         import ray
 
+        from scalecert.evaluation.results_file import certifier_sha256
+
         super().__init__(bundle_ref, options, exit_spec)
         self.index = ray.get(index_ref[0])  # path -> (relative path, true label)
+        self.digest = certifier_sha256(self.cert)  # of the bundle as this worker opened it
 
     def __call__(self, batch: dict) -> dict:
         from scalecert.evaluation.folder import certify_item
 
         self._next_call()
-        rows = [json.dumps(certify_item(self.cert, str(path), *self.index[str(path)], data=bytes(data)))
+        rows = [json.dumps(certify_item(self.cert, self.digest, str(path), *self.index[str(path)], data=bytes(data)))
                 for data, path in zip(batch["bytes"], batch["path"])]
         return {"row": np.array(rows, dtype=object)}
 

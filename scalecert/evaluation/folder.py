@@ -1,25 +1,32 @@
 """`scalecert certify BUNDLE DIR --out FILE`: every image of a data folder (runtime/datasets.py,
 the one data-input rule) certified into a results file (evaluation/results_file.py), in this
-process or on a Ray cluster (evaluation/distributed.py), resuming what an earlier run finished."""
+process or on a Ray cluster (evaluation/distributed.py), resuming what an earlier run finished: a
+row is reused only for the same image file certified by the same bundle and settings."""
 from __future__ import annotations
 
 import sys
 
 from scalecert.errors import ScaleCertError
-from scalecert.evaluation.results_file import ResultsFile, error_row, result_row
+from scalecert.evaluation.results_file import (ResultsFile, certifier_sha256, error_row, file_sha256, result_row,
+                                               run_sha256)
 
 
-def certify_item(cert, image: str, rel: str, true_label, data: bytes | None = None) -> dict:
-    """One image -> its results row; an image that cannot be certified is an error row. `data`:
-    the file's bytes where a Ray worker read them; decoding is the same as from the path."""
-    from scalecert.runtime.images import load_image
+def certify_item(cert, digest: str, image: str, rel: str, true_label, data: bytes | None = None) -> dict:
+    """One image -> its results row, the same as `certify IMAGE --json` gives (source report
+    included); an image that cannot be certified is an error row. `digest`: the Certifier's
+    run_sha256. The file is read once (`data`: a Ray worker's bytes), so the row's file_sha256 is
+    that of the bytes certified."""
+    from scalecert.runtime import source as source_space
+    from scalecert.runtime.images import load_source, read_file
 
     try:
-        pixels = load_image(image, cert.input_spec, data)
-        result = cert.certify(pixels, name=image)
+        data = read_file(image) if data is None else data
+        pixels, source_hw = load_source(image, cert.input_spec, data)
+        wide = source_space.describe(image, data).global_scale
+        result = cert.certify(pixels, name=image, source=cert.source_report(source_hw, global_scale=wide))
     except ScaleCertError as exc:
-        return error_row(image, rel, true_label, str(exc))
-    return result_row(result.to_json(), rel, true_label)
+        return error_row(image, rel, true_label, str(exc), digest, data)
+    return result_row(result.to_json(), rel, true_label, digest, data)
 
 
 def _local_rows(bundle, todo, options: dict, quiet: bool):
@@ -34,20 +41,46 @@ def _local_rows(bundle, todo, options: dict, quiet: bool):
         except ImportError:
             pass
     with Certifier.load(bundle, **options) as cert:
+        digest = certifier_sha256(cert)
         for image, rel, label in todo:
-            yield certify_item(cert, image, rel, label)
+            yield certify_item(cert, digest, image, rel, label)
             if bar is not None:
                 bar.update()
     if bar is not None:
         bar.close()
 
 
+def _stale(row: dict, digest: str, image: str) -> str | None:
+    """Why an earlier row cannot be reused: "bundle" (another bundle or settings, or no key),
+    "file" (the file changed, or its row has no file hash), None (it can)."""
+    if row.get("bundle_sha256") != digest:
+        return "bundle"
+    if row.get("file_sha256") is None or row["file_sha256"] != file_sha256(image):
+        return "file"
+    return None
+
+
+def plan(items, done: dict, digest: str) -> tuple[list, dict]:
+    """-> (todo [(path, relative path, label)], counts {reused, file, bundle, new}): an image is
+    certified unless its earlier row has this run's bundle_sha256 and the file's current sha256."""
+    todo, counts = [], {"reused": 0, "file": 0, "bundle": 0, "new": 0}
+    for path, label in items:
+        rel = items.relative(path)
+        why = _stale(done[rel], digest, path) if rel in done else "new"
+        counts["reused" if why is None else why] += 1
+        if why is not None:
+            todo.append((path, rel, label))
+    return todo, counts
+
+
 def certify_folder(bundle: str, data: str, out: str, labels_csv=None, backend="auto", precision="fp32", batch=64,
                    early_exit=False, threads=None, threshold=None, quiet=False, ray_address=None, workers=None,
                    log=lambda line: print(line, file=sys.stderr)) -> dict:
-    """Certify every image of DATA not yet in OUT; -> counts {images, skipped, written, <status>: n}.
+    """Certify every image of DATA without a current row in OUT; -> counts {images, skipped (rows
+    reused), written, replaced (of those written, rows replacing a stale one), <status>: n}.
     `ray_address`: None runs here; "auto" a local Ray (or RAY_ADDRESS's cluster); else that address."""
     from scalecert.bundle import Bundle
+    from scalecert.core.decision import check_threshold
     from scalecert.runtime import pipelines
     from scalecert.runtime.datasets import image_set
     from scalecert.runtime.images import max_pixels
@@ -65,10 +98,14 @@ def certify_folder(bundle: str, data: str, out: str, labels_csv=None, backend="a
         options["backend"] = pipelines.pick(backend, precision, opened)
     else:  # joined, and the pool checked against the cluster, before the output is touched
         pool = distributed.Pool.plan(ray_address, opened, backend, options, workers)
+    used = options if ray_address is None else pool.options
+    digest = run_sha256(opened.manifest, precision, used["backend"], opened.default_threshold if threshold is None
+                        else check_threshold(threshold), early_exit, batch)
     with ResultsFile(out) as results:
-        todo = [(path, items.relative(path), label) for path, label in items
-                if items.relative(path) not in results.done]
-        log(f"{items.describe()}; {results.resumed} already in {out} (skipped), {len(todo)} to certify")
+        todo, planned = plan(items, results.done, digest)
+        log(f"{items.describe()}; {out}: {planned['reused']} rows reused, {planned['file'] + planned['bundle']} "
+            f"replaced ({planned['file']} changed file, {planned['bundle']} other bundle or settings), "
+            f"{planned['new']} new")
         if ray_address is None:
             rows = _local_rows(bundle, todo, options, quiet)
         else:
@@ -77,8 +114,9 @@ def certify_folder(bundle: str, data: str, out: str, labels_csv=None, backend="a
         for row in rows:
             results.add(row)
         for image, rel, label in todo:  # every image gets its row, whatever the cluster did
-            results.add(error_row(image, rel, label, f"{image}: no result came back from the workers"))
-        counts = {"images": len(items), "skipped": results.resumed, "written": results.added}
+            results.add(error_row(image, rel, label, f"{image}: no result came back from the workers", digest))
+        counts = {"images": len(items), "skipped": planned["reused"], "written": results.added,
+                  "replaced": results.replaced}
         for row in results.done.values():
             counts[row["status"]] = counts.get(row["status"], 0) + 1
     return counts

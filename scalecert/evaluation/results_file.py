@@ -2,22 +2,31 @@
 so that no run ever leaves a half-written output and a rerun resumes where the last one stopped.
 
 A row is `certify --json`'s object plus `path` (the image's path relative to the data folder: the
-row's key) and `true_label` when the folder is labelled; an image that could not be certified is a
-row `{image, path, [true_label,] status: "error", error}`, counted as done.
+row's key), `true_label` when the folder is labelled, `bundle_sha256` (run_sha256: the bundle and
+the settings that decide a result) and `file_sha256` (the image file's bytes, as certified); an
+image that could not be certified is a row `{image, path, [true_label,] status: "error", error,
+bundle_sha256, file_sha256}`, counted as done (file_sha256 is null where no bytes were read).
+
+A rerun reuses a row only when its path, bundle_sha256 and file_sha256 all match the image as it
+is now (a row without them, from an older scalecert, never does); any other image is certified
+again and its new row replaces the old one.
 
 - `.jsonl`: rows are appended one line at a time and flushed, so a run killed at any moment leaves
   every finished row intact; at most its last line is cut short, and the next run drops that torn
-  line before it appends (it was never a finished row).
+  line before it appends (it was never a finished row). A replacing row is appended too, and the
+  last row for a path is the one that counts; a run that finishes rewrites the file once,
+  atomically, without the rows it replaced (kept rows stay in order, byte for byte).
 - `.parquet` (pyarrow): a Parquet file cannot be appended to, so rows go to a `.jsonl` journal
   beside it (`.NAME.parquet.partial.jsonl`, the rule above) and the Parquet file is written once at
-  the end, atomically (old rows + new, sorted by path); the journal is then removed. A rerun after
-  a killed run reads both.
+  the end, atomically (old rows + new, the new replacing, sorted by path); the journal is then
+  removed. A rerun after a killed run reads both, the journal's rows last.
 
-Rows are deduplicated by `path` as they arrive: the first row for an image wins, so a retried
-worker (docs/cluster.md) can never put an image in the output twice.
+Within one run the first row for an image wins, so a retried worker (docs/cluster.md) can never put
+an image in the output twice.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -33,18 +42,52 @@ def output_format(path: str) -> str:
     return ext
 
 
-def result_row(result_json: dict, rel: str, true_label) -> dict:
-    row = {**result_json, "path": rel}
+def run_sha256(manifest: dict, precision: str, backend: str, threshold: float, early_exit: bool, batch: int) -> str:
+    """A row's `bundle_sha256`: what decides its result besides the image. The manifest (it holds
+    every bundle file's sha256, the windows, the measured margins and the default threshold), the
+    precision and backend (the margin delta of the decision and the numbers they compute), the
+    threshold T in force, early_exit, and with it batch (early exit stops at a batch's end, so
+    windows_evaluated depends on it). Not threads, progress or output options: no row changes with
+    them. The parsed manifest is hashed, not the file: it is what the Certifier read."""
+    settings = {"precision": precision, "backend": backend, "threshold": float(threshold),
+                "early_exit": bool(early_exit), "batch": max(1, int(batch)) if early_exit else None}
+    text = json.dumps({"manifest": manifest, "settings": settings}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def certifier_sha256(cert) -> str:
+    """run_sha256 of a Certifier as it was opened (on the worker that certifies the rows)."""
+    return run_sha256(cert.manifest, cert.precision, cert.backend, cert.threshold, cert.early_exit, cert.batch)
+
+
+def file_sha256(path: str) -> str | None:
+    """sha256 of the file's bytes; None if it cannot be read now (its row is then never reused)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
+
+
+def _keyed(row: dict, rel: str, true_label, digest: str | None, data: bytes | None) -> dict:
+    row = {**row, "path": rel}
     if true_label is not None:
         row["true_label"] = int(true_label)
+    row["bundle_sha256"] = digest
+    row["file_sha256"] = hashlib.sha256(data).hexdigest() if data is not None else None
     return row
 
 
-def error_row(image: str, rel: str, true_label, error: str) -> dict:
-    row = {"image": image, "path": rel, "status": "error", "error": error}
-    if true_label is not None:
-        row["true_label"] = int(true_label)
-    return row
+def result_row(result_json: dict, rel: str, true_label, digest: str, data: bytes) -> dict:
+    """`digest`: the Certifier's run_sha256; `data`: the bytes it certified (file_sha256)."""
+    return _keyed(result_json, rel, true_label, digest, data)
+
+
+def error_row(image: str, rel: str, true_label, error: str, digest: str | None = None,
+              data: bytes | None = None) -> dict:
+    """Keyed like any row, so a fixed file is certified again; without `data` (nothing was read,
+    or no worker answered) it is retried on every rerun."""
+    return _keyed({"image": image, "status": "error", "error": error}, rel, true_label, digest, data)
 
 
 def _require_pyarrow(path: str):
@@ -81,8 +124,9 @@ def _read_jsonl(path: str) -> tuple[list[dict], int]:
 
 
 class ResultsFile:
-    """The output of one `certify DIR --out FILE` run: `done` (path -> row) from earlier runs,
-    `add(row)` (False for an image already there), `close()` (Parquet: the atomic final write)."""
+    """The output of one `certify DIR --out FILE` run: `done` (path -> row: earlier runs' rows, the
+    last per path, then this run's), `add(row)` (False for an image this run already wrote),
+    `replaced` (rows of this run that replace an earlier one), `close()` (the atomic final write)."""
 
     def __init__(self, path: str):
         self.path, self.format = path, output_format(path)
@@ -107,15 +151,15 @@ class ResultsFile:
                 if earlier and "path" not in earlier[0]:
                     raise ScaleCertError(f"--out {path}: a Parquet file without a path column is no scalecert "
                                          "results file; refusing to replace it")
-        good = 0
+        good, journal_rows = 0, []
         if os.path.exists(self.journal):
             journal_rows, good = _read_jsonl(self.journal)
-            earlier += journal_rows
         self.done: dict[str, dict] = {}
-        for row in earlier:
-            self.done.setdefault(row["path"], row)
-        self.resumed = len(self.done)
-        self.added, self._good, self._file = 0, good, None
+        for row in earlier + journal_rows:
+            self.done[row["path"]] = row  # the last row for a path is the one that counts
+        self.superseded = len(earlier) + len(journal_rows) - len(self.done)  # replaced rows still in the journal
+        self.fresh: set[str] = set()
+        self.added, self.replaced, self._good, self._file = 0, 0, good, None
 
     def _open(self):
         """The journal, opened on the first new row (a run that adds nothing leaves no file)."""
@@ -127,19 +171,44 @@ class ResultsFile:
             raise ScaleCertError(f"--out {self.journal}: cannot write ({exc.strerror or exc})") from None
 
     def add(self, row: dict) -> bool:
-        if row["path"] in self.done:
+        """Append the row; a row for an image of an earlier run replaces that run's row."""
+        key = row["path"]
+        if key in self.fresh:
             return False
         if self._file is None:
             self._file = self._open()
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        self.done[row["path"]] = row
+        if key in self.done:
+            self.replaced += 1
+            self.superseded += 1
+        self.done[key] = row
+        self.fresh.add(key)
         self.added += 1
         return True
+
+    def _compact(self) -> None:
+        """Rewrite the .jsonl without the rows later ones replaced (once, atomically); the rows kept
+        stay in order, byte for byte."""
+        from scalecert.bundle.staging import write_file_atomic
+
+        with open(self.path, "rb") as f:
+            complete = f.read().rpartition(b"\n")[0]  # a torn last line (nothing appended) goes too
+        lines = [line for line in complete.split(b"\n") if line.strip()]
+        last = {json.loads(line)["path"]: i for i, line in enumerate(lines)}
+        kept = b"".join(lines[i] + b"\n" for i in sorted(last.values()))
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(kept)
+
+        write_file_atomic(self.path, write)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self.format == ".jsonl" and self.superseded:
+            self._compact()
         if self.format == ".parquet" and os.path.exists(self.journal):
             from scalecert.bundle.staging import write_file_atomic
 

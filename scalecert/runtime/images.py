@@ -30,6 +30,20 @@ def max_pixels() -> int | None:
     return value if value > 0 else None
 
 
+def read_file(path: str) -> bytes:
+    """The file's bytes, read once: a results row hashes and decodes the same bytes (never a file
+    that changed in between); the one-line errors are read_image's."""
+    if os.path.isdir(path):
+        raise ScaleCertError(f"{path}: is a directory, not an image")
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ScaleCertError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise ScaleCertError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+
+
 def read_image(path: str, data: bytes | None = None):
     """Decode with Pillow and convert grayscale, RGBA, palette, CMYK and 16-bit images to RGB.
     `data`: the file's bytes, already read (a Ray worker's); `path` then only names it."""
@@ -111,9 +125,10 @@ def load_image(path: str, input_spec: dict, data: bytes | None = None) -> np.nda
     return resize_to_input(read_image(path, data), input_spec)
 
 
-def load_source(path: str, input_spec: dict) -> tuple[np.ndarray, tuple[int, int]]:
-    """(network image, the decoded source's (height, width) after EXIF orientation)."""
-    img = read_image(path)
+def load_source(path: str, input_spec: dict, data: bytes | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(network image, the decoded source's (height, width) after EXIF orientation); `data` as in
+    read_image."""
+    img = read_image(path, data)
     return resize_to_input(img, input_spec), (img.size[1], img.size[0])
 
 

@@ -44,8 +44,10 @@ class SourceInfo:
         return self.mode in GLOBAL_SCALE_MODES
 
 
-def describe(path: str) -> SourceInfo:
-    """Header only (no decode). One line (ScaleCertError) if the file cannot be opened as an image."""
+def describe(path: str, data: bytes | None = None) -> SourceInfo:
+    """Header only (no decode). One line (ScaleCertError) if the file cannot be opened as an image.
+    `data`: the file's bytes, already read (as read_image's); `path` then only names it."""
+    import io
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -53,7 +55,7 @@ def describe(path: str) -> SourceInfo:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(data) if data is not None else path) as img:
                 w, h = img.size
                 orientation = int(img.getexif().get(0x0112, 1) or 1)
                 mode = img.mode
