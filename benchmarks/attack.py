@@ -1,4 +1,4 @@
-"""Soundness by attack at scale: the command line of scalecert.evaluation.attack (see its docstring).
+"""Soundness by attack at scale: the command line of tests/attack_harness.py (see its docstring).
 
     python benchmarks/attack.py --bundle B --model M --arch A --data DIR --images 40 \\
         --contents noise,extreme,donor,pgd --pgd-positions all --out results.json
@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from scalecert.evaluation.attack import CONTENTS, attack_images
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from attack_harness import CONTENTS, attack_images  # noqa: E402  (the harness lives with the tests)
 
 
 def _image_files(data: str) -> tuple[list[str], list[int] | None, list]:

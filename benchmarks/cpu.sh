@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Standard CPU benchmark (not CI): scalecert configurations against the pixel-masking baseline
-# (PyTorch eager and ONNX Runtime) on real data, one run per model; writes benchmarks/RESULTS.md.
+# CPU sweep (not CI): scalecert configurations (pruning rates x strides x fp32/int8) against the
+# pixel-masking baseline (PyTorch eager and ONNX Runtime) on real data, one run per model; writes
+# $OUT/cpu_*.json and .png (`scalecert bench` prints each table). Not re-run since windows hold a
+# blank image's features by default: its 2026-11-25 reports are cited in RESULTS.md only as the
+# figures behind design choices.
 #   SHARED=../shared benchmarks/cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,9 +32,4 @@ scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 --layer image
 scalecert bench "$WORK/eff-id" --force --data "$SHARED/data/imagenet-sample/images" --labels "$SHARED/data/imagenet-sample/labels.csv" \
   --limit 50 --seed 0 --baseline --baseline-engine both \
   --report "$OUT/cpu_effnet_identity.json"
-
-# the tuned ResNet-20 of benchmarks/tune.sh, when it has been run
-TUNED_REPORTS=$(ls "$OUT"/tuned_*.json 2>/dev/null || true)
-python benchmarks/results_md.py benchmarks/RESULTS.md "$OUT/cpu_resnet20.json" "$OUT/cpu_effnet.json" \
-  "$OUT/cpu_effnet_identity.json" $TUNED_REPORTS
-echo "wrote benchmarks/RESULTS.md"
+echo "reports in $OUT/cpu_resnet20.json, $OUT/cpu_effnet.json, $OUT/cpu_effnet_identity.json"

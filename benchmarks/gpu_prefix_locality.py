@@ -4,7 +4,7 @@ CPU); this measures what running it on the GPU would risk.
 
 For each bundle and each cuDNN algorithm-search mode (HEURISTIC, the runtime's old setting;
 EXHAUSTIVE, which times every algorithm and may pick Winograd/FFT; DEFAULT), the prefix runs on
-CUDA and scalecert's locality probe (runtime/doctor.py::probe_locality: patches of random,
+CUDA and scalecert's locality probe (runtime/probes.py::probe_locality: patches of random,
 saturated and out-of-range contents at many positions, in batches of 16, against the clean
 image alone) counts the positions whose features or gates move outside the footprint. Also:
 the largest |GPU - CPU| feature difference and the gate disagreement on the clean image.
@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from scalecert.bundle import Bundle
-from scalecert.runtime.doctor import probe_locality, probe_pixels
+from scalecert.runtime.probes import probe_locality, probe_pixels
 from scalecert.runtime.images import normalize
 from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
@@ -63,7 +63,7 @@ def main() -> None:
             check = probe_locality(gpu, bundle, pixels, count=args.positions, seed=1)
             rows.append({"bundle": path, "layer": bundle.manifest["layer"]["name"], "search": search,
                          "positions": check.data["positions"], "leaking": check.data["leaking"],
-                         "moved_inside": check.data["moved_inside"], "first_leaks": check.data["first_leaks"],
+                         "moved_inside": check.data["moved_inside"], "first_leak": check.data["first_leak"],
                          "max_abs_diff_vs_cpu": float(np.abs(features - reference["features"]).max()),
                          "gate_disagreement_vs_cpu": float((gate != reference["gate"]).mean()),
                          "seconds": round(time.perf_counter() - start, 2)})

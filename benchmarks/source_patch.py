@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the attack harness (tests/attack_harness.py) lives with the tests
 
 
 def _calib_folder(data: str, names: list[str], folder: str) -> str:
@@ -54,7 +55,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from scalecert.core.source import parse_source_patch
-    from scalecert.evaluation import attack
+    import attack_harness as attack
     from scalecert.runtime import Certifier
     from scalecert.runtime.images import read_image
     from scalecert.runtime.source import source_map
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         for k, name in enumerate(targets):
             path = os.path.join(args.data, "images", name)
             result = cert.certify(path)
-            covered = tuple(result.source["covered_patch"])
+            covered = tuple(result.source.covered_patch)
             source = np.asarray(read_image(path))
             two = parse_source_patch("2%", source.shape[:2])
             row = {"image": name, "size": list(source.shape[:2]), "status": result.status, "covered": list(covered),

@@ -39,4 +39,4 @@ for name, title, base in (("tuned_sin", "ResNet-20 tuned (scalecert tune, rate 0
     report["title"], report["baseline_model"] = title, base
     json.dump(report, open(path, "w"), indent=2)
 PY
-echo "reports in $OUT/tuned_*.json; benchmarks/cpu.sh adds them to RESULTS.md"
+echo "reports in $OUT/tuned_*.json"
