@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from scalecert.errors import ScaleCertError
+from scalecert.cli.options import DialectCommand
+from scalecert.errors import OptionError, ScaleCertError
 
 
 class OneLineErrors:
@@ -34,12 +35,29 @@ class OneLineErrors:
 
 
 class _Group(OneLineErrors, click.Group):
+    command_class = DialectCommand  # every subcommand speaks the dialect of cli/options.py
+
     def invoke(self, ctx):
         return _guard(lambda: super(_Group, self).invoke(ctx))
 
 
-class OneLineCommand(OneLineErrors, click.Command):
+class OneLineCommand(OneLineErrors, DialectCommand):
     pass
+
+
+# The library names a bad value in its own words ("threshold 1.5: ..."); the CLI names the flag.
+FLAGS = {"threshold": "--threshold", "patch": "--patch", "source patch": "--source-patch", "mode": "--mode",
+         "batch": "--batch", "stride": "--stride", "source size": "--for-source"}
+
+
+def user_message(exc: ScaleCertError) -> str:
+    """The one line the CLI prints: an OptionError's leading library term becomes the flag's name."""
+    text = str(exc)
+    if isinstance(exc, OptionError):
+        for term in sorted(FLAGS, key=len, reverse=True):
+            if text.startswith(term + " "):
+                return FLAGS[term] + text[len(term):]
+    return text
 
 
 def _guard(call):
@@ -47,7 +65,7 @@ def _guard(call):
     try:
         return call()
     except ScaleCertError as exc:
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {user_message(exc)}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -3,48 +3,72 @@ from __future__ import annotations
 
 import click
 
-from scalecert.bundle.manifest import PRECISIONS
+from scalecert.cli import options
 from scalecert.cli.app import main
-from scalecert.runtime import pipelines
+
+VARIANT_KEYS = ("prefix", "suffix", "family", "float_kept", "accepted_loss", "vs_fp32")
 
 
 @main.command()
 @click.argument("bundle")
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS))
-@click.option("--calib", help="calibration images (needed for int8 activation scales)")
-@click.option("--calib-limit", default=64, show_default=True)
-@click.option("--backend", default="ort", show_default=True, type=click.Choice(("ort", *pipelines.BACKENDS)),
-              help="engine to measure the numeric margin on (trt: also build TensorRT engines)")
+@options.precision("the variant to add: fp16 (explicit casts), int8 (static QDQ, needs --calib); fp32 measures "
+                   "the margin only")
+@options.calib("int8 activation scales (a quarter held back to judge the variant)", limit=64)
+@options.backend("engine to measure the numeric margin on (trt: also build the TensorRT suffix engine)", auto=False)
 @click.option("--workspace-mb", default=4096, show_default=True, help="TensorRT builder workspace limit")
 @click.option("--max-windows", default=128, show_default=True, help="TensorRT profile: most windows per suffix call")
-@click.option("--max-images", default=16, show_default=True, help="TensorRT profile: most images per prefix call")
+@click.option("--max-images", type=int, hidden=True, help="no longer used: TensorRT runs only the suffix")
 @click.option("--min-agreement", default=0.95, show_default=True,
               help="int8: least top-1 agreement with fp32 on held-back calibration images")
 @click.option("--accept-loss", is_flag=True, help="int8: keep a variant below the floor (agreement, certified rate)")
-@click.option("--quiet", is_flag=True, help="print nothing but errors")
+@options.threads()
+@options.as_json("print one JSON object at the end: the variant, its margin")
+@options.quiet()
 def build(bundle, precision, calib, calib_limit, backend, workspace_mb, max_windows, max_images, min_agreement,
-          accept_loss, quiet):
+          accept_loss, threads, as_json, quiet):
     """Add a precision variant, its numeric margin and (with --backend trt) engines to BUNDLE."""
     from scalecert.compile.build import build as run_build
     from scalecert.errors import ScaleCertError
 
     for flag, value in (("--calib-limit", calib_limit), ("--workspace-mb", workspace_mb),
-                        ("--max-windows", max_windows), ("--max-images", max_images)):
+                        ("--max-windows", max_windows)):
         if value < 1:
             raise ScaleCertError(f"{flag} {value}: expected a positive number")
+    if max_images is not None:  # the TensorRT prefix engine is gone: every backend runs the prefix on ORT CPU
+        click.echo("deprecated: --max-images is ignored (TensorRT runs only the suffix; the prefix runs on ONNX "
+                   "Runtime CPU)", err=True)
+    from scalecert.runtime.pipelines import canonical
+
+    backend = canonical(backend)
+    say = options.say_for(quiet, as_json)
     if calib is not None:
         from scalecert.runtime.datasets import image_set
 
-        found = image_set(calib, limit=calib_limit)  # the data rule, checked before the bundle is staged
-        if not quiet:
-            click.echo(found.describe())
+        say(image_set(calib, limit=calib_limit).describe())  # the data rule, checked before the bundle is staged
 
-    manifest = run_build(bundle, precision, calib, backend, calib_limit, workspace_mb, max_windows, max_images,
-                         say=(lambda _: None) if quiet else click.echo, accept_loss=accept_loss,
-                         min_agreement=min_agreement)
-    deviation = ((manifest or {}).get("precisions", {}).get(precision) or {}).get("vs_fp32")
-    if deviation and not quiet and precision != "int8":  # int8's comparison is printed by build itself
-        click.echo(f"{precision} vs fp32: top-1 agreement {deviation['top1_agreement']:.1%}, largest logit difference "
-                   f"{deviation['max_abs_logit_diff']:.3g} ({deviation['images']} images x "
-                   f"{deviation['windows_per_image']} windows)")
-    click.echo(f"updated {bundle}")
+    with options.ort_threads(threads):
+        manifest = run_build(bundle, precision=precision, calib=calib, backend=backend, calib_limit=calib_limit,
+                             workspace_mb=workspace_mb, max_windows=max_windows, say=say, accept_loss=accept_loss,
+                             min_agreement=min_agreement)
+    variant = _variant(manifest, precision)
+    deviation = variant.get("vs_fp32")
+    if deviation and precision != "int8":  # int8's comparison is printed by build itself
+        say(f"{precision} vs fp32: top-1 agreement {deviation['top1_agreement']:.1%}, largest logit difference "
+            f"{deviation['max_abs_logit_diff']:.3g} ({deviation['images']} images x "
+            f"{deviation['windows_per_image']} windows)")
+    say(f"updated {bundle}")
+    if as_json:
+        from scalecert.bundle.manifest import margin_key
+
+        key = margin_key(backend, precision)
+        options.print_json({"bundle": bundle, "precision": precision, "backend": backend,
+                            "variant": {k: variant[k] for k in VARIANT_KEYS if k in variant},
+                            "margin": {key: manifest["margin"].get(key)},
+                            **({"engines": manifest["engines"][f"trt-{precision}"]} if backend == "trt" else {})})
+
+
+def _variant(manifest, precision: str) -> dict:
+    from scalecert.bundle.manifest import FP32_FILES
+
+    variants = (manifest or {}).get("precisions") or {}
+    return variants.get(precision) or (dict(FP32_FILES) if precision == "fp32" else {})

@@ -7,10 +7,9 @@ import sys
 
 import click
 
+from scalecert.cli import options
 from scalecert.cli.app import main
-from scalecert.bundle.manifest import MODES, PRECISIONS
 from scalecert.errors import ScaleCertError
-from scalecert.runtime import pipelines
 
 
 def display_names(paths) -> list[str]:
@@ -54,55 +53,62 @@ def check_png_dir(png_dir: str) -> None:
 
 @main.command()
 @click.argument("bundle")
-@click.argument("images", nargs=-1, required=True)
-@click.option("--backend", default="auto", show_default=True, type=click.Choice(pipelines.CHOICES))
-@click.option("--precision", default="fp32", show_default=True, type=click.Choice(PRECISIONS),
-              help="bundle variant (fp16/int8 come from `scalecert build`)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line per image, as each finishes")
+@click.argument("images", nargs=-1)
+@options.backend(help="engine (auto: ort-cuda where measured and available, else ort-cpu)")
+@options.precision()
+@options.as_json("one JSON object per line per image, as each finishes")
 @click.option("--batch", default=64, show_default=True, help="windows per suffix call")
 @click.option("--early-exit", is_flag=True, help="stop at the first disagreeing window (deployment)")
 @click.option("--png-dir", help="write a PNG per image (input, gate map, disagreeing windows), named by its path")
-@click.option("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+@options.threads()
 @click.option("--threshold", type=float, help="confidence threshold T: only windows at least this confident "
               "raise the alert (docs/design.md §7) [default: the bundle's]")
-@click.option("--mode", type=click.Choice(MODES), help="detect: a certified label or an alert; recover: a label "
-              "by double masking (docs/design.md §10) [default: the bundle's]")
+@options.mode("detect: a certified label or an alert; recover: a label by double masking (docs/design.md §10) "
+              "[default: the bundle's]")
 @click.option("--certify-recovery", is_flag=True, help="with --mode recover: also check every pair of windows, "
               "and say whether the recovered label is certified (evaluation; costs all pairs)")
 @click.option("--source-patch", help="certify against a patch in SOURCE pixels: HxW, N or P% of each image's area; "
               "refused if the bundle's input patch cannot cover it at an image's size (docs/design.md §8)")
-@click.option("--quiet", is_flag=True, help="no progress bar")
-@click.option("--out", help="certify a data folder (one DIR) into this .jsonl or .parquet file, one row per image; "
-              "rerunning reuses the rows of unchanged images certified by the same bundle and settings")
-@click.option("--labels", "labels_csv", help="with --out: CSV file,index labelling DIR's images (README: Data)")
+@options.quiet()
+@options.data("certify every image of this folder into -o FILE, one row per image, instead of IMAGES")
+@options.output("with --data: the .jsonl or .parquet results file; rerunning reuses the rows of unchanged images "
+                "certified by the same bundle and settings", aliases=("--out",))
+@options.labels()
 @click.option("--ray", "ray_address", is_flag=False, flag_value="auto", default=None, metavar="[ADDRESS]",
-              help="with --out: run on Ray (`--ray`: RAY_ADDRESS's cluster or a local one; `--ray=ADDRESS`)")
+              help="with --data: run on Ray (`--ray`: RAY_ADDRESS's cluster or a local one; `--ray=ADDRESS`)")
 @click.option("--workers", type=int, help="with --ray: actors in the pool (default: as many as the cluster holds)")
 def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_dir, threads, threshold, mode=None,
-            certify_recovery=False, quiet=False, source_patch=None, out=None, labels_csv=None, ray_address=None,
-            workers=None):
+            certify_recovery=False, quiet=False, source_patch=None, data=None, output=None, labels_csv=None,
+            ray_address=None, workers=None):
     """Certify IMAGES against BUNDLE: a label no patch could force, or an alert (--mode detect);
     or a recovered label (--mode recover).
 
-    With --out FILE, IMAGES is one data folder and every image's row goes to FILE (docs/cluster.md)."""
+    With --data DIR -o FILE, every image of the data folder gets a row in FILE (docs/cluster.md)."""
     from scalecert.runtime import Certifier
     from scalecert.runtime.recovery import Recoverer, recovery_options
 
+    if data is None and output is not None and len(images) == 1 and os.path.isdir(images[0]):
+        options.deprecated("certify BUNDLE DIR", "certify BUNDLE --data DIR")
+        data, images = images[0], ()
+    if data is not None and images:
+        raise ScaleCertError("give IMAGES or --data DIR, not both")
+    if data is None and not images:
+        raise click.UsageError("Missing argument 'IMAGES...' (image files, or --data DIR -o FILE)")
     mode = recovery_options(bundle, mode, certify_recovery, early_exit=early_exit, png_dir=png_dir,
                             threshold=threshold)
-    if out is not None or ray_address is not None or labels_csv is not None or workers is not None:
+    if data is not None or output is not None or ray_address is not None or labels_csv is not None \
+            or workers is not None:
         if mode == "recover" or source_patch:
-            raise ScaleCertError("--out certifies data folders in detect mode, against the input-space patch; "
+            raise ScaleCertError("--data certifies data folders in detect mode, against the input-space patch; "
                                  "--mode recover and --source-patch work on images given one by one")
         from scalecert.cli.dataset import certify_folder_command
 
-        return certify_folder_command(bundle, images, out, labels_csv, ray_address, workers, png_dir, as_json,
-                                      dict(backend=backend, precision=precision, batch=batch, early_exit=early_exit,
-                                           threads=threads, threshold=threshold, quiet=quiet))
+        return certify_folder_command(bundle, data, images, output, labels_csv, ray_address, workers, png_dir,
+                                      as_json, dict(backend=backend, precision=precision, batch=batch,
+                                                    early_exit=early_exit, threads=threads, threshold=threshold,
+                                                    quiet=quiet))
     if batch < 1:
         raise ScaleCertError(f"--batch {batch}: expected a positive number of windows")
-    if threads is not None and threads < 1:
-        raise ScaleCertError(f"--threads {threads}: expected a positive number")
     if png_dir:
         check_png_dir(png_dir)
     from scalecert.runtime.images import max_pixels
@@ -128,14 +134,15 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
                                 certify=certify_recovery)
     else:
         opened = Certifier.load(bundle, backend=backend, batch=batch, early_exit=early_exit, threads=threads,
-                                precision=precision, threshold=threshold)
+                                precision=precision, threshold=threshold, evaluation=bool(png_dir))
     with opened as cert:
         if png_dir:
             os.makedirs(png_dir, exist_ok=True)
         for i, (path, name) in enumerate(zip(images, names)):
             try:
                 pixels, source_hw = cert.prepare_source(path)
-                result = cert.certify(pixels, name=path, source=cert.source_report(
+                run = cert.recover if mode == "recover" else cert.certify
+                result = run(pixels, name=path, source=cert.source_report(
                     source_hw, requested.get(path), source_space.describe(path).global_scale))
                 if png_dir:
                     from scalecert.evaluation.visualize import save_png
@@ -167,7 +174,7 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
                 bar.update()
     if bar is not None:
         bar.close()
-    if rows:
+    if rows and not quiet:
         click.echo(_table(rows) if mode == "detect" else _recovery_table(rows))
     if failed:
         click.echo(f"{failed} of {len(images)} images could not be processed", err=True)
@@ -176,11 +183,9 @@ def certify(bundle, images, backend, precision, as_json, batch, early_exit, png_
 
 def _table(results) -> str:
     """(display name, Result) rows -> the table."""
-    from scalecert.runtime import source as source_space
-
     header = ("image", "status", "label", "class", "windows run", "ms", "source patch HxW")
     lines = [(name, r.status, str(r.label), (r.class_name or "-")[:28],
-              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}", source_space.cell(r.source)) for name, r in results]
+              f"{r.windows_evaluated}/{r.windows_total}", f"{r.latency_ms:.1f}", _source_cell(r.source)) for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)
@@ -191,11 +196,16 @@ def _recovery_table(results) -> str:
     certified = results[0][1].certified is not None
     header = ("image", "label", "class", *(("certified",) if certified else ()), "case", "disagreers",
               "rows run", "ms", "source patch HxW")
-    from scalecert.runtime import source as source_space
-
     lines = [(name, str(r.label), (r.class_name or "-")[:28], *((("yes" if r.certified else "no"),) if certified else ()),
               r.case, str(len(r.disagreers)), str(r.windows_evaluated + r.pairs_evaluated), f"{r.latency_ms:.1f}",
-              source_space.cell(r.source)) for name, r in results]
+              _source_cell(r.source)) for name, r in results]
     from scalecert.tables import format_table
 
     return format_table(header, lines)
+
+
+def _source_cell(source) -> str:
+    """The source-patch column: runtime/source.py::cell of the result's report (typed or its JSON)."""
+    from scalecert.runtime import source as source_space
+
+    return source_space.cell(source.to_json() if hasattr(source, "to_json") else source)

@@ -1,4 +1,4 @@
-"""What `certify --out/--ray` and `bench --ray` share: the --ray value and the folder run's summary."""
+"""What `certify --data DIR -o FILE [--ray]` and `bench --ray` share: the --ray value, the folder run."""
 from __future__ import annotations
 
 import json
@@ -22,22 +22,27 @@ def check_ray_address(value: str | None) -> str | None:
     return value
 
 
-def certify_folder_command(bundle, images, out, labels_csv, ray_address, workers, png_dir, as_json, options) -> None:
+def certify_folder_command(bundle, data, images, out, labels_csv, ray_address, workers, png_dir, as_json,
+                           options) -> None:
+    """certify --data DIR -o FILE [--ray]: every image of DIR into FILE (IMAGES must be empty)."""
     from scalecert.evaluation.folder import certify_folder
 
     ray_address = check_ray_address(ray_address)
     if out is None:
-        flag = "--ray" if ray_address is not None else "--labels" if labels_csv is not None else "--workers"
-        raise ScaleCertError(f"{flag} certifies a data folder into a file: add --out results.jsonl (or .parquet)")
-    if len(images) != 1 or not os.path.isdir(images[0]):
+        flag = ("--ray" if ray_address is not None else "--labels" if labels_csv is not None
+                else "--workers" if workers is not None else "--data")
+        raise ScaleCertError(f"{flag} certifies a data folder into a file: add {'' if data else '--data DIR '}"
+                             "-o results.jsonl (or .parquet)")
+    if data is None:
         what = f"{len(images)} paths" if len(images) != 1 else f"{images[0]} (not a folder)"
-        raise ScaleCertError(f"--out: expected one data folder, got {what}")
+        raise ScaleCertError(f"-o/--output: certifies one data folder given as --data DIR, got {what}")
+    if not os.path.isdir(data):
+        raise ScaleCertError(f"--data {data}: " + ("is a file, expected a folder" if os.path.exists(data)
+                                                   else "no such directory"))
     if png_dir:
-        raise ScaleCertError("--png-dir: not with --out (certify a few images without --out to draw them)")
+        raise ScaleCertError("--png-dir: not with --data (certify a few images one by one to draw them)")
     if options["batch"] < 1:
         raise ScaleCertError(f"--batch {options['batch']}: expected a positive number of windows")
-    if options["threads"] is not None and options["threads"] < 1:
-        raise ScaleCertError(f"--threads {options['threads']}: expected a positive number")
     if workers is not None and workers < 1:
         raise ScaleCertError(f"--workers {workers}: expected a positive number")
     if workers is not None and ray_address is None:
@@ -45,12 +50,13 @@ def certify_folder_command(bundle, images, out, labels_csv, ray_address, workers
     from scalecert.evaluation.results_file import output_format
 
     output_format(out)
-    counts = certify_folder(bundle, images[0], out, labels_csv, ray_address=ray_address,
-                            workers=workers, **options)
+    quiet = {"log": lambda line: None} if options["quiet"] else {}  # else the library's log: stderr
+    counts = certify_folder(bundle, data, out, labels_csv, ray_address=ray_address,
+                            workers=workers, **options, **quiet)
     errors = counts.get("error", 0)
     if as_json:
         click.echo(json.dumps({"out": out, **counts}))
-    else:
+    elif not options["quiet"]:
         statuses = ", ".join(f"{counts[s]} {s}" for s in ("certified", "alert", "uncertified", "error") if s in counts)
         click.echo(f"{out}: {counts['images']} images ({statuses}); {counts['written']} written now "
                    f"({counts['replaced']} replacing stale rows), {counts['skipped']} reused")

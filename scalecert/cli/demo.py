@@ -5,6 +5,7 @@ import os
 
 import click
 
+from scalecert.cli import options
 from scalecert.cli.app import main
 from scalecert.cli.certify import certify
 
@@ -37,22 +38,26 @@ def bundle_is_current(path: str) -> bool:
 
 
 @main.command()
-@click.option("--out", default="scalecert-demo", show_default=True, help="folder for the bundle, photos and PNGs")
-@click.option("--patch", default="2%", show_default=True)
+@click.option("-o", "--output", default="scalecert-demo", show_default=True, metavar="DIR",
+              help="folder for the bundle, photos and PNGs")
+@options.alias("--out", "output", "-o/--output", metavar="DIR")
+@click.option("--patch", default="2%", show_default=True, help="patch size: N, HxW or P% of the input area")
 @click.option("--fresh", is_flag=True, help="re-export even if the bundle exists")
-def demo(out, patch, fresh):
+@options.threads()
+def demo(output, patch, fresh, threads):
     """Export pretrained EfficientNet-Lite0 (pip-shipped weights) and certify scikit-image photos."""
     from scalecert.export import ExportOptions, export_bundle
 
     from scalecert.errors import ScaleCertError
 
+    out = output
     bundle = os.path.join(out, "efficientnet-lite0.scalecert")
     if os.path.exists(out) and not os.path.isdir(out):
-        raise ScaleCertError(f"--out {out}: is a file, expected a folder")
+        raise ScaleCertError(f"--output {out}: is a file, expected a folder")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as exc:
-        raise ScaleCertError(f"--out {out}: cannot create it ({exc.strerror or exc})") from None
+        raise ScaleCertError(f"--output {out}: cannot create it ({exc.strerror or exc})") from None
     if fresh or not bundle_is_current(bundle):
         from scalecert.core.geometry import parse_patch
         from scalecert.evaluation.baseline import mask_stride
@@ -64,7 +69,8 @@ def demo(out, patch, fresh):
                    f"(what the measured plan picks for these weights) -> {bundle}")
         opts = ExportOptions(model=None, arch="efficientnet-lite0", pretrained=True, patch=patch, layer="image",
                              stride=str(stride), output=bundle, force=True, echo=lambda line: click.echo("  " + line))
-        export_bundle(opts)
+        with options.ort_threads(threads):
+            export_bundle(opts)
     from scalecert.bundle import Bundle
     from scalecert.bundle.summary import render, summary
 
@@ -73,6 +79,5 @@ def demo(out, patch, fresh):
     photos = write_photos(os.path.join(out, "images"))
     ctx = click.get_current_context()
     ctx.invoke(certify, bundle=bundle, images=tuple(photos), backend="auto", precision="fp32", as_json=False, batch=64,
-               early_exit=False, png_dir=os.path.join(out, "png"), threads=None,
-               threshold=None)
+               early_exit=False, png_dir=os.path.join(out, "png"), threads=threads, threshold=None)
     click.echo(f"\nPNGs (verdict, agreement heat map, suspected region, gate map) in {os.path.join(out, 'png')}")
