@@ -81,7 +81,7 @@ def test_missing_variant_and_int8_without_calib_are_one_line(tmp_path, tiny_bund
 def test_prune_rate_variants_move_every_precision_threshold(built, tmp_path):
     import onnx_ir as ir
 
-    from scalecert.bundle.variants import derive
+    from scalecert.compile.variants import derive
 
     out = derive(built, str(tmp_path / "r50"), prune_rate=0.5)
     m = _manifest(out)

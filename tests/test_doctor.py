@@ -88,13 +88,20 @@ def test_export_stores_hashed_probe_images_with_answers(tiny_bundle):
     assert len(answers) == probes.COUNT and len(answers[0]["window_labels"]) == len(bundle.windows())
 
 
-def test_non_local_prefix_fails_the_locality_probe(non_local_bundle):
+def test_non_local_prefix_fails_the_proof_and_the_locality_probe(non_local_bundle):
     rc, report = _doctor(non_local_bundle)
-    locality = _checks(report)["locality"]
+    proof = _checks(report)["proof"]
     assert rc == 1 and not report["passed"]
-    assert locality["ok"] is False and locality["data"]["leaking"] == locality["data"]["positions"]
-    assert "do not certify on this device" in locality["fix"]
-    assert _checks(report)["integrity"]["ok"]  # re-hashed: only the probe can tell
+    assert proof["ok"] is False and "not the file whose locality was proven" in proof["detail"]
+    assert _checks(report)["integrity"]["ok"]  # re-hashed: the proof record still tells
+    # the probe, run on the swapped prefix directly, finds the leaks too
+    from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline
+
+    bundle = Bundle.open(non_local_bundle)
+    with OrtCpuPipeline(os.path.join(non_local_bundle, "prefix.onnx"), os.path.join(non_local_bundle, "suffix.onnx")) as pipe:
+        locality = probes.probe_locality(pipe, bundle, probes.probe_pixels(bundle))
+    assert locality.ok is False and locality.data["leaking"] >= locality.data["positions"]
+    assert "do not certify on this device" in locality.fix
 
 
 def test_altered_probe_answers_fail_the_known_answer_probe(tiny_bundle, tmp_path):
@@ -143,7 +150,7 @@ def test_build_records_the_probes_and_refuses_a_non_local_prefix(tiny_bundle, no
     rc, report = _doctor(bundle, "fp16")
     assert rc == 0 and _checks(report)["known answer"]["data"]["reference"] == "ort-cpu-fp16"
     broken = _copy(non_local_bundle, tmp_path, "broken")
-    with pytest.raises(ScaleCertError, match="not recording a margin for a non-local prefix"):
+    with pytest.raises(ScaleCertError, match="locality was proven|not provably local|is not local"):
         in_process("build", broken, "--precision", "fp16", "--quiet")
     assert "fp16" not in manifest_io.read(broken).get("precisions", {})  # nothing swapped in
 

@@ -127,7 +127,7 @@ def test_doctor_passes_on_ort_cuda_after_build(gpu_bundle, tmp_path):
 
 
 def _outcomes(bundle, backend, pixels, precision="fp32"):
-    with Certifier.load(bundle, backend=backend, precision=precision) as cert:
+    with Certifier.load(bundle, backend=backend, precision=precision, evaluation=True) as cert:
         return [(r.status, r.label, tuple(r.window_labels)) for r in cert.certify_batch(pixels)]
 
 
@@ -174,11 +174,10 @@ def trt_bundle(gpu_bundle, tmp_path_factory):
 
     work = str(tmp_path_factory.mktemp("trt") / "bundle")
     shutil.copytree(gpu_bundle, work)
-    entry = build_engines(gpu_bundle, work, "fp32", "prefix.onnx", "suffix.onnx", max_images=8, max_windows=48,
-                          workspace_mb=512)
+    entry = build_engines(gpu_bundle, work, "fp32", "suffix.onnx", max_windows=48, workspace_mb=512)
     manifest = manifest_io.read(work, verify=False)
     manifest.setdefault("engines", {})["trt-fp32"] = entry
-    manifest["files"].update(manifest_io.describe_files(work, [entry["prefix"], entry["suffix"], *entry["onnx"].values()]))
+    manifest["files"].update(manifest_io.describe_files(work, [entry["suffix"], *entry["onnx"].values()]))
     manifest_io.write(work, manifest)
     return work
 

@@ -3,6 +3,8 @@
 - `scalecert.runtime` (with its pipelines), `scalecert.core` and `scalecert.bundle` import without
   torch, and the runtime certifies an image without it (what runs on a Jetson);
 - `scalecert.export` never imports `scalecert.compile` (data flows export -> bundle -> compile);
+- layers point one way: no module imports a package above its own (LAYERS), and no scalecert
+  modules import each other in a cycle (imports inside functions count for both);
 - no module reaches into another scalecert package's private names;
 - the CLI offers exactly the backends and precisions the code knows.
 
@@ -178,6 +180,154 @@ def test_export_never_imports_compile():
 def test_compile_import_check_can_fail(source):
     imported = _imported_modules(source, "scalecert.export.split")
     assert any(m == "scalecert.compile" or m.startswith("scalecert.compile.") for m in imported), imported
+
+
+# --- (b2) layers point one way, no import cycles -----------------------------------------------------
+
+# The layer order, lowest first: a module may import its own layer and the ones below, never one above.
+LAYERS = ("core", "bundle", "runtime", "api", "export", "compile", "training", "evaluation", "cli")
+# "api" is the package root (scalecert/__init__.py: `scalecert.load` and the lazily loaded runtime
+# names). Below every layer, shared by all: these modules and the root's __version__.
+LEAVES = ("scalecert.errors", "scalecert.graph", "scalecert.tables", "scalecert.__version__")
+
+
+def _layer(module: str) -> int:
+    """Rank in LAYERS (-1: a leaf); a scalecert module in no layer fails, so a new package is placed."""
+    if any(module == leaf or module.startswith(leaf + ".") for leaf in LEAVES):
+        return -1
+    parts = module.split(".")
+    name = "api" if len(parts) == 1 else parts[1]
+    assert parts[0] == "scalecert" and name in LAYERS, f"{module}: in no layer; add it to LAYERS or LEAVES"
+    return LAYERS.index(name)
+
+
+def _package_sources(package_dir: str) -> dict[str, tuple[str, bool]]:
+    """{module: (source, is_package)} of every .py file under a `scalecert` folder (this one or a temp tree)."""
+    top = os.path.dirname(package_dir)
+    out = {}
+    for path in _source_files(package_dir):
+        rel = os.path.relpath(path, top)[:-3].split(os.sep)
+        package = rel[-1] == "__init__"
+        with open(path) as f:
+            out[".".join(rel[:-1] if package else rel)] = (f.read(), package)
+    return out
+
+
+def _import_graph(sources: dict[str, tuple[str, bool]]) -> dict[str, dict[str, int]]:
+    """module -> {scalecert module it imports: first line}, imports in function bodies included.
+    `from a import b` is the module a.b where that is one, else a (a name from a's __init__), so a
+    submodule importing a sibling through its package (`from . import manifest`) does not count as
+    importing the package's __init__; the root's __version__ is a leaf of its own."""
+    graph = {}
+    for module, (source, package) in sources.items():
+        edges = {}
+        for base, name, line in _imports(source, module, package):
+            if base.split(".")[0] != "scalecert":
+                continue
+            if name is not None and f"{base}.{name}" in sources:
+                target = f"{base}.{name}"
+            elif base == "scalecert" and name == "__version__":
+                target = "scalecert.__version__"
+            else:
+                target = base
+            if target != module:
+                edges.setdefault(target, line)
+        graph[module] = edges
+    return graph
+
+
+def _upward_imports(sources: dict[str, tuple[str, bool]]) -> list[str]:
+    """`module:line imports target` for every import of a layer above the importer's own."""
+    return sorted(f"{module}:{line} ({LAYERS[_layer(module)] if _layer(module) >= 0 else 'leaf'}) imports {target} "
+                  f"({LAYERS[_layer(target)] if _layer(target) >= 0 else 'leaf'})"
+                  for module, edges in _import_graph(sources).items() for target, line in edges.items()
+                  if _layer(target) > _layer(module))
+
+
+def _import_cycles(sources: dict[str, tuple[str, bool]]) -> list[list[str]]:
+    """The strongly connected components of the import graph with more than one module (Tarjan)."""
+    graph = _import_graph(sources)
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(cycles)
+
+
+def test_layers_point_one_way():
+    sources = _package_sources(PACKAGE)
+    assert len(sources) >= 60 and {_layer(m) for m in sources} == set(range(-1, len(LAYERS)))  # every layer seen
+    assert not _upward_imports(sources), _upward_imports(sources)
+
+
+def test_no_import_cycles():
+    cycles = _import_cycles(_package_sources(PACKAGE))
+    assert not cycles, cycles
+
+
+@pytest.mark.parametrize("module, planted, found", [
+    ("scalecert.core.geometry", "def f():\n    from scalecert.runtime import pipelines\n",
+     "scalecert.runtime.pipelines"),
+    ("scalecert.bundle.staging", "def f():\n    from ..export import locality\n", "scalecert.export.locality"),
+    ("scalecert.runtime.doctor", "import scalecert.compile.build\n", "scalecert.compile.build"),
+    ("scalecert.export.split", "import importlib\nimportlib.import_module('scalecert.training.tune')\n",
+     "scalecert.training.tune"),
+    ("scalecert.graph", "from scalecert.core import geometry\n", "scalecert.core.geometry"),
+    ("scalecert.runtime.images", "from scalecert import load\n", "scalecert"),
+])
+def test_layer_check_can_fail(module, planted, found):
+    """Negative control: one planted back-edge in the real tree, and the check names it."""
+    sources = _package_sources(PACKAGE)
+    source, package = sources[module]
+    sources[module] = (source + planted, package)
+    bad = _upward_imports(sources)
+    assert len(bad) == 1 and bad[0].startswith(f"{module}:") and f" imports {found} (" in bad[0], bad
+
+
+def test_cycle_check_can_fail(tmp_path):
+    """Negative controls: a cycle through evaluation/folder.py planted into the real tree (by a
+    function-level import in the module it imports its rows from), and a cycle of three modules in
+    a temp tree, where a package importing its own submodules (which import siblings through it)
+    is no cycle."""
+    sources = _package_sources(PACKAGE)
+    source, package = sources["scalecert.evaluation.results_file"]
+    sources["scalecert.evaluation.results_file"] = (source + "def f():\n    from . import folder\n", package)
+    cycles = _import_cycles(sources)
+    planted = {"scalecert.evaluation.folder", "scalecert.evaluation.results_file"}
+    assert [c for c in cycles if planted <= set(c)], cycles
+
+    tree = tmp_path / "scalecert"
+    files = {"__init__.py": "", "core/__init__.py": "from .a import x\n", "core/a.py": "from . import b\nx = 1\n",
+             "core/b.py": "def f():\n    from scalecert.core.c import y\n",
+             "core/c.py": "import scalecert.core.a\ny = 2\n", "core/d.py": "from scalecert.core import x\n"}
+    for name, text in files.items():
+        (tree / name).parent.mkdir(parents=True, exist_ok=True)
+        (tree / name).write_text(text)
+    assert _import_cycles(_package_sources(str(tree))) == [["scalecert.core.a", "scalecert.core.b", "scalecert.core.c"]]
+    (tree / "core" / "c.py").write_text("y = 2\n")
+    assert _import_cycles(_package_sources(str(tree))) == []
 
 
 # --- (c) no private names across packages -------------------------------------------------------------

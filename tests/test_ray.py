@@ -1,6 +1,6 @@
 """`--ray` on a local Ray (num_cpus=2, one session for the module): per-image results identical to
 the single-process run on real images, every image exactly once when an actor is killed mid-run
-(test-only fault injection), and `bench --ray` writing the same report as a local run."""
+(the fault injected here, by an actor subclass), and `bench --ray` writing the same report as a local run."""
 from __future__ import annotations
 
 import json
@@ -49,15 +49,33 @@ def test_ray_rows_equal_the_local_run(local_rows, tiny_bundle, data_dir, tmp_pat
 def test_killed_actor_still_yields_every_image_once(local_rows, tiny_bundle, data_dir, tmp_path, monkeypatch):
     """One actor dies (os._exit) on its 2nd batch; Ray restarts it and retries the batch. The run
     also resumes an output that already holds 6 rows: those stay, byte for byte."""
-    from scalecert.evaluation.distributed import TEST_EXIT_ENV
+    from scalecert.evaluation import distributed
 
-    marker = tmp_path / "actor-exited"
-    monkeypatch.setenv(TEST_EXIT_ENV, f"2:{marker}")
+    marker = str(tmp_path / "actor-exited")
+
+    class DiesOnce(distributed.FolderActor):
+        """Exits its process on its 2nd batch, once: the marker is created exclusively, so the
+        restarted actor goes on. Defined here, so Ray ships it to the workers by value."""
+
+        calls = 0
+
+        def __call__(self, batch: dict) -> dict:
+            self.calls += 1
+            if self.calls == 2:
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    pass
+                else:
+                    os._exit(1)
+            return super().__call__(batch)
+
+    monkeypatch.setattr(distributed.Pool, "folder_actor", DiesOnce)
     out = tmp_path / "ray.jsonl"
     done = "".join(json.dumps(r) + "\n" for r in local_rows[:6])
     out.write_text(done)
     counts = certify_folder(tiny_bundle, data_dir, str(out), ray_address="auto", workers=2)
-    assert marker.exists(), "the fault was never injected: this test would prove nothing"
+    assert os.path.exists(marker), "the fault was never injected: this test would prove nothing"
     assert counts["skipped"] == 6 and counts["written"] == 19
     assert out.read_text().startswith(done)
     got = rows(str(out))

@@ -1,4 +1,4 @@
-"""Soundness by attack through the real runtime (scalecert.evaluation.attack is the harness;
+"""Soundness by attack through the real runtime (tests/attack_harness.py is the harness;
 benchmarks/attack.py is its command line). docs/design.md §3.8 (the chain), §6.
 
 A certified image patched anywhere (every one of the (H-ph+1)*(W-pw+1) top-left positions) with
@@ -21,7 +21,7 @@ import pytest
 
 from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, cifar_files, export, in_process, need, skimage_photos
 from scalecert.core import geometry
-from scalecert.evaluation import attack
+import attack_harness as attack
 from scalecert.runtime import Certifier
 
 POSITIONS_5x5_32 = (32 - 5 + 1) ** 2  # 784

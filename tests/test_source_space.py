@@ -15,8 +15,8 @@ import pytest
 from conftest import in_process, run_cli
 from PIL import Image
 
-from scalecert.evaluation import attack
-from scalecert.evaluation.source_scan import (
+import attack_harness as attack
+from source_scan import (
     compare_axis,
     past_bound_witness,
     patch_reach,
@@ -138,7 +138,7 @@ def test_cropped_region_is_unconstrained_and_reported(sources):
     assert x0 > 0 and x1 < pixels.shape[1]  # a landscape photo loses its sides to the centre crop
     assert smap.influence(0, 0, (pixels.shape[0], x0))[3] <= smap.influence(0, 0, (pixels.shape[0], x0))[1]
     clean = attack.paste(pixels, np.array([[0, 0]]), np.zeros((1, pixels.shape[0], x0, 3), np.uint8))[0]
-    from scalecert.evaluation.source_scan import preprocess
+    from source_scan import preprocess
 
     assert np.array_equal(preprocess(clean, IMAGENET), preprocess(pixels, IMAGENET))  # a patch there changes nothing
 
@@ -174,7 +174,7 @@ def _attack_sources(bundle, sources, names, rng_seed=0, per_edge=6, random=12):
             if result.status != "certified":
                 continue
             pixels = _pixels(sources[name])
-            covered = tuple(result.source["covered_patch"])
+            covered = tuple(result.source.covered_patch)
             smap = source_map(pixels.shape[:2], cert.input_spec)
             positions = attack.source_positions(smap, covered, rng, random=random, per_edge=per_edge)
             donors = np.stack([np.asarray(read_image(sources[o]).resize(pixels.shape[1::-1], Image.BILINEAR))

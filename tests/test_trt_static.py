@@ -1,6 +1,6 @@
-"""TensorRT readiness checked without TensorRT or a GPU: every node of every bundle graph is within
-the ONNX parser's documented support, the graph passes made for TensorRT keep ONNX Runtime's
-outputs identical, engine records are refused on the wrong machine, and the GPU-only paths are
+"""TensorRT readiness checked without TensorRT or a GPU: every node of every bundle's suffix graph
+(the only part TensorRT runs) is within the ONNX parser's documented support, the graph pass made
+for TensorRT keeps ONNX Runtime's outputs identical, engine records are refused on the wrong machine, and the GPU-only paths are
 reached and say what they need."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from scalecert.bundle import manifest as manifest_io
 from scalecert.compile import precision
 from scalecert.compile.parser_support import check_onnx, table
 from scalecert.compile.tensorrt import build_engines
-from scalecert.compile.trt_passes import Uint8CastLast, WindowsToInt32, prepare_onnx
+from scalecert.compile.trt_passes import WindowsToInt32, prepare_onnx
 from scalecert.core import geometry
 from scalecert.errors import ScaleCertError
 from scalecert.runtime import Certifier
@@ -48,13 +48,10 @@ def _variants(bundle: str, tmp) -> dict:
 @pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "effnet_bundle"])
 def test_every_bundle_graph_is_within_trt_parser_support(bundle_fixture, request, tmp_path):
     bundle = request.getfixturevalue(bundle_fixture)
-    for name, files in _variants(bundle, tmp_path).items():
-        for kind, path in files.items():
-            ready = str(tmp_path / f"{kind}.{name}.trt.onnx")
-            prepare_onnx(path, ready)
-            assert check_onnx(ready) == [], (name, kind)
-            # what the TensorRT pass fixes in the bundle's own file: uint8 only in the shape op before the gate output
-            assert all("UINT8" in p and "Squeeze" in p for p in check_onnx(path)), check_onnx(path)
+    for name, files in _variants(bundle, tmp_path).items():  # the suffix: the only part TensorRT runs
+        ready = str(tmp_path / f"suffix.{name}.trt.onnx")
+        prepare_onnx(files["suffix"], ready)
+        assert check_onnx(ready) == [], name
 
 
 def _model(nodes, inputs, outputs, initializers=(), opset=18, name="control"):
@@ -119,8 +116,7 @@ def test_int32_windows_pass_gives_identical_logits(tiny_bundle, tmp_path):
 
     manifest = manifest_io.read(tiny_bundle)
     ready = str(tmp_path / "suffix.fp32.trt.onnx")
-    assert prepare_onnx(os.path.join(tiny_bundle, "suffix.onnx"), ready) == {"windows_int32": True,
-                                                                             "uint8_casts_moved": 0}
+    assert prepare_onnx(os.path.join(tiny_bundle, "suffix.onnx"), ready) == {"windows_int32": True}
     model = onnx.load(ready)
     assert {i.name: i.type.tensor_type.elem_type for i in model.graph.input}["windows"] == TensorProto.INT32
     assert not [n for n in model.graph.node if n.op_type == "Cast"]  # the whole mask path is int32, no cast back
@@ -165,23 +161,6 @@ def test_int32_windows_pass_casts_back_where_it_must():
     assert all(np.array_equal(a, b) for a, b in zip(want, got))
 
 
-def test_prefix_pass_keeps_outputs_identical(tiny_bundle, tmp_path):
-    import onnxruntime as ort
-
-    import onnx_ir as ir
-
-    casts = Uint8CastLast()
-    assert casts(ir.load(os.path.join(tiny_bundle, "prefix.onnx"))).modified and casts.moves == 1
-    ready = str(tmp_path / "prefix.fp32.trt.onnx")
-    assert prepare_onnx(os.path.join(tiny_bundle, "prefix.onnx"), ready) == {"windows_int32": False,
-                                                                             "uint8_casts_moved": 1}
-    image = np.random.default_rng(2).standard_normal((3, 3, 32, 32)).astype(np.float32)
-    a = ort.InferenceSession(os.path.join(tiny_bundle, "prefix.onnx")).run(None, {"image": image})
-    b = ort.InferenceSession(ready).run(None, {"image": image})
-    assert [o.name for o in onnx.load(ready).graph.output] == ["features", "gate"]
-    assert all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
-
-
 RECORD = {"precision": "int8", "tensorrt": "10.3.0.30", "gpu": "Orin", "compute_capability": [8, 7]}
 
 
@@ -215,9 +194,9 @@ def test_io_binding_pipeline_on_the_cpu_device(tiny_bundle):
     from PIL import Image
 
     photos = np.stack([np.asarray(Image.fromarray(p).resize((32, 32))) for p in skimage_photos().values()])
-    with Certifier.load(tiny_bundle, backend="ort", batch=16) as reference:
+    with Certifier.load(tiny_bundle, backend="ort", batch=16, evaluation=True) as reference:
         want = reference.certify_batch(photos)
-    with Certifier.load(tiny_bundle, backend="ort", batch=16) as cert:
+    with Certifier.load(tiny_bundle, backend="ort", batch=16, evaluation=True) as cert:
         cert._pipeline.deactivate()
         cert._pipeline = OrtCudaPipeline(os.path.join(tiny_bundle, "prefix.onnx"), os.path.join(tiny_bundle, "suffix.onnx"),
                                          device="cpu")
@@ -351,19 +330,21 @@ def test_build_engines_needs_tensorrt_and_a_gpu(tiny_bundle, tmp_path):
     work = str(tmp_path / "work")
     shutil.copytree(tiny_bundle, work)
     with pytest.raises(ScaleCertError, match="unknown precision"):
-        build_engines(tiny_bundle, work, "fp8", "prefix.onnx", "suffix.onnx", 8, 64, 256)
+        build_engines(tiny_bundle, work, "fp8", "suffix.onnx", 64, 256)
     with pytest.raises(ScaleCertError, match="missing"):
-        build_engines(tiny_bundle, work, "int8", "prefix.int8.onnx", "suffix.int8.onnx", 8, 64, 256)
+        build_engines(tiny_bundle, work, "int8", "suffix.int8.onnx", 64, 256)
+    os.remove(os.path.join(work, "prefix.onnx"))  # the engine is the suffix's alone: no prefix is read or checked
     try:
-        entry = build_engines(tiny_bundle, work, "fp32", "prefix.onnx", "suffix.onnx", 8, 64, 256)
+        entry = build_engines(tiny_bundle, work, "fp32", "suffix.onnx", 64, 256)
     except ScaleCertError as exc:
         message = str(exc)
         assert "\n" not in message
         assert ("needs TensorRT" in message) or ("CUDA" in message), message
-        # the ONNX passes and the support check ran before the GPU was needed
-        assert os.path.isfile(os.path.join(work, "suffix.fp32.trt.onnx")) and os.path.isfile(os.path.join(work, "prefix.fp32.trt.onnx"))
+        # the suffix's ONNX pass and support check ran before the GPU was needed; nothing for the prefix
+        assert os.path.isfile(os.path.join(work, "suffix.fp32.trt.onnx"))
+        assert not os.path.exists(os.path.join(work, "prefix.fp32.trt.onnx"))
         pytest.skip(f"needs TensorRT and an NVIDIA GPU: {message}")
-    assert os.path.isfile(os.path.join(work, entry["prefix"])) and os.path.isfile(os.path.join(work, entry["suffix"]))
+    assert os.path.isfile(os.path.join(work, entry["suffix"])) and "prefix" not in entry
     assert entry["profiles"]["suffix"]["windows"]["max"] == [64, 8] and entry["precision"] == "fp32"  # pairs fit
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from scalecert.bundle import manifest as manifest_io
 from scalecert.core import geometry
-from scalecert.errors import ScaleCertError
+from scalecert.errors import BundleError
 
 
 class Bundle:
@@ -91,7 +91,7 @@ class Bundle:
     def _windows(self) -> np.ndarray:
         windows = geometry.window_family(self.footprint, self.stride, self.feature_hw)
         if len(windows) != self.manifest["windows"]["count"]:
-            raise ScaleCertError(f"{self.path}: window family mismatch ({len(windows)} vs "
+            raise BundleError(f"{self.path}: window family mismatch ({len(windows)} vs "
                                  f"{self.manifest['windows']['count']}); re-export the bundle")
         return windows
 
@@ -108,10 +108,10 @@ class Bundle:
     def files(self, precision: str = "fp32") -> dict[str, str]:
         """{"prefix": path, "suffix": path} of one precision variant, or one line saying how to add it."""
         if precision not in manifest_io.PRECISIONS:
-            raise ScaleCertError(f"unknown precision {precision!r} ({', '.join(manifest_io.PRECISIONS)})")
+            raise BundleError(f"unknown precision {precision!r} ({', '.join(manifest_io.PRECISIONS)})")
         variant = self.precisions.get(precision)
         if variant is None:
-            raise ScaleCertError(f"this bundle has no {precision} variant; add one with "
+            raise BundleError(f"this bundle has no {precision} variant; add one with "
                                  f"`scalecert build BUNDLE --precision {precision}`")
         return {part: os.path.join(self.path, variant[part]) for part in ("prefix", "suffix")}
 
@@ -122,11 +122,11 @@ class Bundle:
         name = self.precisions[precision]["prefix"]
         record = (self.manifest.get("locality") or {}).get(name)
         if record is None:
-            raise ScaleCertError(f"{self.path}: {name} has no locality record (exported by a scalecert that did not "
+            raise BundleError(f"{self.path}: {name} has no locality record (exported by a scalecert that did not "
                                  "prove and check the prefix at export); re-export the bundle")
         sha = (self.manifest["files"].get(name) or {}).get("sha256")
         if record.get("sha256") != sha or not record.get("check", {}).get("passed"):
-            raise ScaleCertError(f"{self.path}: {name} is not the file whose locality was proven; re-export the bundle")
+            raise BundleError(f"{self.path}: {name} is not the file whose locality was proven; re-export the bundle")
         return os.path.join(self.path, name)
 
     def margin(self, backend: str, precision: str) -> float | None:
@@ -150,9 +150,9 @@ class Bundle:
         """The calibrated gate threshold for another pruning rate (steps of 0.01)."""
         table = self.manifest["sin"].get("threshold_by_rate")
         if table is None:
-            raise ScaleCertError(f"{self.path}: exported without --calib, so it has no thresholds for other "
+            raise BundleError(f"{self.path}: exported without --calib, so it has no thresholds for other "
                                  "pruning rates; re-export with --calib DIR")
         index = round(rate * 100)
         if not 0 <= index < len(table) or abs(index / 100 - rate) > 1e-9:
-            raise ScaleCertError(f"prune rate {rate}: sweeps take rates in steps of 0.01 below 1")
+            raise BundleError(f"prune rate {rate}: sweeps take rates in steps of 0.01 below 1")
         return table[index] if index > 0 else -1.0

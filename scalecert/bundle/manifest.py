@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import BundleError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -42,40 +42,40 @@ def write(bundle_dir: str, manifest: dict) -> None:
 def read(bundle_dir: str, verify: bool = True) -> dict:
     """Load and check a bundle's manifest: schema, required keys and, with verify, every file hash."""
     if not os.path.isdir(bundle_dir):
-        raise ScaleCertError(f"{bundle_dir}: no such bundle directory")
+        raise BundleError(f"{bundle_dir}: no such bundle directory")
     path = os.path.join(bundle_dir, MANIFEST)
     if not os.path.isfile(path):
-        raise ScaleCertError(f"{bundle_dir}: not a scalecert bundle (no {MANIFEST}); create one with scalecert-export")
+        raise BundleError(f"{bundle_dir}: not a scalecert bundle (no {MANIFEST}); create one with scalecert-export")
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ScaleCertError(f"{path}: corrupt manifest ({exc})") from None
+        raise BundleError(f"{path}: corrupt manifest ({exc})") from None
     version = manifest.get("schema_version") if isinstance(manifest, dict) else None
     if not isinstance(version, int):
-        raise ScaleCertError(f"{path}: no schema_version; not a scalecert manifest")
+        raise BundleError(f"{path}: no schema_version; not a scalecert manifest")
     if version > SCHEMA_VERSION:
-        raise ScaleCertError(f"{bundle_dir}: bundle schema {version} is newer than this scalecert "
+        raise BundleError(f"{bundle_dir}: bundle schema {version} is newer than this scalecert "
                              f"(reads up to {SCHEMA_VERSION}); upgrade scalecert")
     missing = [k for k in REQUIRED if k not in manifest]
     if missing:
-        raise ScaleCertError(f"{path}: manifest lacks {', '.join(missing)}")
+        raise BundleError(f"{path}: manifest lacks {', '.join(missing)}")
     if verify:
         for name, meta in manifest["files"].items():
             file = os.path.join(bundle_dir, name)
             if not os.path.isfile(file):
-                raise ScaleCertError(f"{bundle_dir}: {name} is missing; re-export the bundle")
+                raise BundleError(f"{bundle_dir}: {name} is missing; re-export the bundle")
             if sha256(file) != meta["sha256"]:
-                raise ScaleCertError(f"{bundle_dir}: {name} does not match its sha256 in the manifest "
+                raise BundleError(f"{bundle_dir}: {name} does not match its sha256 in the manifest "
                                      "(modified or corrupt); re-export the bundle")
     return manifest
 
 
 def check_mode(mode: str) -> str:
     if mode not in MODES:
-        from scalecert.errors import ScaleCertError
+        from scalecert.errors import OptionError
 
-        raise ScaleCertError(f"--mode {mode}: expected one of {', '.join(MODES)}")
+        raise OptionError(f"mode {mode!r}: expected one of {', '.join(MODES)}")
     return mode
 
 

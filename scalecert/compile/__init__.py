@@ -1,1 +1,2 @@
-"""bundle -> precision variants, margins and TensorRT engines (`scalecert build`)."""
+"""bundle -> precision variants, margins and the TensorRT suffix engine (`scalecert build`); derived
+bundles at another pruning rate or stride (variants.py)."""

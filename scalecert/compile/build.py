@@ -1,6 +1,7 @@
 """`scalecert build`: add a precision variant (fp16 / int8 ONNX), its numeric margin per backend and,
-on a machine with TensorRT, engines to a bundle. The bundle is copied, extended and swapped into
-place, manifest hashes recomputed: never half-written. No torch.
+on a machine with TensorRT, the suffix engine to a bundle (every backend runs the prefix on ONNX
+Runtime CPU, docs/design.md §9). The bundle is copied, extended and swapped into place, manifest
+hashes recomputed: never half-written. No torch.
 
 Numeric margin, per backend and precision: delta = 2 x SAFETY x the largest logit spread of that
 engine for identical suffix inputs across batch positions and sizes (core/margin.py, docs/design.md §3.6). The
@@ -23,9 +24,7 @@ from scalecert.core.margin import measure_margin
 from scalecert.errors import ScaleCertError
 from scalecert.export.locality import confirm as confirm_locality
 from scalecert.runtime import pipelines
-from scalecert.runtime.doctor import probe_pixels
-
-BACKENDS = {"ort": "ort-cpu", "ort-cpu": "ort-cpu", "ort-cuda": "ort-cuda", "trt": "trt"}
+from scalecert.runtime.probes import probe_pixels, record_build
 
 
 def calibration_images(calib: str | None, limit: int, input_spec: dict) -> np.ndarray | None:
@@ -73,11 +72,11 @@ def int8_family(backend: str) -> str:
 
 
 def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, backend: str = "ort",
-          calib_limit: int = 64, workspace_mb: int = 4096, max_windows: int = 128, max_images: int = 16,
-          say=print, accept_loss: bool = False, min_agreement: float = INT8_FLOOR["top1_agreement"]) -> dict:
+          calib_limit: int = 64, workspace_mb: int = 4096, max_windows: int = 128, say=print,
+          accept_loss: bool = False, min_agreement: float = INT8_FLOOR["top1_agreement"]) -> dict:
     """Add a precision variant (fp16: explicit casts; int8: static QDQ calibrated on `calib`), its
-    numeric margin on `backend` and, for trt, TensorRT engines to the bundle, in place (staged and
-    swapped). An int8 variant is compared with fp32 on held-back calibration images (top-1
+    numeric margin on `backend` and, for trt, the TensorRT suffix engine to the bundle, in place
+    (staged and swapped). An int8 variant is compared with fp32 on held-back calibration images (top-1
     agreement over the base and every window, certified rates) and refused below INT8_FLOOR unless
     `accept_loss`. Returns the new manifest."""
     if precision not in manifest_io.PRECISIONS:
@@ -120,19 +119,16 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
             from scalecert.compile.tensorrt import build_engines
 
             files = staged.files(precision)
-            entry = build_engines(bundle_dir, work, precision, files["prefix"], files["suffix"], max_images, max_windows,
-                                  workspace_mb)
+            entry = build_engines(bundle_dir, work, precision, files["suffix"], max_windows, workspace_mb)
             manifest.setdefault("engines", {})[f"trt-{precision}"] = entry
-            say(f"TensorRT {entry['tensorrt']} engines for {entry['gpu']}: {entry['prefix']}, {entry['suffix']}")
+            say(f"TensorRT {entry['tensorrt']} suffix engine for {entry['gpu']}: {entry['suffix']}")
         with pipelines.open_pipeline(staged, backend, precision) as pipeline:
             margin = measure_margin(pipeline, _margin_images(staged, images), windows)
         key = manifest_io.margin_key(backend, precision)
         manifest["margin"][key] = margin["delta"]
         manifest.setdefault("margin_measurement", {})[key] = margin
         say(f"numeric margin {key}: spread {margin['spread']:g} -> delta {margin['delta']:g}")
-        from scalecert.runtime.doctor import record_build  # the device probes `scalecert doctor` runs
-
-        manifest.setdefault("doctor", {})[key] = record_build(staged, backend, precision, say)
+        manifest.setdefault("doctor", {})[key] = record_build(staged, backend, precision, say)  # doctor's probes
         manifest["files"] = manifest_io.describe_files(work, sorted(_bundle_files(work)))
         manifest_io.write(work, manifest)
     return manifest

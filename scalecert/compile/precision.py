@@ -226,8 +226,11 @@ def conv_input_means(src_path: str, feeds: list[dict[str, np.ndarray]], limit: i
     known = {o.name for o in model.graph.output}
     model.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
                               for name in wanted if name not in known)
+    from scalecert.runtime.pipelines.onnxruntime import default_threads
+
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = default_threads()  # build --threads
     session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     sums: dict[str, np.ndarray] = {}
     used = feeds[:limit]

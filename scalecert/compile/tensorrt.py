@@ -1,19 +1,18 @@
-"""TensorRT engines for one precision of a bundle, built with Polygraphy (TensorRT 10.x and 11.x).
+"""The TensorRT suffix engine for one precision of a bundle, built with Polygraphy (TensorRT 10.x
+and 11.x). Only the suffix: every backend runs the prefix on ONNX Runtime CPU, where its locality
+is proven and probed (docs/design.md §9), so no prefix engine is built.
 
 Precision lives in the ONNX (explicit casts for fp16, static Q/DQ for int8), so networks are
 parsed strongly typed and no precision builder flag is set: TensorRT 11 has none, and on 10.x
-strong typing makes the ONNX's types binding. Before building, two graph passes make the ONNX
-what TensorRT handles best (written beside the bundle's variants as `*.<precision>.trt.onnx`):
-the suffix's `windows` input becomes int32, and a uint8 cast feeding only shape ops (the gate
-map's Squeeze) moves after them, since TensorRT takes uint8 only at network inputs and outputs.
-Then every node is checked against the parser's documented operator support (parser_support.py).
-The two passes are in trt_passes.py.
+strong typing makes the ONNX's types binding. Before building, a graph pass (trt_passes.py) makes
+the suffix's `windows` input int32 (written beside the bundle's variants as
+`suffix.<precision>.trt.onnx`), and every node is checked against the parser's documented
+operator support (parser_support.py).
 """
 from __future__ import annotations
 
 import os
 import shutil
-
 
 from scalecert.bundle.manifest import PRECISIONS
 from scalecert.compile.parser_support import check_onnx
@@ -68,25 +67,23 @@ def _build(poly_trt, trt, onnx_path: str, plan_path: str, profile: dict, cache: 
 RECTANGLES_PER_ROW = 2  # suffix rows hold a window (detection) or a pair of windows (recovery)
 
 
-def build_engines(bundle_dir: str, work_dir: str, precision: str, prefix_onnx: str, suffix_onnx: str,
-                  max_images: int, max_windows: int, workspace_mb: int) -> dict:
-    """Build the prefix and suffix engines of one precision into work_dir (a copy of bundle_dir
-    that the caller renames into place) and return the manifest["engines"]["trt-<precision>"]
-    entry. prefix_onnx/suffix_onnx are that precision's files, relative to the bundle. The
-    timing cache persists in the bundle's engines/ folder, one file per TensorRT version and
-    GPU architecture, so rebuilding on the same kind of device is fast."""
+def build_engines(bundle_dir: str, work_dir: str, precision: str, suffix_onnx: str, max_windows: int,
+                  workspace_mb: int) -> dict:
+    """Build the suffix engine of one precision into work_dir (a copy of bundle_dir that the caller
+    renames into place) and return the manifest["engines"]["trt-<precision>"] entry. suffix_onnx is
+    that precision's file, relative to the bundle. The timing cache persists in the bundle's
+    engines/ folder, one file per TensorRT version and GPU architecture, so rebuilding on the same
+    kind of device is fast."""
     if precision not in PRECISIONS:
         raise ScaleCertError(f"unknown precision {precision!r} ({', '.join(PRECISIONS)})")
-    if min(int(max_images), int(max_windows), int(workspace_mb)) < 1:
-        raise ScaleCertError("max images, max windows and workspace must be at least 1")
-    sources = {"prefix": os.path.join(work_dir, prefix_onnx), "suffix": os.path.join(work_dir, suffix_onnx)}
-    onnx_files, problems = {}, []
-    for kind, src in sources.items():
-        if not os.path.isfile(src):
-            raise ScaleCertError(f"{src}: missing; build the {precision} variant first (`scalecert build BUNDLE --precision {precision}`)")
-        onnx_files[kind] = f"{kind}.{precision}.trt.onnx"
-        prepare_onnx(src, os.path.join(work_dir, onnx_files[kind]))
-        problems += check_onnx(os.path.join(work_dir, onnx_files[kind]))
+    if min(int(max_windows), int(workspace_mb)) < 1:
+        raise ScaleCertError("max windows and workspace must be at least 1")
+    source = os.path.join(work_dir, suffix_onnx)
+    if not os.path.isfile(source):
+        raise ScaleCertError(f"{source}: missing; build the {precision} variant first (`scalecert build BUNDLE --precision {precision}`)")
+    onnx_file = f"suffix.{precision}.trt.onnx"
+    prepare_onnx(source, os.path.join(work_dir, onnx_file))
+    problems = check_onnx(os.path.join(work_dir, onnx_file))
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ScaleCertError(f"TensorRT's ONNX parser does not support this graph: {problems[0]}{more}")
@@ -95,29 +92,22 @@ def build_engines(bundle_dir: str, work_dir: str, precision: str, prefix_onnx: s
     from scalecert.runtime.pipelines.tensorrt import gpu_identity
 
     gpu_name, capability = gpu_identity()
-    image = _input_item_shape(sources["prefix"], "image")
-    features = _input_item_shape(sources["suffix"], "features")
-    profiles = {
-        "prefix": {"image": {"min": [1, *image], "opt": [1, *image], "max": [int(max_images), *image]}},
-        "suffix": {"features": {"min": [1, *features], "opt": [1, *features], "max": [1, *features]},
-                   "windows": {"min": [1, 4], "opt": [int(max_windows), 4],
-                               "max": [int(max_windows), 4 * RECTANGLES_PER_ROW]}},
-    }
+    features = _input_item_shape(source, "features")
+    profiles = {"suffix": {"features": {"min": [1, *features], "opt": [1, *features], "max": [1, *features]},
+                           "windows": {"min": [1, 4], "opt": [int(max_windows), 4],
+                                       "max": [int(max_windows), 4 * RECTANGLES_PER_ROW]}}}
     engines_dir = os.path.join("engines", f"trt-{precision}")
     os.makedirs(os.path.join(work_dir, engines_dir), exist_ok=True)
     cache = os.path.join("engines", f"timing-trt{trt.__version__}-sm{capability[0]}{capability[1]}.cache")
     if not os.path.exists(os.path.join(work_dir, cache)) and os.path.exists(os.path.join(bundle_dir, cache)):
         shutil.copyfile(os.path.join(bundle_dir, cache), os.path.join(work_dir, cache))
-    plans = {}
-    for kind in ("prefix", "suffix"):
-        plans[kind] = os.path.join(engines_dir, f"{kind}.plan")
-        _build(poly_trt, trt, os.path.join(work_dir, onnx_files[kind]), os.path.join(work_dir, plans[kind]),
-               profiles[kind], os.path.join(work_dir, cache), workspace_mb)
+    plan = os.path.join(engines_dir, "suffix.plan")
+    _build(poly_trt, trt, os.path.join(work_dir, onnx_file), os.path.join(work_dir, plan), profiles["suffix"],
+           os.path.join(work_dir, cache), workspace_mb)
     return {
         "precision": precision,
-        "prefix": plans["prefix"],
-        "suffix": plans["suffix"],
-        "onnx": onnx_files,
+        "suffix": plan,
+        "onnx": {"suffix": onnx_file},
         "tensorrt": trt.__version__,
         "gpu": gpu_name,
         "compute_capability": list(capability),

@@ -1,6 +1,5 @@
-"""Graph passes that make a bundle ONNX file what TensorRT handles best (onnx-ir passes): the
-suffix's `windows` input becomes int32, and a uint8 cast feeding only shape ops (the gate map's
-Squeeze) moves after them, since TensorRT takes uint8 only at network inputs and outputs."""
+"""The graph pass that makes the suffix ONNX what TensorRT handles best (an onnx-ir pass): its
+`windows` input becomes int32."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,7 +10,6 @@ from scalecert.graph import finish, run_passes
 
 _FOLLOW = {"Split", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity", "Slice", "Gather", "Transpose"}
 _COMPARE = {"Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal"}
-_SHAPE_ONLY = {"Squeeze", "Unsqueeze", "Reshape", "Flatten", "Identity", "Transpose"}
 
 
 def _int32_const(graph: ir.Graph, value: ir.Value, cache: dict) -> ir.Value | None:
@@ -83,50 +81,13 @@ def _windows_to_int32(model: ir.Model, name: str) -> bool:
     return True
 
 
-class Uint8CastLast(ir.passes.InPlacePass):
-    """Move Cast(to=UINT8) after the shape-only ops that are its only consumers (x -> Cast ->
-    Squeeze -> gate becomes x -> Squeeze -> Cast -> gate), so uint8 exists only at the graph
-    output. `moves` counts them."""
-
-    moves = 0
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.moves = _uint8_cast_last(model)
-        return ir.passes.PassResult(model, modified=self.moves > 0)
-
-
-def _uint8_cast_last(model: ir.Model) -> int:
-    graph, moves = model.graph, 0
-    for cast in [n for n in graph if n.op_type == "Cast"]:
-        while cast.attributes.get_int("to") == ir.DataType.UINT8:
-            uses = list(cast.outputs[0].uses())
-            if (len(uses) != 1 or cast.outputs[0].is_graph_output() or uses[0][0].op_type not in _SHAPE_ONLY
-                    or uses[0][1] != 0):
-                break
-            shaper, source = uses[0][0], cast.inputs[0]
-            result = shaper.outputs[0]
-            shaper.replace_input_with(0, source)
-            out = ir.Value(name=f"{result.name}_uint8", shape=result.shape, type=ir.TensorType(ir.DataType.UINT8))
-            result.replace_all_uses_with(out, replace_graph_outputs=True)
-            name = result.name
-            result.name, result.type = f"{name}_precast", source.type  # None where the file does not say
-            if source.type is None:
-                result.shape = None
-            out.name = name
-            moved = ir.node("Cast", [result], {"to": ir.DataType.UINT8}, outputs=[out], name=cast.name)
-            graph.remove(cast, safe=True)
-            graph.insert_after(shaper, moved)
-            cast, moves = moved, moves + 1
-    return moves
-
-
 def prepare_onnx(src: str, dst: str) -> dict:
-    """Write the TensorRT-ready variant of one bundle ONNX file; returns what changed."""
+    """Write the TensorRT-ready variant of a bundle's suffix ONNX file; returns what changed."""
     try:
         model = ir.load(src)
     except Exception as exc:  # noqa: BLE001
         raise ScaleCertError(f"{src}: cannot read it as ONNX ({str(exc).splitlines()[0][:120]})") from None
-    windows, casts = WindowsToInt32(), Uint8CastLast()
-    run_passes(model, windows, casts, finish())
+    windows = WindowsToInt32()
+    run_passes(model, windows, finish())
     ir.save(model, dst)
-    return {"windows_int32": windows.changed, "uint8_casts_moved": casts.moves}
+    return {"windows_int32": windows.changed}

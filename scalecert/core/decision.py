@@ -62,10 +62,10 @@ def log_confidence(logits: np.ndarray) -> np.ndarray:
 
 
 def check_threshold(threshold: float) -> float:
-    from scalecert.errors import ScaleCertError
+    from scalecert.errors import OptionError
 
     if not 0.0 <= float(threshold) < 1.0:
-        raise ScaleCertError(f"--threshold {threshold:g}: expected a confidence in [0, 1)")
+        raise OptionError(f"threshold {threshold:g}: expected a confidence in [0, 1)")
     return float(threshold)
 
 
@@ -110,3 +110,16 @@ def decide(base_label: int, base_margin: float, window_labels: np.ndarray, windo
                          delta, threshold)[0]
     windows_ok = certifying(base_label, window_labels, window_margins, window_logconf, delta, threshold).all()
     return Decision("certified" if base_ok and windows_ok else "uncertified", int(base_label), bad)
+
+
+def every_row_agrees(predict_labels, rows: np.ndarray, label: int, first_batch: int = 4, max_batch: int = 256) -> bool:
+    """Whether every row (a window, or a pair) predicts `label`: rows go to `predict_labels(rows)
+    -> labels` in growing batches and stop at the first that holds another label. The one
+    "all windows agree" loop of the plan's and tune's scoring (argmax only: a proxy; the
+    certificate itself is `decide`, with margins)."""
+    lo, size = 0, first_batch
+    while lo < len(rows):
+        if (np.asarray(predict_labels(rows[lo:lo + size])) != label).any():
+            return False
+        lo, size = lo + size, min(size * 4, max_batch)
+    return True

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import OptionError
 
 
 def parse_patch(spec: str, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -25,7 +25,7 @@ def parse_patch(spec: str, image_hw: tuple[int, int]) -> tuple[int, int]:
         if spec.endswith("%"):
             frac = float(spec[:-1]) / 100.0
             if not 0 < frac < 1:
-                raise ScaleCertError(f"--patch {spec!r}: a percentage of the input area must lie between 0% and 100%")
+                raise OptionError(f"patch {spec!r}: a percentage of the input area must lie between 0% and 100%")
             side = max(1, math.ceil(math.sqrt(frac * h * w)))
             ph, pw = side, side
         elif "x" in spec:
@@ -33,13 +33,13 @@ def parse_patch(spec: str, image_hw: tuple[int, int]) -> tuple[int, int]:
         else:
             ph = pw = int(spec)
     except ValueError:
-        raise ScaleCertError(f"--patch {spec!r}: expected N, HxW or P% (e.g. 5, 16x48, 2%)") from None
+        raise OptionError(f"patch {spec!r}: expected N, HxW or P% (e.g. 5, 16x48, 2%)") from None
     if ph < 1 or pw < 1:
-        raise ScaleCertError(f"--patch {spec!r}: patch sides must be positive")
+        raise OptionError(f"patch {spec!r}: patch sides must be positive")
     if ph > h or pw > w:
-        raise ScaleCertError(f"--patch {spec!r}: a {ph}x{pw} patch does not fit the {h}x{w} input")
+        raise OptionError(f"patch {spec!r}: a {ph}x{pw} patch does not fit the {h}x{w} input")
     if ph >= h and pw >= w:
-        raise ScaleCertError(f"--patch {spec!r}: a {ph}x{pw} patch covers the whole {h}x{w} input; nothing can be certified")
+        raise OptionError(f"patch {spec!r}: a {ph}x{pw} patch covers the whole {h}x{w} input; nothing can be certified")
     return ph, pw
 
 
@@ -80,7 +80,7 @@ def _starts(extent: int, win: int, stride: int) -> list[int]:
 def _per_axis(stride) -> tuple[int, int]:
     sy, sx = (stride, stride) if np.isscalar(stride) else stride
     if int(sy) < 1 or int(sx) < 1:
-        raise ScaleCertError(f"stride {stride}: must be positive")
+        raise OptionError(f"stride {stride}: must be positive")
     return int(sy), int(sx)
 
 

@@ -160,41 +160,41 @@ class SourceMap:
         return y0, x0, y1, x1
 
 
-def parse_source_patch(spec: str, source_hw, option: str = "--source-patch") -> tuple[int, int]:
+def parse_source_patch(spec: str, source_hw, what: str = "source patch") -> tuple[int, int]:
     """'40' -> 40x40, '30x60' -> 30x60 (height x width), '2%' -> the square covering 2% of the
-    source area (rounded up), in source pixels of `source_hw`."""
+    source area (rounded up), in source pixels of `source_hw`. `what` names the value in errors."""
     h, w = source_hw
-    ph, pw = parse_patch_spec(spec, option)
+    ph, pw = parse_patch_spec(spec, what)
     if isinstance(ph, float):
         ph = pw = max(1, math.ceil(math.sqrt(ph * h * w)))
     if ph > h or pw > w:
-        raise ScaleCertError(f"{option} {spec}: a {ph}x{pw} patch does not fit the {h}x{w} (HxW) source")
+        raise ScaleCertError(f"{what} {spec}: a {ph}x{pw} patch does not fit the {h}x{w} (HxW) source")
     return ph, pw
 
 
-def parse_patch_spec(spec: str, option: str):
+def parse_patch_spec(spec: str, what: str = "source patch"):
     """The syntax alone: (h, w) ints, or (fraction, fraction) floats for 'P%'. One line on error."""
     text = str(spec).strip().lower()
     try:
         if text.endswith("%"):
             frac = float(text[:-1]) / 100.0
             if not 0 < frac < 1:
-                raise ScaleCertError(f"{option} {spec}: a percentage of the area must lie between 0% and 100%")
+                raise ScaleCertError(f"{what} {spec}: a percentage of the area must lie between 0% and 100%")
             return frac, frac
         ph, pw = (int(v) for v in text.split("x")) if "x" in text else (int(text),) * 2
     except ValueError:
-        raise ScaleCertError(f"{option} {spec!r}: expected N, HxW or P% (e.g. 40, 30x60, 2%)") from None
+        raise ScaleCertError(f"{what} {spec!r}: expected N, HxW or P% (e.g. 40, 30x60, 2%)") from None
     if ph < 1 or pw < 1:
-        raise ScaleCertError(f"{option} {spec}: patch sides must be positive")
+        raise ScaleCertError(f"{what} {spec}: patch sides must be positive")
     return ph, pw
 
 
-def parse_size_wh(spec: str, option: str) -> tuple[int, int]:
+def parse_size_wh(spec: str, what: str = "source size") -> tuple[int, int]:
     """'640x480' (width x height, as cameras are named) -> (height, width)."""
     try:
         w, h = (int(v) for v in str(spec).strip().lower().split("x"))
     except ValueError:
-        raise ScaleCertError(f"{option} {spec!r}: expected WIDTHxHEIGHT in pixels, e.g. 640x480") from None
+        raise ScaleCertError(f"{what} {spec!r}: expected WIDTHxHEIGHT in pixels, e.g. 640x480") from None
     if w < 1 or h < 1:
-        raise ScaleCertError(f"{option} {spec}: width and height must be positive")
+        raise ScaleCertError(f"{what} {spec}: width and height must be positive")
     return h, w

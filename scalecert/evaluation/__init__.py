@@ -1,1 +1,2 @@
-"""`scalecert bench`, its report, the pixel-masking baseline, the attack harness, pictures."""
+"""`scalecert bench`, its report, the pixel-masking and PatchCleanser baselines, pictures, dataset runs
+(results files, Ray). The attack harness lives with the tests (tests/attack_harness.py)."""

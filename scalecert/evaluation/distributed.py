@@ -13,6 +13,7 @@ row by the bundle it opened and the bytes it read (bundle_sha256, file_sha256).
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -29,9 +30,6 @@ from scalecert.errors import ScaleCertError
 INSTALL = "pip install 'scalecert[ray]'"
 GPU_BACKENDS = ("ort-cuda", "trt")
 IMAGES_PER_BATCH = 8  # images per map_batches call: small, so a retried batch redoes little work
-# test-only fault injection: "K:MARKER" makes one actor os._exit on its K-th batch, once (MARKER is
-# created exclusively, so the restarted actor goes on); read by the driver, passed to the actors
-TEST_EXIT_ENV = "SCALECERT_TEST_ACTOR_EXIT"
 
 
 def require_ray():
@@ -95,17 +93,12 @@ def unpack_bundle(data: bytes) -> str:
 
 
 def actor_backend(backend: str, precision: str, bundle, cluster_gpus: float) -> str:
-    """The backend the actors run: `auto` is ort-cuda when the cluster has GPUs and the bundle a
-    margin measured for it, else ort-cpu (the driver may have no GPU; the actor checks its own)."""
+    """The backend the actors run: the certifier's rule (pipelines.pick) with the cluster's GPUs in
+    place of this machine's: `auto` is ort-cuda when the cluster has GPUs and the bundle a margin
+    measured for it, else ort-cpu (the driver may have no GPU; the actor checks its own)."""
     from scalecert.runtime import pipelines
 
-    if backend == "auto":
-        backend = "ort-cuda" if cluster_gpus and bundle.margin("ort-cuda", precision) is not None else "ort-cpu"
-    backend = pipelines.canonical(backend)
-    if bundle.margin(backend, precision) is None:
-        raise ScaleCertError(f"this bundle has no numeric margin measured for {backend} at {precision}; run "
-                             f"`scalecert build BUNDLE --precision {precision} --backend {backend}` first")
-    return backend
+    return pipelines.pick(backend, precision, bundle, gpus=bool(cluster_gpus))
 
 
 def pool_shape(backend: str, workers, threads, where: dict) -> tuple[int, float, float]:
@@ -125,23 +118,10 @@ def pool_shape(backend: str, workers, threads, where: dict) -> tuple[int, float,
     return workers, cpus, (1.0 if gpu else 0.0)
 
 
-def _exit_once_for_test(spec: str | None, calls: int) -> None:
-    """Test-only fault injection (TEST_EXIT_ENV): kill this actor's process on batch K, once."""
-    if not spec:
-        return
-    k, marker = spec.split(":", 1)
-    if calls == int(k):
-        try:
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return
-        os._exit(1)
-
-
 class _BundleActor:
     """Holds one Certifier over the bundle shipped in the object store."""
 
-    def __init__(self, bundle_ref, options: dict, exit_spec: str | None = None):
+    def __init__(self, bundle_ref, options: dict):
         import ray
 
         from scalecert.runtime import Certifier
@@ -149,11 +129,6 @@ class _BundleActor:
         self.bundle_dir = unpack_bundle(ray.get(bundle_ref[0]))
         self.cert = Certifier.load(self.bundle_dir, **options)  # Bundle.open(verify=True): hashes checked here
         self.cert.__enter__()
-        self.calls, self.exit_spec = 0, exit_spec
-
-    def _next_call(self) -> None:
-        self.calls += 1
-        _exit_once_for_test(self.exit_spec, self.calls)
 
     def __del__(self):
         try:
@@ -165,19 +140,18 @@ class _BundleActor:
 class FolderActor(_BundleActor):
     """map_batches UDF: image files (bytes, path) -> results rows (JSON text)."""
 
-    def __init__(self, bundle_ref, options: dict, index_ref, exit_spec: str | None = None):
+    def __init__(self, bundle_ref, options: dict, index_ref):
         import ray
 
         from scalecert.evaluation.results_file import certifier_sha256
 
-        super().__init__(bundle_ref, options, exit_spec)
+        super().__init__(bundle_ref, options)
         self.index = ray.get(index_ref[0])  # path -> (relative path, true label)
         self.digest = certifier_sha256(self.cert)  # of the bundle as this worker opened it
 
     def __call__(self, batch: dict) -> dict:
-        from scalecert.evaluation.folder import certify_item
+        from scalecert.evaluation.results_file import certify_item
 
-        self._next_call()
         rows = [json.dumps(certify_item(self.cert, self.digest, str(path), *self.index[str(path)], data=bytes(data)))
                 for data, path in zip(batch["bytes"], batch["path"])]
         return {"row": np.array(rows, dtype=object)}
@@ -186,23 +160,25 @@ class FolderActor(_BundleActor):
 class BenchActor(_BundleActor):
     """map_batches UDF: decoded images (index, pixels) -> pickled Results, timed on the worker."""
 
-    def __init__(self, bundle_ref, options: dict, exit_spec: str | None = None):
-        super().__init__(bundle_ref, options, exit_spec)
+    def __init__(self, bundle_ref, options: dict):
+        super().__init__(bundle_ref, options)
         _, h, w = self.cert.input_spec["input_size"]
         self.cert.certify(np.zeros((h, w, 3), np.uint8))  # warm-up, as the local run does
 
     def __call__(self, batch: dict) -> dict:
-        self._next_call()
         out = []
         for pixels in batch["pixels"]:
-            result = self.cert.certify(np.asarray(pixels, np.uint8))
-            result.gate = None  # not needed by the report; keeps the rows small
+            result = self.cert.certify(np.asarray(pixels, np.uint8), evaluation=True)
+            # the gate is not needed by the report: smaller rows
+            result = dataclasses.replace(result, evaluation=dataclasses.replace(result.evaluation, gate=None))
             out.append(pickle.dumps(result))
         return {"index": np.asarray(batch["index"]), "result": np.array(out, dtype=object)}
 
 
 class Pool:
     """An actor pool planned against the cluster it runs on: where, backend, actors, their resources."""
+
+    folder_actor, bench_actor = FolderActor, BenchActor  # the map_batches UDF classes
 
     def __init__(self, where: dict, options: dict, workers: int, cpus: float, gpus: float):
         self.where, self.options, self.workers, self.cpus, self.gpus = where, options, workers, cpus, gpus
@@ -243,8 +219,8 @@ class Pool:
         ds = ray.data.read_binary_files([path for path, _, _ in todo], include_paths=True, ignore_missing_paths=True,
                                         num_cpus=0)
         kwargs = {"bundle_ref": [ray.put(pack_bundle(bundle_dir))], "options": self.options,
-                  "index_ref": [ray.put(index)], "exit_spec": os.environ.get(TEST_EXIT_ENV)}
-        for batch in self._map(ds, FolderActor, kwargs).iter_batches(batch_size=None, batch_format="numpy"):
+                  "index_ref": [ray.put(index)]}
+        for batch in self._map(ds, self.folder_actor, kwargs).iter_batches(batch_size=None, batch_format="numpy"):
             for text in batch["row"]:
                 yield json.loads(text)
 
@@ -254,12 +230,11 @@ class Pool:
         import ray
 
         _quiet_progress(quiet)
-        kwargs = {"bundle_ref": [ray.put(pack_bundle(bundle_dir))], "options": self.options,
-                  "exit_spec": os.environ.get(TEST_EXIT_ENV)}
+        kwargs = {"bundle_ref": [ray.put(pack_bundle(bundle_dir))], "options": self.options}
         ds = ray.data.from_items([{"index": i, "pixels": px} for i, px in enumerate(pixels)])
         start = time.perf_counter()
         results = {}
-        for out in self._map(ds, BenchActor, kwargs).iter_batches(batch_size=None, batch_format="numpy"):
+        for out in self._map(ds, self.bench_actor, kwargs).iter_batches(batch_size=None, batch_format="numpy"):
             for i, blob in zip(out["index"], out["result"]):
                 results.setdefault(int(i), pickle.loads(blob))  # a retried batch's second copy is dropped
         wall = time.perf_counter() - start

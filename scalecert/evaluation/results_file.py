@@ -90,6 +90,24 @@ def error_row(image: str, rel: str, true_label, error: str, digest: str | None =
     return _keyed({"image": image, "status": "error", "error": error}, rel, true_label, digest, data)
 
 
+def certify_item(cert, digest: str, image: str, rel: str, true_label, data: bytes | None = None) -> dict:
+    """One image -> its results row, the same as `certify IMAGE --json` gives (source report
+    included); an image that cannot be certified is an error row. `digest`: the Certifier's
+    run_sha256. The file is read once (`data`: a Ray worker's bytes), so the row's file_sha256 is
+    that of the bytes certified."""
+    from scalecert.runtime import source as source_space
+    from scalecert.runtime.images import load_source, read_file
+
+    try:
+        data = read_file(image) if data is None else data
+        pixels, source_hw = load_source(image, cert.input_spec, data)
+        wide = source_space.describe(image, data).global_scale
+        result = cert.certify(pixels, name=image, source=cert.source_report(source_hw, global_scale=wide))
+    except ScaleCertError as exc:
+        return error_row(image, rel, true_label, str(exc), digest, data)
+    return result_row(result.to_json(), rel, true_label, digest, data)
+
+
 def _require_pyarrow(path: str):
     try:
         import pyarrow  # noqa: F401

@@ -91,28 +91,28 @@ def check_request(spec: str, source_hw, input_spec: dict, patch_hw, name: str, g
     requested = parse_source_patch(spec, source_hw)
     h, w = source_hw
     if global_scale:
-        raise ScaleCertError(f"--source-patch {spec}: {name} is a 16/32-bit image, which the runtime scales by its "
+        raise ScaleCertError(f"source patch {spec}: {name} is a 16/32-bit image, which the runtime scales by its "
                              "brightest pixel; no source patch is bounded (convert it to 8 bits)")
     needed = source_map(source_hw, input_spec).needed_patch(requested)
     _, in_h, in_w = input_spec["input_size"]
     if needed[0] > patch_hw[0] or needed[1] > patch_hw[1]:
-        fix = (f"export with --patch {needed[0]}x{needed[1]}" if needed[0] < in_h or needed[1] < in_w else
-               "it reaches the whole input, which no bundle certifies")
-        raise ScaleCertError(f"--source-patch {spec}: a {requested[0]}x{requested[1]} patch of the {w}x{h} (WxH) source "
+        fix = (f"it needs a bundle exported for a {needed[0]}x{needed[1]} input patch" if needed[0] < in_h or
+               needed[1] < in_w else "it reaches the whole input, which no bundle certifies")
+        raise ScaleCertError(f"source patch {spec}: a {requested[0]}x{requested[1]} patch of the {w}x{h} (WxH) source "
                              f"{name} reaches {needed[0]}x{needed[1]} input pixels; this bundle certifies "
-                             f"{patch_hw[0]}x{patch_hw[1]}: {fix} (or --patch {requested[0]}x{requested[1]} "
-                             f"--for-source {w}x{h})")
+                             f"{patch_hw[0]}x{patch_hw[1]}: {fix} (or for a {requested[0]}x{requested[1]} source "
+                             f"patch of {w}x{h} sources)")
     return requested
 
 
 def check_requests(bundle_dir: str, images, spec: str) -> dict:
-    """--source-patch checked against every image's size (headers only) before any certification:
+    """A source patch `spec` checked against every image's size (headers only) before any certification:
     {path: (h, w)}, or one line naming the first image it cannot cover. Unreadable images are left
     to the per-image error path."""
     from scalecert.bundle import Bundle
     from scalecert.core.source import parse_patch_spec
 
-    parse_patch_spec(spec, "--source-patch")  # malformed: one line, even before the bundle is read
+    parse_patch_spec(spec)  # malformed: one line, even before the bundle is read
     bundle = Bundle.open(bundle_dir, verify=False)
     out = {}
     for path in images:

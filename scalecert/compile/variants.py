@@ -1,6 +1,8 @@
 """Derive a bundle variant (another pruning rate or occluding stride) without re-exporting:
 the threshold for every calibrated rate is in the manifest, and the stride only changes the
-window family. Written to a temp dir and renamed; hashes recomputed (no torch)."""
+window family. Written to a temp dir and renamed; hashes recomputed (no torch). Like `build`, it
+rewrites a bundle: a new prefix is proven local again (export/locality.py) and the known answers
+re-recorded through the runtime (runtime/probes.py)."""
 from __future__ import annotations
 
 import copy
@@ -28,9 +30,10 @@ def _set_threshold(prefix_path: str, tau: float) -> None:
 
 def _drop_engines(work: str, manifest: dict) -> None:
     for entry in (manifest.pop("engines", None) or {}).values():
-        for part in ("prefix", "suffix"):
-            os.remove(os.path.join(work, entry[part]))
-            del manifest["files"][entry[part]]
+        for part in ("prefix", "suffix"):  # bundles built before the prefix engine was dropped have both
+            if part in entry:
+                os.remove(os.path.join(work, entry[part]))
+                del manifest["files"][entry[part]]
     for key in [k for k in manifest["margin"] if k.startswith("trt-")]:
         del manifest["margin"][key]
         manifest.get("margin_measurement", {}).pop(key, None)
@@ -49,7 +52,7 @@ def _reference_answers(bundle: Bundle) -> dict:
 def _confirm_prefixes(work: str, manifest: dict, bundle: Bundle) -> None:
     """A new threshold is a new prefix file: prove and check its locality again (export/locality.py)."""
     from scalecert.export.locality import confirm
-    from scalecert.runtime.doctor import probe_pixels
+    from scalecert.runtime.probes import probe_pixels
 
     pixels = probe_pixels(bundle)
     manifest["locality"] = {files["prefix"]: confirm(work, manifest, files["prefix"], pixels)

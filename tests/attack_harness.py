@@ -1,5 +1,8 @@
 """Soundness by attack: patch every position of certified images and run the REAL runtime.
 
+A test and benchmark harness, not part of the shipped package: tests/ imports it as
+`attack_harness`, benchmarks/attack.py and benchmarks/source_patch.py put tests/ on sys.path.
+
 Claim under test (docs/design.md §3): if the runtime certifies image ``x`` with label ``y``, then
 for any ``x'`` equal to ``x`` outside one axis-aligned ``ph x pw`` patch (the bundle's
 ``threat_model.patch``, network-input pixels, uint8 values), the runtime outputs ``y`` or ALERT on
@@ -119,6 +122,13 @@ def overlap_windows(windows: np.ndarray, rect, k: int, exclude_containing: bool 
 def is_recovery(certifier) -> bool:
     """Recovery mode (runtime/recovery.py::Recoverer): no alert path; a violation is any other label."""
     return getattr(certifier, "mode", "detect") == "recover"
+
+
+def status(result) -> str:
+    """A detection Result's status; for recovery, "certified" or "recovered" (no alert path)."""
+    if hasattr(result, "status"):
+        return str(result.status)
+    return "certified" if result.certified else "recovered"
 
 
 def run_images(certifier, pixels: np.ndarray, names=None, clean: bool = False) -> list:
@@ -256,9 +266,9 @@ class Tally:
     def add(self, image: str, label: int, content: str, variants, positions, patches, results) -> dict:
         row = dict.fromkeys(COUNT_KEYS, 0)
         for v, pos, patch, res in zip(variants, positions, patches, results):
-            alert, same = res.status == "alert", res.label == label
-            c = {"attacked": 1, "certified_same": int(res.status == "certified" and same), "alert": int(alert),
-                 "uncertified_same": int(res.status in ("uncertified", "recovered") and same),
+            alert, same = status(res) == "alert", res.label == label
+            c = {"attacked": 1, "certified_same": int(status(res) == "certified" and same), "alert": int(alert),
+                 "uncertified_same": int(status(res) in ("uncertified", "recovered") and same),
                  "violations": int(not alert and not same), "base_flipped": int(not same),
                  "first_round_split": int(getattr(res, "case", "agreed") != "agreed")}
             for target in (row, self.content[content], self.variant[f"{content}:{v}"]):
@@ -266,7 +276,7 @@ class Tally:
                     target[key] += c[key]
             if c["violations"] and len(self.violations) < self.keep:
                 self.violations.append({"image": image, "label": int(label), "content": content, "variant": v,
-                                        "position": [int(pos[0]), int(pos[1])], "status": res.status, "output_label": int(res.label),
+                                        "position": [int(pos[0]), int(pos[1])], "status": status(res), "output_label": int(res.label),
                                         "patch": np.asarray(patch).tolist()})
         return row
 
@@ -368,11 +378,6 @@ def attack_image(certifier, pixels: np.ndarray, label: int, *, contents=("noise"
     return row
 
 
-def certified_subset(certifier, pixels: np.ndarray) -> list:
-    """Runtime results for a batch of clean images (certify_batch)."""
-    return certifier.certify_batch(pixels)
-
-
 def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max_images: int | None = None,
                   contents=("noise", "extreme", "donor"), reference=None, donor_pool=None, donor_labels=None,
                   pgd_positions="all", pgd_steps: int = 10, pgd_views: int = 2, all_variants: bool = False,
@@ -396,7 +401,7 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
     names = names if names is not None else [f"<array {i}>" for i in range(len(pixels))]
     clean = run_images(certifier, pixels, names, clean=True)
     base_labels = np.array([r.label for r in clean])
-    certified = [i for i, r in enumerate(clean) if r.status == "certified"]
+    certified = [i for i, r in enumerate(clean) if status(r) == "certified"]
     chosen = certified[:max_images] if max_images is not None else certified
     if donor_pool is None:
         donor_pool = pixels
@@ -468,7 +473,7 @@ def attack_images(certifier, pixels: np.ndarray, *, labels=None, names=None, max
         "pgd": {"positions_per_image": pgd_positions if isinstance(pgd_positions, (int, str)) else len(pgd_positions), "steps": pgd_steps, "views": pgd_views} if "pgd" in contents else None,
         "mode": "recover" if is_recovery(certifier) else "detect",
         "backend": certifier.backend,
-        "early_exit": bool(certifier.early_exit),
+        "early_exit": bool(getattr(certifier, "early_exit", False)),
         "workers": workers if worker_spec is not None else 1,
         "seconds": round(time.perf_counter() - start, 1),
     })
@@ -511,7 +516,7 @@ def source_positions(smap, patch_hw, rng, random: int = 16, per_edge: int = 8) -
     """Top-left (y, x) of source patches: along every border (`per_edge` evenly spaced, corners
     included), straddling each side of the crop window, where a patch reaches the most input
     pixels on each axis, and `random` drawn at random. Unique, row-major."""
-    from scalecert.evaluation.source_scan import widest_position
+    from source_scan import widest_position
 
     (sh, sw), (ph, pw) = smap.source_hw, patch_hw
     ymax, xmax = sh - ph, sw - pw

@@ -1,6 +1,7 @@
 """Perturbation scans through the REAL preprocessing (runtime/images.py::resize_to_input): which
 network-input pixels does changing a source pixel, row or column actually change? Checks the
-computed reach (core/source.py) bitwise: nothing outside it changes, and says how tight it is."""
+computed reach (core/source.py) bitwise: nothing outside it changes, and says how tight it is.
+A test and benchmark helper, not part of the shipped package."""
 from __future__ import annotations
 
 import numpy as np
