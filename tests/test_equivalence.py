@@ -1,9 +1,10 @@
 """The exported split computes what the PyTorch model computes.
 
 With prune rate 0 and the empty window, suffix(prefix(x)) under ONNX Runtime (CPU, fp32) equals
-the PyTorch logits to 1e-4 (max abs): pretrained ResNet-20 on real CIFAR-10 test images and
-pretrained EfficientNet-Lite0 on real photos. A batch of windows in one suffix call gives, per
-window, what that window gives alone.
+the PyTorch logits to 1e-4 (max abs): random-weight ResNet-20s on generated images and the
+pip-shipped pretrained EfficientNet-Lite0 on real photos (and, under -m slow with ../shared, the
+pretrained ResNet-20 on real CIFAR-10 test images). A batch of windows in one suffix call gives,
+per window, what that window gives alone.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import R20, cifar_files, need, skimage_photos
+from conftest import R20, cifar_files, need, real_cifar_files, skimage_photos
 from scalecert.bundle import manifest as manifest_io
 from scalecert.core import geometry
 from scalecert.runtime.pipelines.onnxruntime import OrtRunner
@@ -54,11 +55,29 @@ def _check_dense(bundle: str, m: dict, x: np.ndarray, reference: np.ndarray):
     return logits
 
 
+@pytest.mark.parametrize("bundle_fixture, checkpoint_fixture", [("tiny_bundle", "tiny_checkpoint"),
+                                                                  ("tiny_blank_bundle", "tiny_bn_checkpoint")])
+def test_random_resnet20_split_equals_pytorch(bundle_fixture, checkpoint_fixture, request):
+    """The split is exact for any weights: the random-weight ResNet-20 (plain, and with random
+    BatchNorm statistics and a deeper layer) on 50 filler images."""
+    from scalecert.export.loading import load_model
+
+    bundle = request.getfixturevalue(bundle_fixture)
+    m = manifest_io.read(bundle)
+    files = cifar_files(5)
+    x = normalize(np.stack([load_image(p, m["input"]) for p in files]), m["input"])
+    loaded = load_model(request.getfixturevalue(checkpoint_fixture), "resnet20-cifar")
+    _check_dense(bundle, m, x, _torch_logits(loaded, x))
+
+
+@pytest.mark.slow
 def test_resnet20_split_equals_pytorch_on_cifar(r20_bundle):
+    """The pretrained checkpoint as the team has it (../shared), on real CIFAR-10: also checks that
+    its weights really load (accuracy)."""
     from scalecert.export.loading import load_model
 
     m = manifest_io.read(r20_bundle)
-    files = cifar_files(5)  # 50 images, 5 per class
+    files = real_cifar_files(5)  # 50 images, 5 per class
     assert len(files) == 50
     x = normalize(np.stack([load_image(p, m["input"]) for p in files]), m["input"])
     loaded = load_model(need(R20), "resnet20-cifar")
@@ -92,12 +111,16 @@ def _window_batch(m: dict, limit: int) -> np.ndarray:
     return np.concatenate([extra, picks]).astype(np.int64)
 
 
-@pytest.mark.parametrize("bundle_fixture, limit", [("effnet_bundle", 14), ("r20_bundle", 40)])
+@pytest.mark.parametrize("bundle_fixture, limit", [("effnet_bundle", 14), ("tiny_pruned_bundle", 40),
+                                                   ("tiny_blank_bundle", 40),
+                                                   pytest.param("r20_bundle", 40, marks=pytest.mark.slow)])
 def test_window_batch_equals_windows_alone(bundle_fixture, limit, request):
     bundle = request.getfixturevalue(bundle_fixture)
     m = manifest_io.read(bundle)
     spec = m["input"]
     if bundle_fixture == "r20_bundle":
+        pixels = load_image(real_cifar_files(1)[3], spec)
+    elif bundle_fixture.startswith("tiny"):
         pixels = load_image(cifar_files(1)[3], spec)
     else:
         pixels = resize_to_input(Image.fromarray(skimage_photos()["coffee"]), spec)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import IMAGENET, R20, cifar_files, export, need
+from conftest import IMAGENET, R20, cifar_files, export, need, real_cifar_files
 from scalecert.export.loading import load_model
 from scalecert.training.reference import TorchReference
 from scalecert.runtime import Certifier
@@ -17,7 +17,7 @@ FULL = os.environ.get("SCALECERT_REFERENCE_FULL") == "1"
 
 
 def _compare(bundle, loaded, files):
-    cert = Certifier.load(bundle)
+    cert = Certifier.load(bundle, evaluation=True)
     ref = TorchReference(loaded, bundle)
     pixels = np.stack([cert.prepare(f) for f in files])
     outcomes = {"certified": 0, "alert": 0}
@@ -33,9 +33,24 @@ def _compare(bundle, loaded, files):
     return outcomes
 
 
+@pytest.mark.parametrize("bundle_fixture, checkpoint_fixture", [
+    ("tiny_pruned_bundle", "tiny_checkpoint"),  # 30% gated, zeroed windows
+    ("tiny_blank_gated_bundle", "tiny_bn_checkpoint"),  # 70% gated, filled windows, random norms
+])
+def test_random_resnet20_matches_reference(bundle_fixture, checkpoint_fixture, request):
+    """The method, not the weights: random-weight ResNet-20s on 40 generated images."""
+    per_class = 20 if FULL else 4
+    loaded = load_model(request.getfixturevalue(checkpoint_fixture), "resnet20-cifar")
+    outcomes = _compare(request.getfixturevalue(bundle_fixture), loaded, cifar_files(per_class))
+    print(f"\n[{bundle_fixture}] {outcomes}")
+    assert sum(outcomes.values()) == 10 * per_class
+    assert outcomes["certified"] > 0 and outcomes["alert"] > 0  # both branches exercised
+
+
+@pytest.mark.slow
 def test_resnet20_200_cifar_images_match_reference(r20_pruned_bundle):
     per_class = 20 if FULL else 4
-    outcomes = _compare(r20_pruned_bundle, load_model(R20, "resnet20-cifar"), cifar_files(per_class))
+    outcomes = _compare(r20_pruned_bundle, load_model(R20, "resnet20-cifar"), real_cifar_files(per_class))
     assert sum(outcomes.values()) == 10 * per_class
     assert outcomes["certified"] > 0 and outcomes["alert"] > 0  # both branches exercised
 

@@ -1,4 +1,4 @@
-"""`certify DIR --out FILE` in one process: one row per image (error rows included), resume after a
+"""`certify --data DIR -o FILE` in one process: one row per image (error rows included), resume after a
 killed run (torn last line), Parquet, and `--ray` without Ray installed. Real images, real bundle."""
 from __future__ import annotations
 
@@ -108,10 +108,10 @@ def test_parquet_output_and_resume(local_rows, tiny_bundle, data_dir, tmp_path):
 def test_refuses_a_file_that_is_no_results_file(tiny_bundle, data_dir, tmp_path):
     notes = tmp_path / "notes.jsonl"
     notes.write_text("my notes\nmore\n")
-    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--out", notes, "--quiet")
+    proc = run_cli("scalecert", "certify", tiny_bundle, "--data", data_dir, "-o", notes, "--quiet")
     assert proc.returncode == 2 and "not a scalecert results row" in proc.stderr
     assert notes.read_text() == "my notes\nmore\n"
-    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--out", tmp_path / "r.csv")
+    proc = run_cli("scalecert", "certify", tiny_bundle, "--data", data_dir, "-o", tmp_path / "r.csv")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and ".jsonl or .parquet" in proc.stderr
 
 
@@ -122,7 +122,7 @@ def test_ray_missing_gives_one_line(tiny_bundle, data_dir, tmp_path):
     blocker = ("import sys\nclass Block:\n    def find_spec(self, name, *a):\n"
                "        if name == 'ray' or name.startswith('ray.'):\n            raise ImportError(name)\n"
                "sys.meta_path.insert(0, Block())\nfrom scalecert.cli import main\nmain()\n")
-    for args in (["certify", tiny_bundle, data_dir, "--out", str(out), "--ray"],
+    for args in (["certify", tiny_bundle, "--data", data_dir, "-o", str(out), "--ray"],
                  ["bench", tiny_bundle, "--data", data_dir, "--ray"]):
         proc = subprocess.run([sys.executable, "-c", blocker, *args], capture_output=True, text=True,
                               env={**os.environ, "PYTHONPATH": ROOT})
@@ -153,10 +153,10 @@ def test_pool_sizing_on_fake_gpu_cluster_resources(tiny_bundle):
 
 
 def test_ray_flag_before_a_path_is_refused(tiny_bundle, data_dir, tmp_path):
-    proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--out", tmp_path / "r.jsonl", "--ray", data_dir)
+    proc = run_cli("scalecert", "certify", tiny_bundle, "--data", data_dir, "-o", tmp_path / "r.jsonl", "--ray", data_dir)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "not a cluster address" in proc.stderr
     proc = run_cli("scalecert", "certify", tiny_bundle, data_dir, "--ray")
-    assert proc.returncode == 2 and "add --out" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode == 2 and "add --data DIR -o" in proc.stderr and proc.stderr.count("\n") == 1
     assert not (tmp_path / "r.jsonl").exists()
 
 

@@ -88,7 +88,7 @@ def test_filled_bundle_runs_every_window_the_gate_would_have_skipped(tmp_path_fa
     m = Bundle.open(bundle).manifest
     assert m["windows"]["fill"] == "blank" and m["sin"]["prune_rate"] == 0.7
     wrong_without = 0
-    with Certifier.load(bundle, backend="ort") as certifier, \
+    with Certifier.load(bundle, backend="ort", evaluation=True) as certifier, \
             OrtRunner(os.path.join(bundle, "prefix.onnx")) as prefix, OrtRunner(os.path.join(bundle, "suffix.onnx")) as suffix:
         windows = certifier.windows
         for path in photo_files:
@@ -228,7 +228,7 @@ def test_early_exit_agrees_with_full_evaluation(tiny_bundle, photo_files):
 
 
 def test_certify_batch_matches_single(tiny_bundle):
-    cert = Certifier.load(tiny_bundle)
+    cert = Certifier.load(tiny_bundle, evaluation=True)
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     for a, b in zip(cert.certify_batch(pixels, prefix_batch=2), [cert.certify(p) for p in pixels]):

@@ -93,12 +93,13 @@ class PixelMaskingBaseline(Activated):
 
 
 # -- recovery (PatchCleanser's double masking) --------------------------------------------------------
-def pair_masked_batch(x: np.ndarray, masks: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """x (1,C,H,W) normalised -> (len(pairs), C, H, W): copy k with masks pairs[k, 0] and
-    pairs[k, 1] set to 0 after normalisation (one mask where the two are the same)."""
-    batch = np.repeat(x, len(pairs), axis=0)
-    for k, (i, j) in enumerate(pairs):
-        for y0, x0, y1, x1 in (masks[i], masks[j]):
+def rect_masked_batch(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """x (1,C,H,W) normalised -> one copy per row of rectangles ((k, 4) or (k, R, 4), pixel
+    [y0, x0, y1, x1)) with each rectangle of the row set to 0 after normalisation."""
+    rows = np.asarray(rows).reshape(len(rows), -1, 4)
+    batch = np.repeat(x, len(rows), axis=0)
+    for k, row in enumerate(rows):
+        for y0, x0, y1, x1 in row:
             batch[k, :, y0:y1, x0:x1] = 0.0
     return batch
 
@@ -107,7 +108,7 @@ class PatchCleanserBaseline(PixelMaskingBaseline):
     """PatchCleanser (Xiang et al., USENIX Security 2022) in pixel space on a runner: `recover` is
     double masking (the first round over every mask, a second round only for disagreers), and
     `certify_recovery` runs every pair of masks (each mask with itself included) and certifies the
-    label when all of them predict it; both decided by core/recovery.py (evaluation/recovery_eval.py).
+    label when all of them predict it; both by the runtime's procedure (runtime/recovery.py::PairRecovery).
     As PatchCleanser, no numeric margin: the engine's own argmax is taken as is."""
 
     def __init__(self, runner: Runner, masks: np.ndarray, engine: str, batch: int = 128):
@@ -124,24 +125,18 @@ class PatchCleanserBaseline(PixelMaskingBaseline):
 
         return cls(OrtRunner(onnx_path, threads=threads), masks, "ort")
 
-    def predictor(self, x: np.ndarray):
-        """predict(pairs) -> (labels, thin) for one normalised (1,C,H,W) image."""
-        def predict(pairs: np.ndarray):
-            labels = []
-            for lo in range(0, len(pairs), self.batch):
-                batch = pair_masked_batch(x, self.masks, pairs[lo:lo + self.batch])
-                labels.append(next(iter(self.runner.infer({"image": batch}).values())).argmax(1))
-            labels = np.concatenate(labels)
-            return labels, np.zeros(len(labels), bool)
+    def recover(self, x: np.ndarray, certify: bool = True):
+        """Double masking on one normalised (1,C,H,W) image by the runtime's own procedure
+        (runtime/recovery.py::PairRecovery) over the pixel masks, every pixel kept, no fill ->
+        its Outcome. No numeric margin beyond the decision's rounding floor: the engine's argmax is
+        taken as is, as PatchCleanser does."""
+        from scalecert.runtime.recovery import PairRecovery
 
-        return predict
+        procedure = self.__dict__.get("_procedure")
+        if procedure is None or procedure.feature_hw != x.shape[2:]:  # its dedupe caches the all-kept grouping
+            procedure = self.__dict__["_procedure"] = PairRecovery(self.masks, x.shape[2:], batch=self.batch)
 
-    def recover(self, x: np.ndarray):
-        from scalecert.evaluation.recovery_eval import fast_path
+        def predict(rows: np.ndarray) -> np.ndarray:
+            return next(iter(self.runner.infer({"image": rect_masked_batch(x, rows)}).values()))
 
-        return fast_path(len(self.masks), self.predictor(x))
-
-    def certify_recovery(self, x: np.ndarray, early_exit: bool = False):
-        from scalecert.evaluation.recovery_eval import certification
-
-        return certification(len(self.masks), self.predictor(x), self.batch, early_exit)
+        return procedure.run(predict, np.ones(x.shape[2:], bool), certify)

@@ -46,7 +46,7 @@ def _certify_here(bundle, pixels, batch, threads, quiet, desc, precision):
 
     bar = _progress(len(pixels), desc, quiet)
     with Certifier.load(bundle, backend="ort", batch=batch, threads=threads, precision=precision,
-                        threshold=0.0) as cert:
+                        threshold=0.0, evaluation=True) as cert:
         cert.certify(pixels[0])  # warm-up
         results = []
         for px in pixels:
@@ -174,7 +174,7 @@ def run_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, pr
     latencies = []
     scratch = tempfile.mkdtemp(prefix="scalecert-bench-")
     try:
-        from scalecert.bundle.variants import derive
+        from scalecert.compile.variants import derive
 
         for precision in precisions:
             for rate in rates:

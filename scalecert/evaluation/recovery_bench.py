@@ -1,11 +1,12 @@
 """`scalecert bench --mode recover`: certified recovery (double masking, docs/design.md §10) of a
 bundle against PatchCleanser's pixel-space baseline on the same images, in one run.
 
-Per system: accuracy of the un-occluded prediction, accuracy of the recovered label (the fast
-path), certified recovery accuracy (every pair predicts the true label), latency of the fast path
-on every image and of certification over all pairs (no early exit) on the first `timing_images`.
-Certification for the accuracy columns exits early (evaluation/recovery_eval.certification: same
-label and verdict). Baselines run in a process of their own each, as in bench.py.
+Both systems run the one recovery procedure (runtime/recovery.py::PairRecovery): the bundle through
+the runtime's Recoverer, exactly what a device runs (the prefix, the fast path, then every pair after
+the exact dedupe), PatchCleanser over its pixel masks. Per system: accuracy of the un-occluded
+prediction, of the recovered label (the fast path) and of certified recovery (every pair predicts
+the true label), rows run, and the latency of the fast path and of certification on the first
+`timing_images`. Baselines run in a process of their own each, as in bench.py.
 """
 from __future__ import annotations
 
@@ -20,9 +21,6 @@ from scalecert.bundle import Bundle
 from scalecert.errors import ScaleCertError
 from scalecert.evaluation.report import SCHEMA
 
-PAIR_BATCH = 128
-
-
 def _stats(values) -> dict:
     values = np.asarray(values, float)
     if not len(values):
@@ -31,48 +29,43 @@ def _stats(values) -> dict:
             "n": int(len(values))}
 
 
-def summarise(labels, plain, fast, certified, timed) -> dict:
-    """One system's row: `plain` un-occluded predictions, `fast` fast-path Outcomes, `certified`
-    early-exit certification Outcomes (all images), `timed` all-pairs Outcomes (a prefix of them)."""
+def summarise(labels, plain, outcomes, timing_images: int) -> dict:
+    """One system's row: `plain` un-occluded predictions; `outcomes` per image (label, case,
+    certified, fast-path ms, fast-path rows, certification ms, certification rows), every image
+    certified over all pairs; latencies of the first `timing_images`."""
     labels = np.asarray(labels)
-    recovered = np.array([o.label for o in fast])
-    ok = np.array([o.certified and o.label == y for o, y in zip(certified, labels)])
+    recovered = np.array([o[0] for o in outcomes])
+    ok = np.array([bool(o[2]) and o[0] == y for o, y in zip(outcomes, labels)])
+    timed = outcomes[:timing_images]
     return {
         "images": int(len(labels)),
         "plain_accuracy": float(np.mean(np.asarray(plain) == labels)),
         "recovered_accuracy": float(np.mean(recovered == labels)),
         "certified_recovery_accuracy": float(ok.mean()),
         "certified_recovery_count": int(ok.sum()),
-        "cases": {case: int(sum(o.case == case for o in fast)) for case in ("agreed", "disagreer", "majority")},
-        "fast_label_equals_certification_label": int(sum(a.label == b.label for a, b in zip(fast, certified))),
-        "fast_path_ms": _stats([o.latency_ms for o in fast]),
-        "fast_path_rows": _stats([o.evaluated for o in fast]),
-        "certification_ms": _stats([o.latency_ms for o in timed]),
-        "certification_rows": int(timed[0].evaluated) if timed else None,
-        "timed_certified_agree": int(sum(a.certified == b.certified and a.label == b.label
-                                         for a, b in zip(timed, certified))),
+        "cases": {case: int(sum(o[1] == case for o in outcomes)) for case in ("agreed", "disagreer", "majority")},
+        "fast_path_ms": _stats([o[3] for o in timed]),
+        "fast_path_rows": _stats([o[4] for o in outcomes]),
+        "certification_ms": _stats([o[5] for o in timed]),
+        "certification_rows": _stats([o[6] for o in outcomes]),
     }
 
 
-def evaluate_system(n: int, items, predictor_for, plain_for, timing_images: int, quiet: bool, desc: str) -> dict:
-    from scalecert.evaluation.recovery_eval import certification, fast_path
-
+def evaluate_system(items, recover, plain_for, quiet: bool, desc: str) -> tuple[list, list]:
+    """(plain predictions, outcomes) of one system; `recover(item)` -> the outcome tuple of summarise."""
     from scalecert.evaluation.bench import _progress
 
     bar = _progress(len(items), desc, quiet)
-    plain, fast, certified, timed = [], [], [], []
-    fast_path(n, predictor_for(items[0]))  # warm-up
-    for k, item in enumerate(items):
+    recover(items[0])  # warm-up
+    plain, outcomes = [], []
+    for item in items:
         plain.append(plain_for(item))
-        fast.append(fast_path(n, predictor_for(item)))
-        certified.append(certification(n, predictor_for(item), PAIR_BATCH, early_exit=True, fast=fast[-1]))
-        if k < timing_images:
-            timed.append(certification(n, predictor_for(item)))
+        outcomes.append(recover(item))
         if bar:
             bar.update()
     if bar:
         bar.close()
-    return plain, fast, certified, timed
+    return plain, outcomes
 
 
 def run_recovery_bench(bundle: str, data: str, labels_csv=None, limit=None, seed=None, baseline_engines=(),
@@ -80,9 +73,8 @@ def run_recovery_bench(bundle: str, data: str, labels_csv=None, limit=None, seed
                        timing_images: int = 50) -> dict:
     from scalecert.bundle.summary import summary
     from scalecert.evaluation.bench import _baselines, _machine, _versions
-    from scalecert.evaluation.recovery_eval import BundleRecovery
-    from scalecert.runtime import Certifier
     from scalecert.runtime.certifier import EMPTY_WINDOW
+    from scalecert.runtime.recovery import Recoverer
     from scalecert.runtime.datasets import check_labels, image_set
     from scalecert.runtime.images import load_image, normalize
 
@@ -105,18 +97,22 @@ def run_recovery_bench(bundle: str, data: str, labels_csv=None, limit=None, seed
                        "seed": seed},
               "bundle": summary(opened.manifest), "timing_images": min(timing_images, len(items)),
               "recovery": {}, "baseline": {}, "ratios": {},
-              "pairs_path": "one suffix row per pair (both rectangles), no dedupe on the gate"}
-    with Certifier.load(bundle, backend="ort", batch=batch, threads=threads) as cert:
-        evaluator = BundleRecovery(cert)
+              "pairs_path": "the runtime's Recoverer: one suffix row per distinct pair (exact dedupe on the gate)"}
+    with Recoverer.load(bundle, backend="ort", batch=batch, threads=threads) as rec:
+        cert = rec.certifier
 
         def plain_for(px):
             features, _ = cert.features(px[None])
             return int(cert.window_logits(cert.pipeline.select(features, 0), EMPTY_WINDOW).argmax())
 
-        outcome = evaluate_system(evaluator.n, pixels, evaluator.predictor, plain_for, timing_images, quiet,
-                                  "recovery (bundle, ort fp32)")
-        report["recovery"]["fp32 ort"] = {"windows": evaluator.n, "pairs": evaluator.n * (evaluator.n + 1) // 2,
-                                          **summarise(labels, *outcome)}
+        def recover(px):  # the deployed path: prefix, fast path, then every pair after dedupe
+            r = rec.recover(px, certify=True)
+            return (r.label, r.case, r.certified, r.latency_ms, r.windows_evaluated + r.pairs_evaluated, r.certify_ms,
+                    r.certification_pairs_evaluated)
+
+        plain, outcomes = evaluate_system(pixels, recover, plain_for, quiet, "recovery (bundle, ort fp32)")
+        report["recovery"]["fp32 ort"] = {"windows": len(rec.windows), "pairs": len(rec.pairs),
+                                          **summarise(labels, plain, outcomes, timing_images)}
     if baseline_engines:
         scratch = tempfile.mkdtemp(prefix="scalecert-bench-")
         try:
@@ -142,11 +138,15 @@ def _recovery_baseline_process(engine: str, path: str, arch, images: str, masks,
     x = np.load(images)
     with baseline:
         plain_for = lambda k: int(next(iter(baseline.runner.infer({"image": x[k:k + 1]}).values())).argmax())
-        outcome = evaluate_system(len(masks), list(range(len(x))), lambda k: baseline.predictor(x[k:k + 1]),
-                                  plain_for, timing_images, quiet, f"PatchCleanser ({engine})")
+        def recover(k):
+            o = baseline.recover(x[k:k + 1])
+            return (o.verdict.label, o.verdict.case, o.certified, o.fast_ms, o.first_rows + o.second_rows, o.certify_ms,
+                    o.certification_rows)
+
+        plain, outcomes = evaluate_system(list(range(len(x))), recover, plain_for, quiet, f"PatchCleanser ({engine})")
     row = {"masks": len(masks), "pairs": len(masks) * (len(masks) + 1) // 2, "engine": engine,
-           "model": os.path.abspath(path), **summarise(labels, *outcome)}
-    return row, np.array([o.latency_ms for o in outcome[3]])
+           "model": os.path.abspath(path), **summarise(labels, plain, outcomes, timing_images)}
+    return row, np.array([o[5] for o in outcomes[:timing_images]])
 
 
 def recovery_table(report: dict) -> str:
@@ -157,7 +157,8 @@ def recovery_table(report: dict) -> str:
     for name, r in systems:
         rows.append((name, f"{r['plain_accuracy']:.1%}", f"{r['recovered_accuracy']:.1%}",
                      f"{r['certified_recovery_accuracy']:.1%}", f"{r['fast_path_ms'].get('median', float('nan')):.2f}",
-                     f"{r['certification_ms'].get('median', float('nan')):.2f}", str(r["certification_rows"])))
+                     f"{r['certification_ms'].get('median', float('nan')):.2f}",
+                     f"{r['certification_rows'].get('median', float('nan')):.0f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.append(f"{report['data']['images']} images; certification latency over all pairs on the first "

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from scalecert.core import geometry
-from scalecert.errors import ScaleCertError
+from scalecert.errors import ModelError
 from scalecert.export.receptive import RF, NonLocal, depends_on_image_without, receptive_fields
 
 
@@ -101,14 +101,14 @@ def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth:
         usable = [l.name for l in layers if l.usable]
         reason = _not_a_feature_map(model, spec) if model is not None else None
         if reason is not None:  # e.g. a pooled or flattened tensor, or the classifier head
-            raise ScaleCertError(f"--layer {spec!r} is not local: {reason}; the certificate needs a local prefix "
+            raise ModelError(f"--layer {spec!r} is not local: {reason}; the certificate needs a local prefix "
                                  f"(local cut layers: {', '.join(usable[:30])})")
-        raise ScaleCertError(f"--layer {spec!r}: no such tensor or module; local cut layers: {', '.join(usable[:30])}")
+        raise ModelError(f"--layer {spec!r}: no such tensor or module; local cut layers: {', '.join(usable[:30])}")
     layer = by_name[-1]
     if isinstance(layer.rf, NonLocal):
-        raise ScaleCertError(f"--layer {spec!r} is not local: {layer.rf.reason}; the certificate needs a local prefix")
+        raise ModelError(f"--layer {spec!r} is not local: {layer.rf.reason}; the certificate needs a local prefix")
     if not layer.is_cut:
-        raise ScaleCertError(f"--layer {spec!r} ({layer.name}) is not a cut point: another branch "
+        raise ModelError(f"--layer {spec!r} ({layer.name}) is not a cut point: another branch "
                              "bypasses it on the way to the logits; choose a block output")
     return layer
 

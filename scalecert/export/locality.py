@@ -19,7 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from scalecert.bundle import manifest as manifest_io
-from scalecert.errors import ScaleCertError
+from scalecert.errors import ModelError
 from scalecert.export.receptive import RF, receptive_fields
 
 OUTPUTS = ("features", "gate")
@@ -41,7 +41,7 @@ def _shapes_from_graph(path: str, input_size) -> ir.Model:
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
     except Exception as exc:  # noqa: BLE001 - onnx raises several types
-        raise ScaleCertError(f"{os.path.basename(path)}: shape inference failed "
+        raise ModelError(f"{os.path.basename(path)}: shape inference failed "
                              f"({str(exc).splitlines()[0][:160]}); cannot prove the prefix local") from None
     return ir.from_proto(proto)
 
@@ -56,16 +56,16 @@ def prove(path: str, input_size, layer_rf: RF, feature_hw) -> dict:
     for output in OUTPUTS:
         value = outputs.get(output)
         if value is None:
-            raise ScaleCertError(f"{name}: no {output} output; not a scalecert prefix")
+            raise ModelError(f"{name}: no {output} output; not a scalecert prefix")
         rf = rfs.get(value)
         if not isinstance(rf, RF):
             why = rf.reason if rf is not None else "it does not depend on the image"
-            raise ScaleCertError(f"{name}: {output} is not provably local: {why}")
+            raise ModelError(f"{name}: {output} is not provably local: {why}")
         if not rf.within(layer_rf):
-            raise ScaleCertError(f"{name}: {output} sees pixels {rf.to_json()}, beyond the receptive field "
+            raise ModelError(f"{name}: {output} sees pixels {rf.to_json()}, beyond the receptive field "
                                  f"{layer_rf.to_json()} the footprints were computed from")
         if tuple(value.shape[-2:]) != tuple(feature_hw):
-            raise ScaleCertError(f"{name}: {output} is {list(value.shape)}, expected positions {list(feature_hw)}")
+            raise ModelError(f"{name}: {output} is {list(value.shape)}, expected positions {list(feature_hw)}")
         record[output] = rf.to_json()
     opset = model.graph.opset_imports.get("", 0)
     return {**record, "opset": opset, "nodes": sum(1 for _ in model.graph)}
@@ -84,7 +84,7 @@ def check(prefix_path: str, input_spec: dict, patch_hw, layer_rf: RF, feature_hw
 
         report = check_locality(prefix, pixels, input_spec, patch_hw, (layer_rf.y, layer_rf.x), feature_hw)
     if not report.passed:
-        raise ScaleCertError(f"{os.path.basename(prefix_path)} is not local: {report.leaks[0].line(patch_hw)} "
+        raise ModelError(f"{os.path.basename(prefix_path)} is not local: {report.leaks[0].line(patch_hw)} "
                              f"({len(report.leaks)} of {report.patched_images} patched images leaked); refusing the bundle")
     return report.to_json(patch_hw)
 

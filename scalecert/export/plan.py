@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from scalecert.core import geometry
+from scalecert.core import decision, geometry
 from scalecert.errors import ScaleCertError
 from scalecert.export.layers import Layer, choose_layer, list_layers
 
@@ -225,7 +225,9 @@ class PlanSearch:
                 base = int(suffix.infer({"features": gated, "windows": np.zeros((1, 4), np.int64)})["logits"].argmax())
                 truth = base if self.labels is None else self.labels[i]
                 correct += base == truth
-                if base == truth and self._all_agree(suffix, gated, distinct.representatives, base):
+                if base == truth and decision.every_row_agrees(
+                        lambda rows: suffix.infer({"features": gated, "windows": rows})["logits"].argmax(1),
+                        distinct.representatives, base, max_batch=64):
                     certified += 1
                 if beat is not None and not _can_still_win(certified + n_images - i - 1, n_images, beat):
                     pruned = True
@@ -235,24 +237,6 @@ class PlanSearch:
         return Candidate(layer, stride, rate, len(windows), prefix_macs, suffix_macs, certified / n_images,
                          correct / max(1, len(run)), n, (prefix_macs + (1 + n) * suffix_macs) / self.full_macs,
                          pruned=pruned)
-
-    @staticmethod
-    def _all_agree(suffix, gated: np.ndarray, windows: np.ndarray, label: int) -> bool:
-        """Every window predicts `label`; stops at the first that does not (small batches first)."""
-        lo = 0
-        for size in (4, 16, 64, 256):
-            if lo >= len(windows):
-                break
-            chunk = windows[lo:lo + size]
-            if (suffix.infer({"features": gated, "windows": chunk})["logits"].argmax(1) != label).any():
-                return False
-            lo += size
-        while lo < len(windows):
-            chunk = windows[lo:lo + 64]
-            if (suffix.infer({"features": gated, "windows": chunk})["logits"].argmax(1) != label).any():
-                return False
-            lo += 64
-        return True
 
     def search(self, layers: list[Layer], stride_spec: str, rate_spec: str, alpha_for,
                max_windows: int | None = None) -> tuple[list[Candidate], Candidate]:

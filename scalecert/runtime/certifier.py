@@ -1,90 +1,53 @@
 """Window-batched certification of images against a bundle (no torch)."""
 from __future__ import annotations
 
-import copy
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import replace
 
 import numpy as np
 
 from scalecert.bundle import Bundle
 from scalecert.core import decision, geometry
-from scalecert.errors import ScaleCertError
+from scalecert.errors import BackendError, ImageError, OptionError
 from scalecert.runtime import pipelines
 from scalecert.runtime import source as source_space
 from scalecert.runtime.images import load_source, normalize, resize_to_input
 from scalecert.runtime.pipelines.base import Pipeline
+from scalecert.runtime.results import Result, SourceReport, Status, WindowMap
 
 EMPTY_WINDOW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
-
-
-@dataclass
-class Result:
-    image: str
-    status: str  # "certified" | "alert" | "uncertified" (core/decision.py)
-    label: int
-    class_name: str | None
-    windows_total: int
-    windows_evaluated: int
-    latency_ms: float
-    prefix_ms: float
-    suffix_ms: float
-    kept_fraction: float
-    base_margin: float
-    confidence: float = 1.0  # softmax probability of the label on the un-occluded features
-    threshold: float = 0.0  # the confidence threshold T of the decision
-    alert_windows: list = field(default_factory=list)  # feature-space [y0, x0, y1, x1)
-    # per window of the family, for evaluation (bench re-decides at other thresholds from these)
-    window_labels: np.ndarray | None = None
-    window_margins: np.ndarray | None = None
-    window_logconf: np.ndarray | None = None
-    base_logconf: float = 0.0
-    gate: np.ndarray | None = None
-    source: dict | None = None  # the certificate in source pixels (runtime/source.py::report)
-
-    EVALUATION_ONLY = ("window_labels", "window_margins", "window_logconf", "base_logconf", "gate", "class_name")
-
-    def to_json(self) -> dict:
-        # not asdict: it would deep-copy the per-window arrays of every image only to drop them
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self.EVALUATION_ONLY}
-        out["alert_windows"] = list(self.alert_windows)
-        out["class"] = self.class_name
-        out["latency_ms"] = round(self.latency_ms, 3)
-        out["prefix_ms"], out["suffix_ms"] = round(self.prefix_ms, 3), round(self.suffix_ms, 3)
-        out["base_margin"] = float(self.base_margin)
-        out["confidence"] = round(self.confidence, 6)
-        if self.status != "alert":
-            out.pop("alert_windows")
-        if out["source"] is None:
-            out.pop("source")
-        return out
 
 
 class Certifier:
     """Certifies images against one bundle, precision and backend (no torch).
 
-    `Certifier.load(bundle_dir).certify(path_or_uint8_array) -> Result`. The pipeline is activated
-    on `with`/`__enter__` or on first use, and released by `close()` / leaving the block. For each
-    image: the prefix once, then the suffix on the un-occluded features and on one representative
-    of every distinct non-empty window intersection (docs/design.md §2, §3.5), in batches of
-    `batch`; the decision is core.decision.decide over the expanded window-prediction map.
+    `scalecert.load(bundle_dir).certify(image) -> Result` (docs/api.md). `image`: a path, or an RGB
+    uint8 HxWx3 array of any size (resized and cropped per the manifest, as a file would be). The
+    pipeline is activated on `with`/`__enter__` or on first use, and released by `close()` / leaving
+    the block. For each image: the prefix once, then the suffix on the un-occluded features and on
+    one representative of every distinct window intersection (docs/design.md §2, §3.5), in batches
+    of `batch`; the decision is core.decision.decide over the expanded window-prediction map.
     `early_exit` stops at the first batch with a disagreeing window (the alert is then certain).
     `threshold` is the confidence threshold T of the alert operating point (docs/design.md §7;
-    default: the bundle's)."""
+    default: the bundle's). `evaluation` attaches each result's window map (Result.evaluation).
+    Not thread-safe: use one Certifier per thread, or guard one with a lock."""
 
-    def __init__(self, bundle: Bundle, backend: str = "ort-cpu", precision: str = "fp32",
-                 batch: int = 64, early_exit: bool = False, threads=None, threshold: float | None = None):
+    def __init__(self, bundle: Bundle, backend: str = "ort-cpu", precision: str = "fp32", *, batch: int = 64,
+                 early_exit: bool = False, threads: int | None = None, threshold: float | None = None,
+                 evaluation: bool = False):
         self.bundle, self.bundle_dir, self.manifest = bundle, bundle.path, bundle.manifest
         self.backend, self.precision = backend, precision
-        self.batch, self.early_exit = max(1, int(batch)), early_exit
+        if int(batch) < 1:
+            raise OptionError(f"batch {batch}: expected at least 1 window row per call")
+        self.batch, self.early_exit, self.evaluation = int(batch), bool(early_exit), bool(evaluation)
         self.input_spec = bundle.input_spec
         self.feature_hw = bundle.feature_hw
         self.windows = bundle.windows()
         self.masks = geometry.window_masks(self.windows, self.feature_hw)
         delta = bundle.margin(backend, precision)
         if delta is None:
-            raise ScaleCertError(f"{bundle.path}: no numeric margin measured for {backend} at {precision}")
+            raise BackendError(f"{bundle.path}: no numeric margin measured for {backend} at {precision}")
         self.delta = delta
         self.threshold = bundle.default_threshold if threshold is None else decision.check_threshold(threshold)
         self.classes = bundle.classes
@@ -92,11 +55,13 @@ class Certifier:
         self._pipeline = pipelines.open_pipeline(bundle, backend, precision, threads)
 
     @classmethod
-    def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, early_exit: bool = False,
-             threads: int | None = None, precision: str = "fp32", threshold: float | None = None) -> "Certifier":
+    def load(cls, bundle_dir: str, backend: str = "auto", precision: str = "fp32", *, batch: int = 64,
+             early_exit: bool = False, threads: int | None = None, threshold: float | None = None,
+             evaluation: bool = False) -> "Certifier":
         bundle = Bundle.open(bundle_dir, verify=True)
         bundle.files(precision)
-        return cls(bundle, pipelines.pick(backend, precision, bundle), precision, batch, early_exit, threads, threshold)
+        return cls(bundle, pipelines.pick(backend, precision, bundle), precision, batch=batch, early_exit=early_exit,
+                   threads=threads, threshold=threshold, evaluation=evaluation)
 
     dedupe = property(geometry.Dedupe.of)
 
@@ -127,7 +92,7 @@ class Certifier:
             return load_source(os.fspath(image), self.input_spec)
         array = np.asarray(image)
         if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-            raise ScaleCertError(f"expected a uint8 HxWx3 array, got {array.dtype} {array.shape}")
+            raise ImageError(f"expected an RGB uint8 HxWx3 array, got {array.dtype} {array.shape}")
         _, h, w = self.input_spec["input_size"]
         if array.shape[:2] != (h, w):
             from PIL import Image
@@ -135,7 +100,7 @@ class Certifier:
             return resize_to_input(Image.fromarray(array), self.input_spec), array.shape[:2]
         return array, (h, w)
 
-    def source_report(self, source_hw, requested_hw=None, global_scale: bool = False) -> dict:
+    def source_report(self, source_hw, requested_hw=None, global_scale: bool = False) -> SourceReport:
         """The certificate in source pixels at this source size (docs/design.md §8). A pure function
         of its arguments, kept per size: a camera or a dataset repeats a few sizes, and computing it
         (about 1.5 ms) was the largest cost of certify() outside the sessions."""
@@ -143,9 +108,13 @@ class Certifier:
         if key not in self._source_reports:
             if len(self._source_reports) >= 1024:
                 self._source_reports.clear()
-            self._source_reports[key] = source_space.report(source_hw, self.input_spec, self.bundle.patch_hw,
-                                                            requested_hw, global_scale)
-        return copy.deepcopy(self._source_reports[key])
+            self._source_reports[key] = SourceReport.from_json(source_space.report(
+                source_hw, self.input_spec, self.bundle.patch_hw, requested_hw, global_scale))
+        return self._source_reports[key]
+
+    def source_for(self, image, source_hw) -> SourceReport:
+        wide = isinstance(image, (str, os.PathLike)) and source_space.describe(os.fspath(image)).global_scale
+        return self.source_report(source_hw, global_scale=wide)
 
     # -- inference ------------------------------------------------------------------------
     def features(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,36 +123,44 @@ class Certifier:
     def window_logits(self, features: np.ndarray, windows: np.ndarray) -> np.ndarray:
         return self.pipeline.suffix(features, windows)
 
-    def certify(self, image, name: str | None = None, source: dict | None = None) -> Result:
-        """`source`: the source-space report to attach (default: from the image's own size)."""
+    def certify(self, image, name: str | None = None, source: SourceReport | dict | None = None,
+                evaluation: bool | None = None) -> Result:
+        """One image (path or RGB uint8 array of any size). `source`: the source-space report to
+        attach (default: from the image's own size); `evaluation`: attach the window map."""
         start = time.perf_counter()
         pixels, source_hw = self.prepare_source(image)
         features, gate = self.features(pixels)
-        result = self._certify_features(self.pipeline.select(features, 0), gate, start, time.perf_counter(), name or (
-            os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<array>"))
+        name = name or (os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<array>")
+        result = self._certify_features(self.pipeline.select(features, 0), gate, start, time.perf_counter(), name,
+                                        self.evaluation if evaluation is None else evaluation)
         if source is None:
-            wide = isinstance(image, (str, os.PathLike)) and source_space.describe(os.fspath(image)).global_scale
-            source = self.source_report(source_hw, global_scale=wide)
-        result.source = source
-        return result
+            source = self.source_for(image, source_hw)
+        elif isinstance(source, dict):
+            source = SourceReport.from_json(source)
+        return replace(result, source=source)
 
-    def certify_batch(self, pixels: np.ndarray, names=None, prefix_batch: int = 64) -> list[Result]:
-        """Many uint8 network-size images: the prefix runs on batches of images, then each image's
-        windows go to the suffix as in certify(). Latency is reported per image (prefix share split)."""
+    def certify_batch(self, images, names=None, prefix_batch: int = 64, evaluation: bool | None = None) -> list[Result]:
+        """Many images (paths, or RGB uint8 arrays of any sizes: a camera's frames, or one (N, H, W, 3)
+        array): the prefix runs on batches of images, then each image's windows go to the suffix as
+        in certify(). Latency is reported per image (the prefix's share split evenly)."""
+        evaluation = self.evaluation if evaluation is None else evaluation
         results = []
-        for lo in range(0, len(pixels), prefix_batch):
-            chunk = pixels[lo:lo + prefix_batch]
+        for lo in range(0, len(images), prefix_batch):
+            chunk = images[lo:lo + prefix_batch]
+            prepared = [self.prepare_source(image) for image in chunk]
             start = time.perf_counter()
-            features, gate = self.features(chunk)
+            features, gate = self.features(np.stack([pixels for pixels, _ in prepared]))
             share = (time.perf_counter() - start) / len(chunk)
-            for i in range(len(chunk)):
+            for i, (image, (_, source_hw)) in enumerate(zip(chunk, prepared)):
                 t0 = time.perf_counter()
-                name = names[lo + i] if names is not None else f"<array {lo + i}>"
-                results.append(self._certify_features(self.pipeline.select(features, i), gate[i:i + 1],
-                                                      t0 - share, t0, name))
+                name = names[lo + i] if names is not None else (
+                    os.fspath(image) if isinstance(image, (str, os.PathLike)) else f"<array {lo + i}>")
+                result = self._certify_features(self.pipeline.select(features, i), gate[i:i + 1], t0 - share, t0, name,
+                                                evaluation)
+                results.append(replace(result, source=self.source_for(image, source_hw)))
         return results
 
-    def _certify_features(self, features, gate, start, after_prefix, name) -> Result:
+    def _certify_features(self, features, gate, start, after_prefix, name, evaluation: bool = False) -> Result:
         distinct = self.dedupe.windows_for(gate[0])
         reps = distinct.representatives
         rep_labels = np.full(len(reps), -1, np.int64)  # -1, -inf: not evaluated (early exit), never agreeing
@@ -217,7 +194,7 @@ class Certifier:
         end = time.perf_counter()
         return Result(
             image=name,
-            status=verdict.status,
+            status=Status(verdict.status),
             label=verdict.label,
             class_name=self.classes[verdict.label] if self.classes else None,
             windows_total=len(self.windows),
@@ -229,10 +206,6 @@ class Certifier:
             base_margin=base_margin,
             confidence=float(np.exp(base_logconf)),
             threshold=self.threshold,
-            alert_windows=self.windows[alerts].tolist(),
-            window_labels=window_labels,
-            window_margins=window_margins,
-            window_logconf=window_logconf,
-            base_logconf=base_logconf,
-            gate=gate[0],
+            alert_windows=tuple(tuple(int(v) for v in w) for w in self.windows[alerts]),
+            evaluation=WindowMap(window_labels, window_margins, window_logconf, base_logconf, gate[0]) if evaluation else None,
         )

@@ -27,7 +27,7 @@ import csv
 import os
 import random
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import DataError
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 LABELS = "labels.csv"
@@ -67,7 +67,7 @@ class ImageSet(list):
 def read_labels(csv_path: str) -> dict[str, int]:
     """`file -> index` from a labels CSV (header row optional); bad rows are refused."""
     if os.path.isdir(csv_path) or not os.path.isfile(csv_path):
-        raise ScaleCertError(f"{csv_path}: no such labels file")
+        raise DataError(f"{csv_path}: no such labels file")
     labels: dict[str, int] = {}
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
@@ -75,20 +75,20 @@ def read_labels(csv_path: str) -> dict[str, int]:
                 if not row or not "".join(row).strip():
                     continue
                 if len(row) < 2:
-                    raise ScaleCertError(f"{csv_path}:{number}: expected file,index[,...], got {','.join(row)[:60]!r}")
+                    raise DataError(f"{csv_path}:{number}: expected file,index[,...], got {','.join(row)[:60]!r}")
                 try:
                     index = int(row[1].strip())
                 except ValueError:
                     if number == 1:  # a header row
                         continue
-                    raise ScaleCertError(f"{csv_path}:{number}: class index {row[1][:30]!r} is not an integer") from None
+                    raise DataError(f"{csv_path}:{number}: class index {row[1][:30]!r} is not an integer") from None
                 labels[os.path.normpath(row[0].strip())] = index
     except UnicodeDecodeError:
-        raise ScaleCertError(f"{csv_path}: not a text CSV file") from None
+        raise DataError(f"{csv_path}: not a text CSV file") from None
     except csv.Error as exc:
-        raise ScaleCertError(f"{csv_path}: not a CSV file ({exc})") from None
+        raise DataError(f"{csv_path}: not a CSV file ({exc})") from None
     if not labels:
-        raise ScaleCertError(f"{csv_path}: no file,index rows")
+        raise DataError(f"{csv_path}: no file,index rows")
     return labels
 
 
@@ -109,20 +109,20 @@ def _label_flat(folder: str, root: str, csv_path: str) -> list[tuple[str, int | 
                                            by_base.get(name)))
         items.append((path, label))
     if items and all(label is None for _, label in items):
-        raise ScaleCertError(f"{csv_path}: names none of the {len(items)} images in {folder}")
+        raise DataError(f"{csv_path}: names none of the {len(items)} images in {folder}")
     return items
 
 
 def resolve(root: str, labels_csv: str | None = None) -> ImageSet:
     """Every image of DIR with its label, by the rule in the module docstring (no limit)."""
     if not os.path.exists(root):
-        raise ScaleCertError(f"{root}: no such directory")
+        raise DataError(f"{root}: no such directory")
     if not os.path.isdir(root):
-        raise ScaleCertError(f"{root}: is a file, expected a folder of images")
+        raise DataError(f"{root}: is a file, expected a folder of images")
     try:
         entries = sorted(os.listdir(root))
     except PermissionError:
-        raise ScaleCertError(f"{root}: cannot read the folder (permission denied)") from None
+        raise DataError(f"{root}: cannot read the folder (permission denied)") from None
     flat = _flat(root)
     images_dir = os.path.join(root, "images")
     own_csv = os.path.join(root, LABELS)
@@ -141,18 +141,18 @@ def resolve(root: str, labels_csv: str | None = None) -> ImageSet:
     classes = [d for d in entries if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
     classes = [d for d in classes if _flat(os.path.join(root, d))]
     if flat and classes:
-        raise ScaleCertError(f"{root}: holds both image files and class subfolders ({classes[0]}/, ...); "
+        raise DataError(f"{root}: holds both image files and class subfolders ({classes[0]}/, ...); "
                              f"add a {LABELS} or pass --labels CSV for the files, or point at a folder with one layout")
     if flat:
         return ImageSet([(os.path.join(root, f), None) for f in flat], root, "flat folder, no labels.csv")
     if classes == ["images"]:
-        raise ScaleCertError(f"{root}: images/ has no {LABELS} beside it; pass --labels CSV (file,index rows), "
+        raise DataError(f"{root}: images/ has no {LABELS} beside it; pass --labels CSV (file,index rows), "
                              "or use class subfolders")
     if classes:
         items = [(os.path.join(root, d, f), index) for index, d in enumerate(classes)
                  for f in _flat(os.path.join(root, d))]
         return ImageSet(items, root, "ImageFolder (class subfolders)")
-    raise ScaleCertError(f"{root}: no images found (expected image files, images/ + {LABELS}, "
+    raise DataError(f"{root}: no images found (expected image files, images/ + {LABELS}, "
                          "or class subfolders of images)")
 
 
@@ -161,7 +161,7 @@ def image_set(root: str, labels_csv: str | None = None, limit: int | None = None
     """(path, label or None) pairs, by the module's rule. A seed shuffles before the limit is
     applied; without one a limited ImageFolder sample is spread over every class."""
     if limit is not None and limit < 1:
-        raise ScaleCertError(f"--limit {limit}: expected a positive number of images")
+        raise DataError(f"--limit {limit}: expected a positive number of images")
     found = resolve(root, labels_csv)
     items = list(found)
     if seed is not None:
@@ -180,10 +180,10 @@ def check_labels(items, num_classes: int | None, what: str) -> None:
         return
     bad = [lb for lb in labels if not 0 <= lb < num_classes]
     if bad:
-        raise ScaleCertError(f"{what}: class index {bad[0]} is out of range for a {num_classes}-class model "
+        raise DataError(f"{what}: class index {bad[0]} is out of range for a {num_classes}-class model "
                              f"({len(bad)} of {len(labels)} labels); check the labels or the model")
     distinct = set(labels)
     if num_classes > 1 and len(distinct) == 1 and len(labels) > 1:
         layout = getattr(items, "layout", "")
-        raise ScaleCertError(f"{what}: all {len(labels)} images carry the one class {labels[0]} ({layout or 'labels'}) "
+        raise DataError(f"{what}: all {len(labels)} images carry the one class {labels[0]} ({layout or 'labels'}) "
                              f"for a {num_classes}-class model; wrong layout? pass --labels CSV")

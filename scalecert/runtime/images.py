@@ -12,7 +12,7 @@ import warnings
 
 import numpy as np
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import ImageError
 
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -26,7 +26,7 @@ def max_pixels() -> int | None:
     try:
         value = int(float(text))
     except ValueError:
-        raise ScaleCertError(f"SCALECERT_MAX_PIXELS={text!r}: expected a number of pixels (0: no limit)") from None
+        raise ImageError(f"SCALECERT_MAX_PIXELS={text!r}: expected a number of pixels (0: no limit)") from None
     return value if value > 0 else None
 
 
@@ -34,14 +34,14 @@ def read_file(path: str) -> bytes:
     """The file's bytes, read once: a results row hashes and decodes the same bytes (never a file
     that changed in between); the one-line errors are read_image's."""
     if os.path.isdir(path):
-        raise ScaleCertError(f"{path}: is a directory, not an image")
+        raise ImageError(f"{path}: is a directory, not an image")
     try:
         with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
-        raise ScaleCertError(f"{path}: no such file") from None
+        raise ImageError(f"{path}: no such file") from None
     except OSError as exc:
-        raise ScaleCertError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
+        raise ImageError(f"{path}: cannot read the file ({exc.strerror or exc})") from None
 
 
 def read_image(path: str, data: bytes | None = None):
@@ -51,11 +51,11 @@ def read_image(path: str, data: bytes | None = None):
 
     if data is None:
         if os.path.isdir(path):
-            raise ScaleCertError(f"{path}: is a directory, not an image")
+            raise ImageError(f"{path}: is a directory, not an image")
         if not os.path.exists(path):
-            raise ScaleCertError(f"{path}: no such file")
+            raise ImageError(f"{path}: no such file")
     if (len(data) if data is not None else os.path.getsize(path)) == 0:
-        raise ScaleCertError(f"{path}: empty file")
+        raise ImageError(f"{path}: empty file")
     limit = max_pixels()
     source = io.BytesIO(data) if data is not None else path
     try:
@@ -63,12 +63,12 @@ def read_image(path: str, data: bytes | None = None):
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning, EXIF and palette notes
             return _decode(source, path, limit)
     except Image.DecompressionBombError:
-        raise ScaleCertError(f"{path}: image larger than the {limit or 0:,} pixel limit (a decompression bomb?); "
+        raise ImageError(f"{path}: image larger than the {limit or 0:,} pixel limit (a decompression bomb?); "
                              "raise SCALECERT_MAX_PIXELS to allow it") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, IndexError, KeyError,
             TypeError, ZeroDivisionError, MemoryError) as exc:
         first = str(exc).replace(repr(source), repr(path)).splitlines()[0][:100] if str(exc) else type(exc).__name__
-        raise ScaleCertError(f"{path}: cannot decode image ({first})") from None
+        raise ImageError(f"{path}: cannot decode image ({first})") from None
 
 
 def _decode(source, path: str, limit: int | None):
@@ -78,7 +78,7 @@ def _decode(source, path: str, limit: int | None):
     with Image.open(source) as img:
         pixels = img.size[0] * img.size[1]
         if limit is not None and pixels > limit:
-            raise ScaleCertError(f"{path}: {img.size[0]}x{img.size[1]} image ({pixels:,} pixels) is above the "
+            raise ImageError(f"{path}: {img.size[0]}x{img.size[1]} image ({pixels:,} pixels) is above the "
                                  f"{limit:,} pixel limit (a decompression bomb?); raise SCALECERT_MAX_PIXELS to allow it")
         img.load()
         img = ImageOps.exif_transpose(img) or img
@@ -139,7 +139,7 @@ def normalize(images: np.ndarray, input_spec: dict) -> np.ndarray:
         images = images[None]
     _, h, w = input_spec["input_size"]
     if images.ndim != 4 or images.shape[1:] != (h, w, 3):
-        raise ScaleCertError(f"image array of shape {images.shape[1:]} does not match the input {h}x{w}x3")
+        raise ImageError(f"image array of shape {images.shape[1:]} does not match the input {h}x{w}x3")
     mean = np.asarray(input_spec["mean"], np.float32).reshape(1, 3, 1, 1)
     std = np.asarray(input_spec["std"], np.float32).reshape(1, 3, 1, 1)
     out = np.empty((images.shape[0], 3, h, w), np.float32)  # in place: 5x faster, the same bits

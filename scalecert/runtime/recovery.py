@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from scalecert.core import decision, geometry, recovery
 from scalecert.errors import ScaleCertError
 from scalecert.runtime.certifier import Certifier
+from scalecert.runtime.results import SourceReport
 
 EMPTY_ROW = np.zeros((1, 4), np.int64)  # zero-area rectangle: the un-occluded features
 
@@ -52,7 +53,7 @@ def recovery_options(bundle_dir: str, mode: str | None, certify_recovery: bool, 
     return mode
 
 
-@dataclass
+@dataclass(frozen=True)
 class RecoveryResult:
     image: str
     label: int
@@ -70,14 +71,9 @@ class RecoveryResult:
     pairs_total: int = 0  # pairs i <= j of the family: what certification covers
     certification_pairs_evaluated: int | None = None  # distinct pair rows run for certification
     certify_ms: float | None = None  # time of the certification on top of the fast path
-    source: dict | None = None  # the certificate in source pixels (docs/design.md §8)
+    source: SourceReport | None = None  # the certificate in source pixels (docs/design.md §8)
     # for evaluation
     first_labels: np.ndarray | None = field(default=None, repr=False)
-
-    @property
-    def status(self) -> str:
-        """For the attack harness (evaluation/attack.py): recovery has no alert path."""
-        return "certified" if self.certified else "recovered"
 
     def to_json(self) -> dict:
         out = {"image": self.image, "mode": "recover", "label": self.label, "class": self.class_name}
@@ -92,22 +88,22 @@ class RecoveryResult:
         out.update({"latency_ms": round(self.latency_ms, 3), "prefix_ms": round(self.prefix_ms, 3),
                     "suffix_ms": round(self.suffix_ms, 3), "kept_fraction": self.kept_fraction})
         if self.source is not None:
-            out["source"] = self.source
+            out["source"] = self.source.to_json()
         return out
 
 
 class _Rows:
-    """One image's suffix evaluations: rows of one or two rectangles in batches, and the
-    un-occluded features' prediction at most once."""
+    """One image's evaluations through a row predictor `predict(rows) -> logits` (rows of one or two
+    rectangles, (k, 4) or (k, 2, 4)) in batches, and the un-occluded prediction at most once."""
 
-    def __init__(self, certifier: Certifier, features):
-        self.certifier, self.features = certifier, features
+    def __init__(self, predict, batch: int):
+        self.predict, self.batch = predict, batch
         self.base = None
         self.rows_run = 0
 
     def base_prediction(self) -> tuple[int, float]:
         if self.base is None:
-            labels, margins = decision.top2_margin(self.certifier.window_logits(self.features, EMPTY_ROW))
+            labels, margins = decision.top2_margin(self.predict(EMPTY_ROW))
             self.base = int(labels[0]), float(margins[0])
             self.rows_run += 1
         return self.base
@@ -118,9 +114,9 @@ class _Rows:
         keep label -1 and margin -inf (never agreeing)."""
         labels = np.full(len(rows), -1, np.int64)
         margins = np.full(len(rows), -np.inf, np.float32)
-        batch, done = self.certifier.batch, 0
+        batch, done = self.batch, 0
         for lo in range(0, len(rows), batch):
-            got_labels, got_margins = decision.top2_margin(self.certifier.window_logits(self.features, rows[lo:lo + batch]))
+            got_labels, got_margins = decision.top2_margin(self.predict(rows[lo:lo + batch]))
             labels[lo:lo + len(got_labels)], margins[lo:lo + len(got_labels)] = got_labels, got_margins
             done = lo + len(got_labels)
             if stop_unless is not None and np.any(got_labels != stop_unless):
@@ -141,51 +137,54 @@ class _Rows:
                 decision.expand_groups(group, margins, np.float32(base_margin)), done)
 
 
-class Recoverer:
-    """Certified recovery against one bundle, precision and backend: `recover(image) ->
-    RecoveryResult`. It runs on a Certifier (same pipeline, preprocessing, window family and
-    numeric margin); `certify=True` adds the certification over all pairs."""
+@dataclass(frozen=True)
+class Outcome:
+    """What the procedure decided for one image (rows are suffix rows actually run, after dedupe)."""
 
-    mode = "recover"
+    verdict: recovery.Recovery
+    first: np.ndarray  # first-round label per window
+    first_rows: int
+    second_rows: int
+    certified: bool | None  # None: certification not asked
+    certification_rows: int | None
+    fast_ms: float  # the fast path's time (rows only: the caller ran the prefix, if any)
+    certify_ms: float | None
 
-    def __init__(self, certifier: Certifier, certify: bool = False):
-        check_recoverable(certifier.bundle)
-        self.certifier, self.certify_pairs = certifier, bool(certify)
-        self.bundle, self.manifest = certifier.bundle, certifier.manifest
-        self.windows, self.masks = certifier.windows, certifier.masks
-        self.feature_hw, self.backend, self.delta = certifier.feature_hw, certifier.backend, certifier.delta
-        self.early_exit = False
-        self.pairs = geometry.pair_indices(len(self.windows))
 
-    dedupe = property(geometry.Dedupe.of)
+class PairRecovery:
+    """Double masking over a window family with any row predictor (docs/design.md §10): the one
+    recovery procedure. The runtime's Recoverer runs it on a bundle's suffix; `scalecert tune`
+    validates with a torch predictor, and the PatchCleanser baseline with pixel masks (windows in
+    pixel space, every position kept). Rows are deduplicated exactly (core/geometry.py::Dedupe);
+    `delta`: a prediction certifies only with a margin above it (core/decision.py)."""
 
-    @classmethod
-    def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, threads: int | None = None,
-             precision: str = "fp32", certify: bool = False) -> "Recoverer":
-        from scalecert.bundle import Bundle
+    def __init__(self, windows: np.ndarray, feature_hw, filled: bool = False, delta: float = 0.0, batch: int = 64):
+        self.windows, self.feature_hw, self.filled = windows, tuple(feature_hw), filled
+        self.masks = geometry.window_masks(windows, self.feature_hw)
+        self.delta, self.batch = float(delta), max(1, int(batch))
+        self.pairs = geometry.pair_indices(len(windows))
 
-        check_recoverable(Bundle.open(bundle_dir, verify=False))  # before the sessions load
-        return cls(Certifier.load(bundle_dir, backend=backend, batch=batch, threads=threads, precision=precision),
-                   certify)
+    @property
+    def dedupe(self) -> geometry.Dedupe:
+        """Rebuilt whenever `windows` or `masks` is replaced (the negative controls replace them)."""
+        cached = self.__dict__.get("_dedupe")
+        if cached is None or cached.windows is not self.windows or cached.masks is not self.masks:
+            cached = self.__dict__["_dedupe"] = geometry.Dedupe(self.windows, self.masks, self.filled)
+        return cached
 
-    def __enter__(self):
-        self.certifier.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.certifier.close()
-
-    def close(self) -> None:
-        self.certifier.close()
-
-    def prepare(self, image) -> np.ndarray:
-        return self.certifier.prepare(image)
-
-    def prepare_source(self, image):
-        return self.certifier.prepare_source(image)
-
-    def source_report(self, *args, **kwargs) -> dict:
-        return self.certifier.source_report(*args, **kwargs)
+    def run(self, predict, gate: np.ndarray, certify: bool = False) -> Outcome:
+        """The fast path a device runs, then (with `certify`) every pair i <= j. `predict(rows) ->
+        logits` for rows (k, 4) or (k, 2, 4) of rectangles of the family; `gate`: the kept positions."""
+        rows = _Rows(predict, self.batch)
+        start = time.perf_counter()
+        verdict, first, first_rows, second_rows = self.fast_path(rows, gate)
+        fast_ms = (time.perf_counter() - start) * 1e3
+        certified = certification_rows = certify_ms = None
+        if certify:
+            start = time.perf_counter()
+            certified, certification_rows = self.certify_label(rows, gate, verdict.label)
+            certify_ms = (time.perf_counter() - start) * 1e3
+        return Outcome(verdict, first, first_rows, second_rows, certified, certification_rows, fast_ms, certify_ms)
 
     # -- the two rounds ----------------------------------------------------------------------
     def first_round(self, rows: _Rows, gate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -221,10 +220,53 @@ class Recoverer:
         ok = recovery.certified_recovery(labels, label, thin=margins <= self.delta)
         return ok, rows.rows_run - before
 
+
+class Recoverer(PairRecovery):
+    """Certified recovery against one bundle, precision and backend: `recover(image) ->
+    RecoveryResult`. It runs on a Certifier (same pipeline, preprocessing, window family and
+    numeric margin); `certify=True` adds the certification over all pairs."""
+
+    mode = "recover"
+
+    def __init__(self, certifier: Certifier, certify: bool = False):
+        check_recoverable(certifier.bundle)
+        super().__init__(certifier.windows, certifier.feature_hw, certifier.bundle.window_filled, certifier.delta,
+                         certifier.batch)
+        self.certifier, self.certify_pairs = certifier, bool(certify)
+        self.bundle, self.manifest, self.backend = certifier.bundle, certifier.manifest, certifier.backend
+
+    @classmethod
+    def load(cls, bundle_dir: str, backend: str = "auto", batch: int = 64, threads: int | None = None,
+             precision: str = "fp32", certify: bool = False) -> "Recoverer":
+        from scalecert.bundle import Bundle
+
+        check_recoverable(Bundle.open(bundle_dir, verify=False))  # before the sessions load
+        return cls(Certifier.load(bundle_dir, backend, precision, batch=batch, threads=threads), certify)
+
+    def __enter__(self):
+        self.certifier.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.certifier.close()
+
+    def close(self) -> None:
+        self.certifier.close()
+
+    def prepare(self, image) -> np.ndarray:
+        return self.certifier.prepare(image)
+
+    def prepare_source(self, image):
+        return self.certifier.prepare_source(image)
+
+    def source_report(self, *args, **kwargs) -> SourceReport:
+        return self.certifier.source_report(*args, **kwargs)
+
     # -- images ------------------------------------------------------------------------------
     def recover(self, image, name: str | None = None, certify: bool | None = None,
-                source: dict | None = None) -> RecoveryResult:
-        """`source`: the source-space report to attach (default: from the image's own size)."""
+                source: SourceReport | dict | None = None) -> RecoveryResult:
+        """One image (path or RGB uint8 array of any size). `source`: the source-space report to
+        attach (default: from the image's own size)."""
         start = time.perf_counter()
         pixels, source_hw = self.prepare_source(image)
         features, gate = self.certifier.features(pixels)
@@ -232,14 +274,10 @@ class Recoverer:
         result = self._recover_features(self.certifier.pipeline.select(features, 0), gate, start, time.perf_counter(),
                                         name, self.certify_pairs if certify is None else certify)
         if source is None:
-            from scalecert.runtime import source as source_space
-
-            wide = isinstance(image, (str, os.PathLike)) and source_space.describe(os.fspath(image)).global_scale
-            source = self.certifier.source_report(source_hw, global_scale=wide)
-        result.source = source
-        return result
-
-    certify = recover  # the name the certify command's loop calls
+            source = self.certifier.source_for(image, source_hw)
+        elif isinstance(source, dict):
+            source = SourceReport.from_json(source)
+        return replace(result, source=source)
 
     def certify_batch(self, pixels: np.ndarray, names=None, prefix_batch: int = 64,
                       certify: bool | None = None) -> list[RecoveryResult]:
@@ -259,19 +297,15 @@ class Recoverer:
         return results
 
     def _recover_features(self, features, gate, start, after_prefix, name, certify) -> RecoveryResult:
-        rows = _Rows(self.certifier, features)
-        verdict, first, first_rows, second_rows = self.fast_path(rows, gate[0])
-        end = time.perf_counter()
-        certified = pairs_rows = certify_ms = None
-        if certify:
-            certified, pairs_rows = self.certify_label(rows, gate[0], verdict.label)
-            certify_ms = (time.perf_counter() - end) * 1e3
-        classes = self.certifier.classes
+        outcome = self.run(lambda rows: self.certifier.window_logits(features, rows), gate[0], certify)
+        verdict, classes = outcome.verdict, self.certifier.classes
+        suffix_ms = (time.perf_counter() - after_prefix) * 1e3 - (outcome.certify_ms or 0.0)
         return RecoveryResult(
             image=name, label=verdict.label, class_name=classes[verdict.label] if classes else None,
             case=verdict.case, disagreers=self.windows[verdict.disagreers].tolist(),
-            windows_total=len(self.windows), windows_evaluated=int(first_rows), pairs_evaluated=int(second_rows),
-            latency_ms=(end - start) * 1e3, prefix_ms=(after_prefix - start) * 1e3,
-            suffix_ms=(end - after_prefix) * 1e3, kept_fraction=float(gate.mean()), certified=certified,
-            pairs_total=len(self.pairs), certification_pairs_evaluated=pairs_rows, certify_ms=certify_ms,
-            first_labels=first)
+            windows_total=len(self.windows), windows_evaluated=int(outcome.first_rows),
+            pairs_evaluated=int(outcome.second_rows), latency_ms=(after_prefix - start) * 1e3 + suffix_ms,
+            prefix_ms=(after_prefix - start) * 1e3, suffix_ms=suffix_ms, kept_fraction=float(gate.mean()),
+            certified=outcome.certified, pairs_total=len(self.pairs),
+            certification_pairs_evaluated=outcome.certification_rows, certify_ms=outcome.certify_ms,
+            first_labels=outcome.first)

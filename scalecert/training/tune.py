@@ -21,7 +21,7 @@ import numpy as np
 
 from scalecert.errors import ScaleCertError
 from scalecert.training.split_program import SplitProgram
-from scalecert.core import geometry
+from scalecert.core import decision, geometry
 
 RECORD_KEY = "scalecert_tune"
 TARGETS = ("detect", "recover")
@@ -172,35 +172,28 @@ class SplitNetwork(SplitProgram):
                 "prune_rate": rate, "phi": self.phi, "calibration_images": len(pixels),
                 "importance": "taylor |A*dL/dA|"}
 
-    def window_labels(self, s1, index: np.ndarray, batch: int = 256) -> np.ndarray:
-        """Suffix labels of one gated row s1 occluded by each row of index (windows or pairs)."""
-        out = []
-        for lo in range(0, len(index), batch):
-            part = index[lo:lo + batch]
-            out.append(self.suffix(self.occlude(s1.expand(len(part), -1, -1, -1), part)).argmax(1).cpu().numpy())
-        return np.concatenate(out)
+    def certified_recovery(self, s1, gate: np.ndarray, label: int, batch: int = 256) -> bool:
+        """Whether recovery of `label` is certified for one gated row (its kept positions `gate`),
+        by the runtime's own procedure (runtime/recovery.py::PairRecovery) with this torch split as
+        the row predictor: every pair of windows predicts it. (The recovered label's accuracy is
+        `scalecert bench --mode recover`'s.)"""
+        from scalecert.runtime.recovery import PairRecovery
 
-    def certified_recovery(self, s1, label: int, batch: int = 256) -> bool:
-        """Whether recovery of `label` is certified for one gated row (core/recovery.py): every
-        pair of windows predicts it. A first round that is not unanimous for `label` already
-        breaks it (the diagonal is part of the pairs); the pairs stop at the first that breaks it.
-        (The recovered label's accuracy, which needs second rounds, is `scalecert bench --mode recover`'s.)"""
-        from scalecert.core import recovery
+        procedure = self.__dict__.get("_procedure")
+        if procedure is None or procedure.windows is not self.windows:
+            procedure = self.__dict__["_procedure"] = PairRecovery(self.windows, self.feature_hw,
+                                                                   self.fill is not None, batch=batch)
+        index = {tuple(w): i for i, w in enumerate(self.windows.tolist())}
 
-        n = len(self.windows)
-        first = self.window_labels(s1, np.arange(n), batch)
-        if (first != label).any():
-            return False
-        pairs = np.diag(first).astype(np.int64)
-        upper = np.stack(np.triu_indices(n, 1), 1)
-        for lo in range(0, len(upper), batch):
-            part = upper[lo:lo + batch]
-            predicted = self.window_labels(s1, part, batch)
-            pairs[part[:, 0], part[:, 1]] = pairs[part[:, 1], part[:, 0]] = predicted
-            if (predicted != label).any():
-                return False
-        np.fill_diagonal(pairs, first)
-        return recovery.certified_recovery(pairs, label)
+        def predict(rows: np.ndarray) -> np.ndarray:
+            rows = np.asarray(rows).reshape(len(rows), -1, 4)
+            if not (rows[:, :, 2] > rows[:, :, 0]).any():  # the un-occluded row
+                return self.suffix(s1.expand(len(rows), -1, -1, -1)).cpu().numpy()
+            windows = np.array([[index[tuple(r)] for r in row.tolist()] for row in rows])
+            return self.suffix(self.occlude(s1.expand(len(rows), -1, -1, -1), windows)).cpu().numpy()
+
+        outcome = procedure.run(predict, gate, certify=True)
+        return bool(outcome.certified) and outcome.verdict.label == label
 
     def evaluate(self, pixels: np.ndarray, labels: np.ndarray, cert_limit: int, batch: int = 256,
                  target: str = "detect") -> dict:
@@ -217,16 +210,11 @@ class SplitNetwork(SplitProgram):
                 predicted = self.suffix(s).argmax(1).cpu().numpy()
                 correct += int((predicted == labels[lo:lo + batch]).sum())
                 for i in range(min(len(s), max(0, cert_limit - lo))):
-                    if predicted[i] != labels[lo + i]:
-                        continue
-                    ok = True
-                    for w0 in range(0, len(self.windows), batch):
-                        index = np.arange(w0, min(w0 + batch, len(self.windows)))
-                        occluded = self.occlude(s[i:i + 1].expand(len(index), -1, -1, -1), index)
-                        if (self.suffix(occluded).argmax(1).cpu().numpy() != labels[lo + i]).any():
-                            ok = False
-                            break
-                    certified += int(ok)
+                    if predicted[i] == labels[lo + i]:
+                        certified += int(decision.every_row_agrees(
+                            lambda index: self.suffix(self.occlude(s[i:i + 1].expand(len(index), -1, -1, -1), index))
+                            .argmax(1).cpu().numpy(), np.arange(len(self.windows)), int(labels[lo + i]),
+                            first_batch=batch, max_batch=batch))
         n_cert = min(cert_limit, len(pixels))
         return {"clean_accuracy": correct / len(pixels), "certified_accuracy": certified / max(1, n_cert),
                 "images": len(pixels), "certified_on": n_cert}
@@ -237,12 +225,13 @@ class SplitNetwork(SplitProgram):
         n_cert = min(cert_limit, len(pixels))
         with torch.no_grad():
             for lo in range(0, len(pixels), batch):
-                s = self.gated(self.superficial(self.normalize(pixels[lo:lo + batch])))
+                a = self.superficial(self.normalize(pixels[lo:lo + batch]))
+                s, kept = self.gated(a), self.gate(a).cpu().numpy()
                 predicted = self.suffix(s).argmax(1).cpu().numpy()
                 correct += int((predicted == labels[lo:lo + batch]).sum())
                 for i in range(min(len(s), max(0, n_cert - lo))):
                     if predicted[i] == labels[lo + i]:
-                        certified += int(self.certified_recovery(s[i:i + 1], int(labels[lo + i]), batch))
+                        certified += int(self.certified_recovery(s[i:i + 1], kept[i], int(labels[lo + i]), batch))
         return {"clean_accuracy": correct / len(pixels), "certified_accuracy": certified / max(1, n_cert),
                 "images": len(pixels), "certified_on": n_cert, "target": "recover"}
 
@@ -304,7 +293,7 @@ def tune(opts: TuneOptions, say=print) -> dict:
     from scalecert.export.plan import WINDOW_BUDGET
 
     if opts.target not in TARGETS:
-        raise ScaleCertError(f"--for {opts.target!r}: expected one of {', '.join(TARGETS)}")
+        raise ScaleCertError(f"--mode {opts.target!r}: expected one of {', '.join(TARGETS)}")
     opts.epochs = EPOCHS[opts.target] if opts.epochs is None else opts.epochs
     opts.window_budget = WINDOW_BUDGET[opts.target] if opts.window_budget is None else opts.window_budget
     _check_output(opts.output, opts.force or opts.resume)

@@ -7,7 +7,7 @@ nobody bounded, and a zero delta would then be unsound.
 """
 from __future__ import annotations
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import BackendError, ScaleCertError
 from scalecert.runtime.pipelines.base import Pipeline
 
 BACKENDS = ("ort-cpu", "ort-cuda", "trt")
@@ -18,7 +18,7 @@ CHOICES = ("auto", "ort", *BACKENDS)  # what a user may type
 def canonical(name: str) -> str:
     name = ALIASES.get(name, name)
     if name not in BACKENDS:
-        raise ScaleCertError(f"unknown backend {name!r} ({', '.join(CHOICES)})")
+        raise BackendError(f"unknown backend {name!r} ({', '.join(CHOICES)})")
     return name
 
 
@@ -34,21 +34,27 @@ def require(backend: str) -> None:
         require_cuda_provider()
 
 
-def pick(backend: str, precision: str, bundle) -> str:
+def pick(backend: str, precision: str, bundle, gpus: bool | None = None) -> str:
     """The backend to certify with: `auto` is ort-cuda where it was measured and runs here, else
-    ort-cpu; a backend without a measured margin is refused with the command that measures it."""
+    ort-cpu; a backend without a measured margin is refused with the command that measures it.
+    `gpus`: None picks for this machine (the backend must run here); True/False for machines
+    elsewhere with or without GPUs (a Ray driver picking for its actors, which check their own)."""
     if backend == "auto":
         backend = "ort-cpu"
         if bundle.margin("ort-cuda", precision) is not None:
-            try:
-                require("ort-cuda")
-                backend = "ort-cuda"
-            except ScaleCertError:
-                pass
+            if gpus is not None:
+                backend = "ort-cuda" if gpus else "ort-cpu"
+            else:
+                try:
+                    require("ort-cuda")
+                    backend = "ort-cuda"
+                except ScaleCertError:
+                    pass
     backend = canonical(backend)
-    require(backend)
+    if gpus is None:
+        require(backend)
     if bundle.margin(backend, precision) is None:
-        raise ScaleCertError(f"this bundle has no numeric margin measured for {backend} at {precision}; run "
+        raise BackendError(f"this bundle has no numeric margin measured for {backend} at {precision}; run "
                              f"`scalecert build BUNDLE --precision {precision} --backend {backend}` first")
     return backend
 

@@ -62,9 +62,9 @@ def window_rows(windows: np.ndarray) -> np.ndarray:
         return windows.reshape(len(windows), -1)
     if windows.ndim == 2 and windows.shape[1] >= 4 and windows.shape[1] % 4 == 0:
         return windows
-    from scalecert.errors import ScaleCertError
+    from scalecert.errors import BackendError
 
-    raise ScaleCertError(f"windows must be (B, 4) or (B, R, 4) rectangles, got shape {windows.shape}")
+    raise BackendError(f"windows must be (B, 4) or (B, R, 4) rectangles, got shape {windows.shape}")
 
 
 class Pipeline(Activated):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import BackendError
 from scalecert.runtime.pipelines.base import window_rows
 
 ALIGN = 256  # bytes; every device tensor address handed to an engine is a multiple of this
@@ -45,7 +45,7 @@ class DeviceFeatures:
     @property
     def ptr(self) -> int:
         if len(self.ptrs) != 1:
-            raise ScaleCertError(f"the suffix takes one image's features, got {len(self.ptrs)}; select one first")
+            raise BackendError(f"the suffix takes one image's features, got {len(self.ptrs)}; select one first")
         return self.ptrs[0]
 
     def image(self, index: int) -> "DeviceFeatures":
@@ -57,5 +57,5 @@ def host_windows(windows: np.ndarray, dtype) -> np.ndarray:
     (B, 4R) host array of the engine's integer type."""
     windows = window_rows(windows)
     if np.dtype(dtype) == np.int32 and len(windows) and np.abs(windows).max() > np.iinfo(np.int32).max:
-        raise ScaleCertError("window coordinates do not fit int32")
+        raise BackendError("window coordinates do not fit int32")
     return np.ascontiguousarray(windows, dtype)

@@ -1,11 +1,12 @@
 """ONNX Runtime pipelines (no torch): CPU, and CUDA (suffix only, IO binding). One session loader for both."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import BackendError
 from scalecert.runtime.pipelines.base import Pipeline, Runner, window_rows
 from scalecert.runtime.pipelines.device import DeviceFeatures, host_windows
 
@@ -14,11 +15,32 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 NO_CUDA = "ONNX Runtime has no CUDA execution provider here (install onnxruntime-gpu on a GPU machine)"
 
 
+_THREADS: int | None = None  # set by threads_default() (a command's --threads) while the command runs
+
+
+def default_threads() -> int:
+    """Intra-op threads of a CPU session opened without its own count: the enclosing
+    threads_default() if any, else every core."""
+    return _THREADS or os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def threads_default(threads: int | None):
+    """Every CPU session opened inside without its own thread count uses `threads` (None: no
+    change). export and build open sessions in many places; the CLI sets --threads once around them."""
+    global _THREADS
+    before, _THREADS = _THREADS, threads or _THREADS
+    try:
+        yield
+    finally:
+        _THREADS = before
+
+
 def require_cuda_provider() -> None:
     import onnxruntime as ort
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise ScaleCertError(NO_CUDA)
+        raise BackendError(NO_CUDA)
 
 
 def load_session(path: str, device: str = "cpu", threads: int | None = None, spin: bool = True, device_id: int = 0,
@@ -45,7 +67,7 @@ def load_session(path: str, device: str = "cpu", threads: int | None = None, spi
                                                 "use_tf32": "0"}), "CPUExecutionProvider"]
     else:
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        options.intra_op_num_threads = threads or default_threads()
         options.inter_op_num_threads = 1
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -53,11 +75,19 @@ def load_session(path: str, device: str = "cpu", threads: int | None = None, spi
     try:
         session = ort.InferenceSession(path, options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types
-        raise ScaleCertError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
+        raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise ScaleCertError(f"{path}: ONNX Runtime fell back to the CPU (CUDA libraries or GPU unusable); "
+        raise BackendError(f"{path}: ONNX Runtime fell back to the CPU (CUDA libraries or GPU unusable); "
                              "check the CUDA/cuDNN versions onnxruntime-gpu needs")
     return session
+
+
+def fixed_batch(session) -> int | None:
+    """The batch every output of the graph fixes (a suffix whose fixed batch of 1 could not be made
+    symbolic at export declares (1, classes) logits, manifest tensors.suffix.max_batch), else None."""
+    dims = {tuple(o.shape)[0] if o.shape else None for o in session.get_outputs()}
+    dim = dims.pop() if len(dims) == 1 else None
+    return dim if isinstance(dim, int) and dim > 0 else None
 
 
 class OrtRunner(Runner):
@@ -73,9 +103,17 @@ class OrtRunner(Runner):
         self.session = load_session(self.path, "cpu", self.threads, self.spin, reference=self.reference)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.max_batch = fixed_batch(self.session)
 
     def infer(self, feeds):
-        return dict(zip(self.output_names, self.session.run(None, feeds)))
+        rows = max((len(v) for v in feeds.values() if np.ndim(v)), default=0)
+        if self.max_batch is None or rows <= self.max_batch:
+            return dict(zip(self.output_names, self.session.run(None, feeds)))
+        # a graph that kept its fixed batch (export/batch.py): the rows a call at a time, the rest
+        # of the feeds (one image's features for many windows) whole
+        runs = [self.session.run(None, {k: v[lo:lo + self.max_batch] if np.ndim(v) and len(v) == rows else v
+                                        for k, v in feeds.items()}) for lo in range(0, rows, self.max_batch)]
+        return {name: np.concatenate([run[i] for run in runs]) for i, name in enumerate(self.output_names)}
 
     def deactivate_impl(self) -> None:
         self.session = None
@@ -103,7 +141,7 @@ class OrtCpuPipeline(Pipeline):
 
     def __init__(self, prefix_path: str, suffix_path: str, threads: int | None = None, window_parallel: bool = True,
                  reference: bool = False):
-        self.workers = max(1, threads or os.cpu_count() or 1)
+        self.workers = max(1, threads or default_threads())
         parallel = window_parallel and self.workers > 1
         # Two sessions take turns on the same cores; a spinning prefix pool would steal the suffix's.
         self.prefix_runner = OrtRunner(prefix_path, self.workers, spin=False, reference=reference)
@@ -165,6 +203,7 @@ class OrtCudaPipeline(Pipeline):
         self.prefix_runner.activate()
         self.suffix_session = load_session(self.suffix_path, self.device, device_id=self.device_id)
         self.suffix_binding = self.suffix_session.io_binding()
+        self.rows = fixed_batch(self.suffix_session) or self.ROWS
         inputs = {i.name: ORT_TYPES.get(i.type) for i in [*self.prefix_runner.session.get_inputs(),
                                                           *self.suffix_session.get_inputs()]}
         self.image_dtype, self.features_dtype, self.windows_dtype = inputs["image"], inputs["features"], inputs["windows"]
@@ -175,7 +214,7 @@ class OrtCudaPipeline(Pipeline):
 
     def prefix(self, image):
         if not len(image):
-            raise ScaleCertError("no images to run")
+            raise BackendError("no images to run")
         out = self.prefix_runner.infer({"image": np.ascontiguousarray(image, self.image_dtype)})
         return out["features"], out["gate"]
 
@@ -200,9 +239,9 @@ class OrtCudaPipeline(Pipeline):
         if len(rows) == 0:
             return self._run_suffix(features, rows)
         out = []
-        for lo in range(0, len(rows), self.ROWS):
-            chunk = rows[lo:lo + self.ROWS]
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.ROWS - len(chunk), axis=0)])
+        for lo in range(0, len(rows), self.rows):
+            chunk = rows[lo:lo + self.rows]
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], self.rows - len(chunk), axis=0)])
             out.append(self._run_suffix(features, padded)[:len(chunk)])
         return np.concatenate(out)
 

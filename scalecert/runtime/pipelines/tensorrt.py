@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import BackendError
 from scalecert.runtime.pipelines.base import Activated, Pipeline
 from scalecert.runtime.pipelines.device import DeviceFeatures, batches, host_windows
 
@@ -20,7 +20,7 @@ def require_tensorrt():
     try:
         import tensorrt
     except ImportError:
-        raise ScaleCertError("the TensorRT backend needs TensorRT (pip install 'scalecert[tensorrt]' from NVIDIA's "
+        raise BackendError("the TensorRT backend needs TensorRT (pip install 'scalecert[tensorrt]' from NVIDIA's "
                              "index) and an NVIDIA GPU; use --backend ort here") from None
     return tensorrt
 
@@ -38,7 +38,7 @@ def gpu_identity(device: int = 0) -> tuple[str, tuple[int, int]]:
 
         lib = cuda.wrapper().handle
     except Exception as exc:  # noqa: BLE001
-        raise ScaleCertError(f"cannot load the CUDA runtime through Polygraphy ({str(exc).splitlines()[0][:120]}); "
+        raise BackendError(f"cannot load the CUDA runtime through Polygraphy ({str(exc).splitlines()[0][:120]}); "
                              "TensorRT needs an NVIDIA GPU with CUDA") from None
     major, minor = ctypes.c_int(), ctypes.c_int()
     props = ctypes.create_string_buffer(16384)  # cudaDeviceProp; its first member is char name[256]
@@ -47,7 +47,7 @@ def gpu_identity(device: int = 0) -> tuple[str, tuple[int, int]]:
                    lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, device),  # cudaDevAttrComputeCapabilityMinor
                    get_props(props, device)):
         if status != 0:
-            raise ScaleCertError(f"no usable CUDA device {device} (CUDA runtime error {status})")
+            raise BackendError(f"no usable CUDA device {device} (CUDA runtime error {status})")
     return props.raw[:256].split(b"\0", 1)[0].decode(errors="replace"), (major.value, minor.value)
 
 
@@ -114,17 +114,17 @@ class TrtEngine(Activated):
                 self.engine = EngineFromBytes(f.read())()
             self.context = self.engine.create_execution_context()
         except OSError as exc:
-            raise ScaleCertError(f"{self.plan_path}: cannot read the engine ({exc.strerror})") from None
+            raise BackendError(f"{self.plan_path}: cannot read the engine ({exc.strerror})") from None
         except Exception as exc:  # noqa: BLE001 - Polygraphy raises its own exception type
-            raise ScaleCertError(f"{self.plan_path}: TensorRT cannot load this engine ({str(exc).splitlines()[0][:160]}); "
+            raise BackendError(f"{self.plan_path}: TensorRT cannot load this engine ({str(exc).splitlines()[0][:160]}); "
                                  "rebuild it with `scalecert build BUNDLE --backend trt`") from None
         if self.context is None:
-            raise ScaleCertError(f"{self.plan_path}: TensorRT could not create an execution context (GPU memory?)")
+            raise BackendError(f"{self.plan_path}: TensorRT could not create an execution context (GPU memory?)")
         self.dtypes = {}
         for name in (self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)):
             kind = self.engine.get_tensor_dtype(name).name
             if kind not in TRT_TYPES:
-                raise ScaleCertError(f"{self.plan_path}: engine tensor {name} is {kind}, which scalecert does not exchange")
+                raise BackendError(f"{self.plan_path}: engine tensor {name} is {kind}, which scalecert does not exchange")
             self.dtypes[name] = np.dtype(TRT_TYPES[kind])
 
     def deactivate_impl(self) -> None:
@@ -139,12 +139,12 @@ class TrtEngine(Activated):
         """inputs: name -> (device pointer, shape); outputs: name -> device pointer."""
         for name, (ptr, shape) in inputs.items():
             if not self.context.set_input_shape(name, tuple(shape)):
-                raise ScaleCertError(f"{self.plan_path}: input {name} shape {tuple(shape)} is outside the engine's profile")
+                raise BackendError(f"{self.plan_path}: input {name} shape {tuple(shape)} is outside the engine's profile")
             self.context.set_tensor_address(name, ptr)
         for name, ptr in outputs.items():
             self.context.set_tensor_address(name, ptr)
         if not self.context.execute_async_v3(stream.ptr):
-            raise ScaleCertError(f"{self.plan_path}: TensorRT execution failed")
+            raise BackendError(f"{self.plan_path}: TensorRT execution failed")
 
 
 class TrtPipeline(Pipeline):
@@ -172,17 +172,17 @@ class TrtPipeline(Pipeline):
         entry = bundle.engines(precision)
         where = bundle.path
         if not entry:
-            raise ScaleCertError(f"{where}: no TensorRT engines for {precision}; build them on the target machine "
+            raise BackendError(f"{where}: no TensorRT engines for {precision}; build them on the target machine "
                                  f"with `scalecert build {where} --backend trt --precision {precision}`")
         trt = require_tensorrt()
         gpu_name, capability = gpu_identity()
         reason = engine_compatibility(entry, trt.__version__, gpu_name, capability)
         if reason:
-            raise ScaleCertError(f"{where}: {reason.replace('BUNDLE', where)}")
+            raise BackendError(f"{where}: {reason.replace('BUNDLE', where)}")
         try:
             max_windows, max_coords = entry["profiles"]["suffix"]["windows"]["max"][:2]
         except (KeyError, IndexError, TypeError, ValueError):
-            raise ScaleCertError(f"{where}: the trt-{precision} engine record has no optimisation profiles; "
+            raise BackendError(f"{where}: the trt-{precision} engine record has no optimisation profiles; "
                                  f"rebuild with `scalecert build {where} --backend trt --precision {precision}`") from None
         return cls(bundle.files(precision)["prefix"], os.path.join(where, entry["suffix"]), max_windows, threads,
                    int(max_coords) // 4)
@@ -194,7 +194,7 @@ class TrtPipeline(Pipeline):
         self.prefix_runner.activate()
         self.suffix_engine.activate()
         if self.suffix_engine.dtypes["windows"] != np.int32:
-            raise ScaleCertError(f"{self.suffix_engine.plan_path}: windows input is not int32; rebuild the engines")
+            raise BackendError(f"{self.suffix_engine.plan_path}: windows input is not int32; rebuild the engines")
         self.stream = cuda.Stream()
         self.buffers = DeviceBuffers()
 
@@ -210,7 +210,7 @@ class TrtPipeline(Pipeline):
 
     def prefix(self, image):
         if not len(image):
-            raise ScaleCertError("no images to run")
+            raise BackendError("no images to run")
         out = self.prefix_runner.infer({"image": np.ascontiguousarray(image, np.float32)})
         return out["features"], out["gate"]
 
@@ -232,7 +232,7 @@ class TrtPipeline(Pipeline):
         engine = self.suffix_engine
         windows = host_windows(windows, np.int32)
         if windows.shape[1] > 4 * self.max_rectangles:
-            raise ScaleCertError(f"{engine.plan_path}: the engine takes at most {self.max_rectangles} rectangle(s) per "
+            raise BackendError(f"{engine.plan_path}: the engine takes at most {self.max_rectangles} rectangle(s) per "
                                  "row (built before recovery); rebuild with `scalecert build BUNDLE --backend trt`")
         logits = np.empty((len(windows), *engine.item_shape("logits")), engine.dtypes["logits"])
         piece = min(len(windows), self.max_windows)
