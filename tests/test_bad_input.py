@@ -141,6 +141,20 @@ def _existing_file(name):
     return setup
 
 
+def _access_as_owner(real):
+    """os.access as a non-root owner of the files sees it: the owner's permission bits decide. Root
+    passes every check (and writes anywhere), so on a root CI box the unwritable cases put this in
+    place of os.access, which is what the CLI asks before it writes."""
+    def access(path, mode, *args, **kwargs):
+        if not real(path, os.F_OK, *args, **kwargs):
+            return False
+        bits = os.stat(path).st_mode
+        wanted = ((os.R_OK, stat.S_IRUSR), (os.W_OK, stat.S_IWUSR), (os.X_OK, stat.S_IXUSR))
+        return all(bits & bit for flag, bit in wanted if mode & flag)
+
+    return access
+
+
 def _locked_dir(w, d):
     (d / "locked").mkdir()
     os.chmod(d / "locked", stat.S_IRUSR | stat.S_IXUSR)
@@ -280,10 +294,10 @@ CASES = {
                                      ("Invalid value for '--precision'", "'fp8'")),
     "bench/precision-not-built": Case(lambda w, d: ["bench", B(w), "--data", w["tree"], "--precision", "int8"], 2,
                                       ("no int8 variant",)),
-    "bench/output-parent-missing": Case(lambda w, d: ["bench", B(w), "--data", w["tree"], "-o", d / "no" / "x.json"],
-                                        2, ("--output", "no such directory")),
-    "bench/plot-parent-missing": Case(lambda w, d: ["bench", B(w), "--data", w["tree"], "--plot", d / "no" / "x.png"], 2,
-                                      ("--plot", "no such directory")),
+    "bench/output-parent-a-file": Case(lambda w, d: ["bench", B(w), "--data", w["tree"], "-o", d / "no" / "x.json"],
+                                       2, ("--output", "is a file, not a folder"), setup=_existing_file("no")),
+    "bench/plot-parent-a-file": Case(lambda w, d: ["bench", B(w), "--data", w["tree"], "--plot", d / "no" / "x.png"], 2,
+                                     ("--plot", "is a file, not a folder"), setup=_existing_file("no")),
     "bench/output-exists": Case(lambda w, d: ["bench", B(w), "--data", w["tree"], "-o", d / "r.json"], 2,
                                 ("already exists", "--force"), setup=_existing_file("r.json")),
     "bench/output-is-folder": Case(lambda w, d: ["bench", B(w), "--data", w["tree"], "-o", d], 2, ("is a folder",)),
@@ -313,8 +327,9 @@ CASES = {
                              setup=_existing_file("t.pt.last")),
     "tune/output-is-folder": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["tree"],
                                                 "-o", d], 2, ("is a folder",)),
-    "tune/output-parent-missing": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["tree"],
-                                                     "-o", d / "no" / "t.pt"], 2, ("no such directory",)),
+    "tune/output-parent-a-file": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["tree"],
+                                                    "-o", d / "no" / "t.pt"], 2, ("is a file, not a folder",),
+                                      setup=_existing_file("no")),
     "tune/epochs-0": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["tree"],
                                         "--epochs", "0", "-o", d / "t.pt"], 2, ("--epochs",)),
     "tune/occlusions-negative": Case(lambda w, d: ["tune", w["ckpt"], "--arch", "resnet20-cifar", "--data", w["tree"],
@@ -361,8 +376,8 @@ def _listing(folder) -> dict:
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input(name, world, tmp_path, monkeypatch):
     case = CASES[name]
-    if "unwritable" in name and os.geteuid() == 0:
-        pytest.skip("root writes anywhere")
+    if "unwritable" in name and os.geteuid() == 0:  # root passes every permission check: answer as its owner would
+        monkeypatch.setattr(os, "access", _access_as_owner(os.access))
     if case.setup:
         case.setup(world, tmp_path)
     if case.cwd:
@@ -469,35 +484,46 @@ def test_images_plus_labels_csv_matches_flat_layout(tiny_bundle, photo_dir, tmp_
     assert ra["data"]["images"] == len(PHOTOS)
 
 
-def test_images_plus_labels_csv_matches_imagefolder_on_cifar(r20_bundle, tmp_path):
-    """Real CIFAR-10 photos and a real model: the same accuracy from an ImageFolder tree, a flat
-    folder with labels.csv and images/ + labels.csv."""
+def test_images_plus_labels_csv_matches_imagefolder_on_cifar(tiny_bundle, tmp_path):
+    """30 CIFAR-10-shaped files (the generated stand-in tree): the same accuracy from an ImageFolder
+    tree, a flat folder with labels.csv and images/ + labels.csv, and it is the accuracy of the
+    model's own answers against the labels given (so every layout paired each file with its label).
+    Every other file is labelled with the random model's own answer, the rest keep their stand-in
+    class, so about half are right and some of those certified."""
     import shutil
 
-    from conftest import CIFAR_TEST, cifar_files
+    from conftest import CIFAR_CLASSES, cifar_files
     from scalecert.evaluation.bench import run_bench
+    from scalecert.runtime import Certifier
 
     files = cifar_files(3)
-    classes = sorted(os.listdir(CIFAR_TEST))
+    with Certifier.load(tiny_bundle) as cert:
+        results = [cert.certify(path) for path in files]
+    truth = [int(r.label) if i % 2 == 0 else CIFAR_CLASSES.index(os.path.basename(os.path.dirname(path)))
+             for i, (path, r) in enumerate(zip(files, results))]  # odd files: all ten classes occur
     tree, flat, nested = tmp_path / "tree", tmp_path / "flat", tmp_path / "nested"
     rows = "file,index\n"
     (nested / "images").mkdir(parents=True)
     flat.mkdir()
-    for path in files:
-        cls = os.path.basename(os.path.dirname(path))
-        name = f"{cls}_{os.path.basename(path)}"
+    for i, (path, label) in enumerate(zip(files, truth)):
+        cls = CIFAR_CLASSES[label]
+        name = f"{i:02d}_{os.path.basename(path)}"
         (tree / cls).mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, tree / cls / os.path.basename(path))
+        shutil.copy(path, tree / cls / name)
         shutil.copy(path, flat / name)
         shutil.copy(path, nested / "images" / name)
-        rows += f"{name},{classes.index(cls)}\n"
+        rows += f"{name},{label}\n"
+    assert sorted(os.listdir(tree)) == sorted(CIFAR_CLASSES)
     (flat / "labels.csv").write_text(rows)
     (nested / "labels.csv").write_text(rows)
-    reports = [run_bench(r20_bundle, str(d), quiet=True) for d in (tree, flat, nested)]
+    reports = [run_bench(tiny_bundle, str(d), quiet=True) for d in (tree, flat, nested)]
     assert [r["data"]["layout"] for r in reports] == ["ImageFolder (class subfolders)", "flat folder + labels.csv",
                                                       "images/ + labels.csv"]
+    right = [r.label == t for r, t in zip(results, truth)]
+    expected = (sum(right) / len(files), sum(ok and r.status == "certified" for ok, r in zip(right, results)) / len(files))
+    assert 0.5 <= expected[0] < 1 and expected[1] > 0, expected  # a misplaced label would show
     accuracy = [(r["configs"][0]["clean_accuracy"], r["configs"][0]["certified_accuracy"]) for r in reports]
-    assert accuracy[0] == accuracy[1] == accuracy[2] and accuracy[0][0] > 0.5, accuracy
+    assert accuracy == [pytest.approx(expected)] * 3, (accuracy, expected)
 
 
 def test_explicit_labels_win_over_subfolders(tmp_path):
@@ -512,11 +538,32 @@ def test_explicit_labels_win_over_subfolders(tmp_path):
     assert list(found) == [(str(tmp_path / "top.png"), 7)] and "--labels" in found.describe()
 
 
-def test_imagenet_sample_layout_is_resolved():
+def _imagenet_sample_replica(root) -> str:
+    """The layout of ../shared/data/imagenet-sample, generated: images/<wnid>_<name>.JPEG of varied
+    sizes and labels.csv with file,index,wnid,name for the even ImageNet classes (one image each)."""
+    from conftest import smooth_image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = ["file,index,wnid,name"]
+    for index in range(0, 1000, 2):
+        file = f"n{index:08d}_class{index}.JPEG"
+        if index < 6:  # a few real pixels; the resolver reads names, not images
+            Image.fromarray(smooth_image(rng, (40 + index, 60))).save(root / "images" / file, format="JPEG")
+        else:
+            (root / "images" / file).write_bytes(b"")
+        rows.append(f"{file},{index},n{index:08d},class{index}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("where", ["replica", pytest.param("shared", marks=pytest.mark.slow)])
+def test_imagenet_sample_layout_is_resolved(where, tmp_path):
+    """The team's ImageNet sample (../shared, under -m slow) and a generated replica of its layout."""
     from conftest import IMAGENET, need
     from scalecert.runtime.datasets import image_set
 
-    found = image_set(need(IMAGENET))
+    found = image_set(need(IMAGENET) if where == "shared" else _imagenet_sample_replica(tmp_path / "imagenet-sample"))
     assert found.layout == "images/ + labels.csv" and len(found) == 500 and found.num_classes == 500
     assert all(label is not None and label % 2 == 0 for _, label in found)
     assert "500 images, 500 classes" in found.describe()

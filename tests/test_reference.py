@@ -33,18 +33,28 @@ def _compare(bundle, loaded, files):
     return outcomes
 
 
-@pytest.mark.parametrize("bundle_fixture, checkpoint_fixture", [
-    ("tiny_pruned_bundle", "tiny_checkpoint"),  # 30% gated, zeroed windows
-    ("tiny_blank_gated_bundle", "tiny_bn_checkpoint"),  # 70% gated, filled windows, random norms
-])
-def test_random_resnet20_matches_reference(bundle_fixture, checkpoint_fixture, request):
-    """The method, not the weights: random-weight ResNet-20s on 40 generated images."""
+def test_random_resnet20_matches_reference(tiny_pruned_bundle, tiny_checkpoint):
+    """The method, not the weights: the random-weight ResNet-20, 30% of positions gated, windows
+    zeroed, on 40 generated images."""
     per_class = 20 if FULL else 4
-    loaded = load_model(request.getfixturevalue(checkpoint_fixture), "resnet20-cifar")
-    outcomes = _compare(request.getfixturevalue(bundle_fixture), loaded, cifar_files(per_class))
-    print(f"\n[{bundle_fixture}] {outcomes}")
+    outcomes = _compare(tiny_pruned_bundle, load_model(tiny_checkpoint, "resnet20-cifar"), cifar_files(per_class))
     assert sum(outcomes.values()) == 10 * per_class
     assert outcomes["certified"] > 0 and outcomes["alert"] > 0  # both branches exercised
+
+
+def test_filled_windows_under_a_sparse_gate_match_reference(tiny16_bundle, tiny16_model):
+    """Dedupe with a fill under a sparse gate (a window's answer depends on the whole window, not
+    only its kept positions): the tiny CNN of tests/data/tiny_bundle, exported now (a quarter of the
+    positions gated, --fill blank), on 40 generated images."""
+    from scalecert.bundle import Bundle
+
+    bundle = Bundle.open(tiny16_bundle)
+    assert bundle.window_filled and bundle.manifest["sin"]["prune_rate"] > 0
+    per_class = 20 if FULL else 4
+    outcomes = _compare(tiny16_bundle, load_model(tiny16_model, input_size=bundle.manifest["input"]["input_size"]),
+                        cifar_files(per_class))
+    assert sum(outcomes.values()) == 10 * per_class
+    assert outcomes["certified"] > 0 and outcomes["alert"] > 0, outcomes
 
 
 @pytest.mark.slow

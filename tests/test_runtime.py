@@ -73,18 +73,15 @@ def test_filled_windows_group_by_coverage_only():
                               geometry.distinct_pairs(windows, masks, everywhere, pairs).group_of_window)
 
 
-def test_filled_bundle_runs_every_window_the_gate_would_have_skipped(tmp_path_factory, tiny_bn_checkpoint, calib_dir,
-                                                                    photo_files):
+def test_filled_bundle_runs_every_window_the_gate_would_have_skipped(tiny_blank_gated_bundle, photo_files):
     """A --fill blank bundle with a sparse gate: every window's label equals that window's own row
     through the suffix (no dedupe), on real photos. Grouping by kept positions, as without a fill,
     would reuse logits that are not the window's own for some of them (the negative control)."""
-    from conftest import export
     from scalecert.bundle import Bundle
     from scalecert.runtime.images import load_image, normalize
     from scalecert.runtime.pipelines.onnxruntime import OrtRunner
 
-    bundle = export(tmp_path_factory, "blank-gated", tiny_bn_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
-                    "--layer", "layer1.0", "--stride", "2", "--calib", calib_dir, "--prune-rate", "0.7")
+    bundle = tiny_blank_gated_bundle
     m = Bundle.open(bundle).manifest
     assert m["windows"]["fill"] == "blank" and m["sin"]["prune_rate"] == 0.7
     wrong_without = 0
@@ -196,10 +193,10 @@ def _one_error_line(proc, words):
     assert len(errors) == 1 and errors[0].startswith("error:") and words in errors[0], proc.stderr
 
 
-def test_certify_refuses_bad_bundles(tiny_bundle, photo_files, tmp_path):
+def test_certify_refuses_bad_bundles(stored_bundle, photo_files, tmp_path):
     _one_error_line(run_cli("scalecert", "certify", str(tmp_path / "nope"), photo_files[0]), "no such bundle")
     tampered = str(tmp_path / "tampered")
-    shutil.copytree(tiny_bundle, tampered)
+    shutil.copytree(stored_bundle, tampered)
     with open(os.path.join(tampered, "suffix.onnx"), "r+b") as f:
         f.seek(200)
         byte = f.read(1)
@@ -207,7 +204,7 @@ def test_certify_refuses_bad_bundles(tiny_bundle, photo_files, tmp_path):
         f.write(bytes([byte[0] ^ 0xFF]))
     _one_error_line(run_cli("scalecert", "certify", tampered, photo_files[0]), "sha256")
     newer = str(tmp_path / "newer")
-    shutil.copytree(tiny_bundle, newer)
+    shutil.copytree(stored_bundle, newer)
     path = os.path.join(newer, "manifest.json")
     manifest = json.load(open(path))
     manifest["schema_version"] = 99
@@ -215,22 +212,25 @@ def test_certify_refuses_bad_bundles(tiny_bundle, photo_files, tmp_path):
     _one_error_line(run_cli("scalecert", "certify", newer, photo_files[0]), "newer")
     # the trt backend: without TensorRT the machine says what it lacks; with it, the bundle has no trt margin
     expected = "no numeric margin measured for trt" if _has_tensorrt() else "the TensorRT backend needs TensorRT"
-    _one_error_line(run_cli("scalecert", "certify", tiny_bundle, photo_files[0], "--backend", "trt"), expected)
+    _one_error_line(run_cli("scalecert", "certify", stored_bundle, photo_files[0], "--backend", "trt"), expected)
 
 
-def test_early_exit_agrees_with_full_evaluation(tiny_bundle, photo_files):
-    full, fast = Certifier.load(tiny_bundle), Certifier.load(tiny_bundle, early_exit=True, batch=8)
-    for path in photo_files:
+@pytest.mark.parametrize("bundle_fixture", ["tiny_bundle", "stored_bundle"])
+def test_early_exit_agrees_with_full_evaluation(bundle_fixture, photo_files, request):
+    bundle = request.getfixturevalue(bundle_fixture)
+    full, fast = Certifier.load(bundle), Certifier.load(bundle, early_exit=True, batch=8)
+    probes = [os.path.join(bundle, name) for name in full.bundle.probe_images]  # certified and alert
+    for path in [*photo_files, *probes]:
         a, b = full.certify(path), fast.certify(path)
         assert (a.status, a.label) == (b.status, b.label)
         assert b.windows_evaluated <= a.windows_evaluated
         assert set(map(tuple, b.alert_windows)) <= set(map(tuple, a.alert_windows))
 
 
-def test_certify_batch_matches_single(tiny_bundle):
-    cert = Certifier.load(tiny_bundle, evaluation=True)
+def test_certify_batch_matches_single(stored_bundle):
+    cert = Certifier.load(stored_bundle, evaluation=True)
     rng = np.random.default_rng(3)
-    pixels = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    pixels = rng.integers(0, 256, (5, *cert.bundle.image_hw, 3), dtype=np.uint8)
     for a, b in zip(cert.certify_batch(pixels, prefix_batch=2), [cert.certify(p) for p in pixels]):
         assert (a.status, a.label) == (b.status, b.label)
         assert (a.window_labels == b.window_labels).all()
@@ -261,9 +261,9 @@ def _has_tensorrt() -> bool:
     return importlib.util.find_spec("tensorrt") is not None
 
 
-def test_backend_without_measured_margin_is_refused(tiny_bundle):
+def test_backend_without_measured_margin_is_refused(stored_bundle):
     # without a CUDA provider the machine says so first; with one, the missing ort-cuda margin is refused
     expected = "no numeric margin measured for ort-cuda" if _has_cuda_provider() else "no CUDA execution provider"
     with pytest.raises(ScaleCertError, match=expected):
-        Certifier.load(tiny_bundle, backend="ort-cuda")
-    assert Certifier.load(tiny_bundle, backend="auto").backend == "ort-cpu"
+        Certifier.load(stored_bundle, backend="ort-cuda")
+    assert Certifier.load(stored_bundle, backend="auto").backend == "ort-cpu"

@@ -48,11 +48,16 @@ def _what_is_there(path: str) -> str:
 
 
 def _writable_parent(output: str, flag: str) -> None:
+    """The output's folder may be missing (it is made, with its parents, when the output is written,
+    as `mkdir -p`), but its nearest existing ancestor must be a writable folder."""
     parent = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(parent):
-        raise ScaleCertError(f"{flag}{output}: cannot write there (no such directory {parent})")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ScaleCertError(f"{flag}{output}: cannot write there ({parent} is not writable)")
+    ancestor = parent
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ScaleCertError(f"{flag}{output}: cannot create {parent} ({ancestor} is a file, not a folder)")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ScaleCertError(f"{flag}{output}: cannot write there ({ancestor} is not writable)")
 
 
 def check_output(output: str, force: bool, flag: str = "") -> None:
@@ -92,6 +97,7 @@ def write_file_atomic(path: str, write) -> None:
     """`write(tmp_path)` then rename over `path`; the temporary file never outlives the call."""
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".scalecert-{os.getpid()}-{os.path.basename(path)}")
     try:
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
         write(tmp)
         os.replace(tmp, path)
     except OSError as exc:
@@ -126,6 +132,7 @@ def replace_dir(work: str, output: str) -> None:
 def staging(output: str, prefix: str = ".scalecert-"):
     """A fresh directory beside `output` to write a bundle into: when the block ends normally it
     replaces `output` (replace_dir); when it raises, it is removed and `output` is untouched."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     work = tempfile.mkdtemp(prefix=prefix, dir=os.path.dirname(os.path.abspath(output)))
     try:
         yield work

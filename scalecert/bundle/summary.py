@@ -8,6 +8,7 @@ def summary(m: dict) -> dict:
         "source": m.get("source", {}).get("file"),
         "arch": m.get("source", {}).get("arch"),
         "input": m["input"]["input_size"],
+        "preprocess": {k: m["input"].get(k) for k in ("resize_short", "mean", "std")},
         "patch": m["threat_model"]["patch"],
         "layer": layer["name"],
         "layer_scope": layer.get("scope"),
@@ -20,7 +21,7 @@ def summary(m: dict) -> dict:
         "windows_per_image": windows["count"],
         "window_fill": windows.get("fill", "zero"),
         "prune_rate": sin["prune_rate"],
-        "threshold": sin["threshold"],
+        "gate_tau": sin["threshold"],
         "importance": sin["importance"],
         "dead_channels": len(sin.get("dead_channels", [])),
         "dead_channels_removed": sin.get("dead_channels_removed", False),
@@ -44,13 +45,16 @@ def _num(n):
 def render(s: dict) -> str:
     rows = [
         ("model", f"{s['source']} ({s['arch'] or 'no arch'}), input {'x'.join(map(str, s['input']))}"),
+        ("preprocessing", (f"short side {s['preprocess']['resize_short']}, centre crop" if s["preprocess"]["resize_short"]
+                           else "resized to the input size") +
+         f"; mean {s['preprocess']['mean']}, std {s['preprocess']['std']}"),
         ("patch", f"{s['patch'][0]}x{s['patch'][1]} pixels"),
         ("layer", f"{s['layer']} [{s['layer_scope'] or 'root'}], features {'x'.join(map(str, s['feature_shape']))}"),
         ("receptive field", f"{s['receptive_field'][0]}x{s['receptive_field'][1]} px, stride {s['rf_stride'][0]}x{s['rf_stride'][1]}"),
         ("footprint", f"{s['footprint'][0]}x{s['footprint'][1]} positions (largest over all patch positions)"),
         ("windows", f"{s['window_size'][0]}x{s['window_size'][1]} at stride {s['occluding_stride']}: {s['windows_per_image']} per image, "
                     + ("holding a blank image's features" if s["window_fill"] == "blank" else "zeroed")),
-        ("SIN gate", f"prune rate {s['prune_rate']:.2f}, tau {s['threshold']:.4g}, importance {s['importance']}"),
+        ("SIN gate", f"prune rate {s['prune_rate']:.2f}, tau {s['gate_tau']:.4g}, importance {s['importance']}"),
         ("dead channels", f"{s['dead_channels']} ({'removed from the graphs' if s['dead_channels_removed'] else 'zeroed'})"),
         ("margin delta", ", ".join(f"{k} {v:g}" for k, v in s["margin"].items())),
     ]

@@ -7,12 +7,36 @@ from scalecert.cli import options
 from scalecert.cli.app import OneLineCommand, _guard, main
 
 
+def _channel_values(ctx, param, value):
+    """'0.5,0.5,0.5' -> (0.5, 0.5, 0.5), refused in one line before the model loads."""
+    if value is None:
+        return None
+    try:
+        values = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers, one per input channel") from None
+    return values
+
+
+def _resize(ctx, param, value):
+    if value is None or value.lower() == "none":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise click.BadParameter(f"{value!r}: expected a short side in pixels, or none")
+    return value
+
+
 def _export_options(f):
     decorators = [
         click.argument("model", required=False),
         click.option("--arch", help="built-in architecture for a state_dict checkpoint (see --list-archs)"),
         click.option("--pretrained", is_flag=True, help="use the weights shipped for --arch (efficientnet-lite0)"),
-        click.option("--input-size", help="CxHxW, e.g. 3x224x224 (default: from --arch or the model)"),
+        click.option("--input-size", help="CxHxW, e.g. 3x224x224 or 1x28x28 for grey (default: from --arch or the model)"),
+        click.option("--mean", callback=_channel_values, help="per-channel mean the model was trained with, after "
+                     "scaling pixels to [0, 1], e.g. 0.5,0.5,0.5 [default: the arch's, else ImageNet's, said at export]"),
+        click.option("--std", callback=_channel_values, help="per-channel std, e.g. 0.5,0.5,0.5 [default: as --mean]"),
+        click.option("--resize", callback=_resize, help="short side images are resized to before the centre crop to the input size, or "
+                     "none (straight to the input size) [default: the arch's, else 256 for a 224 input]"),
         click.option("--patch", help="patch size: N, HxW or P% of the input area [default: 2%, or a tuned checkpoint's]"),
         click.option("--for-source", help="WIDTHxHEIGHT of the camera: --patch is then in its pixels (N, HxW or P% of the "
                      "frame) and the input patch is sized to contain its influence (docs/design.md §8)"),
@@ -53,7 +77,7 @@ def _export_options(f):
     return f
 
 
-def _do_export(model, arch, pretrained, input_size, patch, for_source, layer, prune_rate, stride, window_budget,
+def _do_export(model, arch, pretrained, input_size, mean, std, resize, patch, for_source, layer, prune_rate, stride, window_budget,
                max_growth, calib, calib_limit, budget, threshold, mode, fill, channel_prune, keep_dead_channels, phi, classes,
                trust_pickle, output, force, threads, list_archs, as_json, quiet):
     if list_archs:
@@ -76,7 +100,8 @@ def _do_export(model, arch, pretrained, input_size, patch, for_source, layer, pr
                          prune_rate=prune_rate, stride=stride, window_budget=window_budget, max_growth=max_growth,
                          calib=calib, calib_limit=calib_limit, budget=budget, threshold=threshold, mode=mode,
                          fill=fill, channel_prune=channel_prune, remove_dead_channels=not keep_dead_channels, phi=phi,
-                         classes=classes, trust_pickle=trust_pickle, force=force, echo=say)
+                         classes=classes, trust_pickle=trust_pickle, force=force, echo=say, mean=mean, std=std,
+                         resize=resize)
     with options.ort_threads(threads):
         path = export_bundle(opts)
     say(f"wrote {path}")

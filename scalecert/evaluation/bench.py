@@ -17,7 +17,10 @@ from scalecert.errors import ScaleCertError
 
 
 def _progress(total: int, desc: str, quiet: bool):
-    if quiet:
+    """A progress bar on a terminal only: never drawn into a pipe or a log file."""
+    import sys
+
+    if quiet or not sys.stderr.isatty():
         return None
     try:
         from tqdm import tqdm

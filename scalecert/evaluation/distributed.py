@@ -52,9 +52,9 @@ def connect(address: str) -> dict:
         target = os.environ.get("RAY_ADDRESS") if address == "auto" else address
         try:
             if target:
-                ray.init(address=target, logging_level=logging.WARNING)
+                ray.init(address=target, logging_level=logging.ERROR, log_to_driver=False)
             else:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
             raise ScaleCertError(f"--ray {target or 'local'}: cannot connect to the Ray cluster ({first})") from None

@@ -67,6 +67,9 @@ class ExportOptions:
     remove_dead_channels: bool = True
     phi: str = "abs"
     classes: str | None = None
+    mean: tuple | None = None  # None: the arch's, else ImageNet's (assumed, and export says so)
+    std: tuple | None = None
+    resize: str | None = None  # short side in pixels, or "none" (straight to the input size); None: assumed
     trust_pickle: bool = False
     pretrained: bool = False
     force: bool = False
@@ -96,9 +99,16 @@ def export_bundle(opts: ExportOptions) -> str:
     """Export a model to a bundle at opts.output; returns its path. Raises ScaleCertError (one
     line) on bad input before writing anything; the bundle appears complete or not at all."""
     started = datetime.datetime.now(datetime.timezone.utc)
-    loaded = load_model(opts.model, opts.arch, opts.input_size, opts.trust_pickle, opts.pretrained)
+    loaded = load_model(opts.model, opts.arch, opts.input_size, opts.trust_pickle, opts.pretrained, opts.mean, opts.std,
+                        opts.resize)
+    from scalecert.export.loading import describe_input
+
+    given = {name for name in ("mean", "std", "resize") if getattr(opts, name) is not None}
+    opts.say(describe_input(loaded.preprocess, given | ({"mean", "std", "resize"} if loaded.arch else set())))
     request = check_request(opts, loaded)
     model, program = to_onnx(loaded)
+    if loaded.batch_note:
+        opts.say(loaded.batch_note)
     num_classes, classes = _classes(opts.classes, model, loaded)
     if request.calibration_items is not None:
         from scalecert.runtime.datasets import check_labels
@@ -176,11 +186,13 @@ def choose_plan(opts: ExportOptions, request: Request, model: ir.Model, program,
     recover = opts.mode == "recover"
     searching = calibration is not None and "auto" in (opts.layer, opts.stride, *(() if recover else (opts.prune_rate,)))
     if not searching:
-        if calibration is None and "auto" in (opts.layer, opts.stride) and request.record is None:
-            opts.say("no --calib images: layer and stride by the geometric rule (--max-growth, --window-budget), "
-                     "not measured")
+        geometric = calibration is None and "auto" in (opts.layer, opts.stride) and request.record is None
+        if geometric:
+            opts.say(f"no --calib images: the layer by the geometric rule (--max-growth), the stride the smallest within "
+                     f"{opts.budget:g} full forwards per image (--budget); calibrating on ~64 of your own images "
+                     "(--calib DIR) measures a better split")
         plan = plan_split(model, request.image_hw, request.patch_hw, opts.layer, opts.stride, opts.window_budget,
-                          opts.max_growth)
+                          opts.max_growth, budget=opts.budget if geometric else None, filled=opts.fill == "blank")
         return plan, {"method": "given" if "auto" not in (opts.layer, opts.stride) else "geometric"}
     from scalecert.export.plan import PlanSearch, candidate_layers
 
@@ -365,7 +377,8 @@ def _manifest(opts, loaded, request, plan: SplitPlan, num_classes, classes, kept
         "created": started.isoformat(timespec="seconds"),
         "source": {"file": os.path.basename(loaded.source), "path": os.path.abspath(loaded.source),
                    "sha256": manifest_io.sha256(loaded.source), "pretrained": opts.pretrained,
-                   "kind": loaded.kind, "arch": loaded.arch},
+                   "kind": loaded.kind, "arch": loaded.arch,
+                   **({"batch": loaded.batch_note} if loaded.batch_note else {})},
         "input": request.input_spec,
         "num_classes": num_classes,
         "classes": classes,
@@ -382,7 +395,8 @@ def _manifest(opts, loaded, request, plan: SplitPlan, num_classes, classes, kept
         "margin": {manifest_io.margin_key("ort-cpu", "fp32"): margin["delta"]},
         "margin_measurement": {manifest_io.margin_key("ort-cpu", "fp32"): margin},
         "tensors": {"prefix": {"inputs": ["image"], "outputs": ["features", "gate"]},
-                    "suffix": {"inputs": ["features", "windows"], "outputs": ["logits"], "windows": WINDOWS_LAYOUT}},
+                    "suffix": {"inputs": ["features", "windows"], "outputs": ["logits"], "windows": WINDOWS_LAYOUT,
+                               **({"max_batch": loaded.max_batch} if loaded.max_batch else {})}},
         "stats": stats,
         "tools": _tool_versions(),
         "files": manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx"]),

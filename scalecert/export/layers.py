@@ -83,6 +83,18 @@ def _not_a_feature_map(model: ir.Model, spec: str) -> str | None:
     return f"{named[-1].name} is not a spatial (N, C, H, W) feature map of the image"
 
 
+PATCH_EMBEDDING_GROWTH = 4.0  # the growth a patch embedding may have: all of it is the token grid's rounding
+
+
+def patch_embedding(layer: Layer) -> bool:
+    """A non-overlapping patch embedding (a ViT's stride-s, s x s convolution on the image): each
+    position sees exactly its own s x s pixels. Its footprint outgrows the patch's share only by
+    rounding to the token grid (a 32-pixel patch touches 3 of 16-pixel tokens), not by a receptive
+    field spreading, so it is the most local layer there is and the geometric rule admits it."""
+    rf = layer.rf
+    return isinstance(rf, RF) and rf.y[0] > 1 and rf.x[0] > 1 and rf.size() == (rf.y[0], rf.x[0])
+
+
 def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth: float = 2.0,
                  model: ir.Model | None = None) -> Layer:
     """`auto`: the deepest usable layer whose window covers at most `max_growth` times the share of
@@ -91,7 +103,7 @@ def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth:
     more of the evidence and certified accuracy falls; the growth bound trades the two."""
     if spec == "auto":
         fits = [l for l in layers if l.usable and l.shape[1] > 1 and l.shape[2] > 1
-                and _layer_ratio(l, patch_hw, image_hw) <= max_growth]
+                and _layer_ratio(l, patch_hw, image_hw) <= (PATCH_EMBEDDING_GROWTH if patch_embedding(l) else max_growth)]
         return fits[-1] if fits else layers[0]
     by_name = [l for l in layers if l.name == spec]
     if not by_name:

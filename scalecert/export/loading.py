@@ -6,7 +6,9 @@ import zipfile
 from dataclasses import dataclass, replace
 from typing import Any
 
-from scalecert.errors import ScaleCertError
+import numpy as np
+
+from scalecert.errors import ModelError
 from scalecert.export.archs import REGISTRY, Preprocess
 
 
@@ -18,6 +20,8 @@ class LoadedModel:
     arch: str | None
     source: str
     tuned: dict | None = None  # the `scalecert tune` record of a tuned checkpoint
+    batch_note: str | None = None  # set by to_onnx when the model came with a fixed batch of 1
+    max_batch: int | None = None  # 1 when that batch was kept (export/batch.py could not make it symbolic)
 
 
 def parse_input_size(spec: str) -> tuple[int, int, int]:
@@ -26,7 +30,7 @@ def parse_input_size(spec: str) -> tuple[int, int, int]:
         if min(c, h, w) < 1:
             raise ValueError
     except ValueError:
-        raise ScaleCertError(f"--input-size {spec!r}: expected CxHxW, e.g. 3x224x224") from None
+        raise ModelError(f"--input-size {spec!r}: expected CxHxW, e.g. 3x224x224") from None
     return c, h, w
 
 
@@ -69,7 +73,7 @@ def _safe_load(path: str):
         marker = next((i for i, l in enumerate(lines) if "WeightsUnpickler error" in l), None)
         first = (lines[marker + 1] if marker is not None and marker + 1 < len(lines)
                  else lines[0] if lines else type(exc).__name__)[:160]
-        raise ScaleCertError(f"{path}: corrupt or truncated checkpoint, PyTorch cannot read it ({first})") from None
+        raise ModelError(f"{path}: corrupt or truncated checkpoint, PyTorch cannot read it ({first})") from None
 
 
 def _unpickle(path: str):
@@ -78,7 +82,7 @@ def _unpickle(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001
-        raise ScaleCertError(f"{path}: cannot unpickle ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise ModelError(f"{path}: cannot unpickle ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
 
 
 PICKLE_REFUSED = ("holds pickled Python objects; refusing to unpickle it because that runs arbitrary code "
@@ -93,7 +97,7 @@ def _load_checkpoint(path: str, arch: str, trust_pickle: bool = False):
         data = _safe_load(path)
     except _PickledObjects:
         if not trust_pickle:
-            raise ScaleCertError(f"{path}: {PICKLE_REFUSED}") from None
+            raise ModelError(f"{path}: {PICKLE_REFUSED}") from None
         data = _unpickle(path)
         if isinstance(data, torch.nn.Module):
             return data.eval(), None
@@ -101,7 +105,7 @@ def _load_checkpoint(path: str, arch: str, trust_pickle: bool = False):
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not all(hasattr(v, "shape") for v in data.values()):
-        raise ScaleCertError(f"{path}: expected a state_dict (or {{'state_dict': ...}}) of tensors")
+        raise ModelError(f"{path}: expected a state_dict (or {{'state_dict': ...}}) of tensors")
     state = _strip_prefix(data)
     model = spec.build()
     expected = model.state_dict()
@@ -113,31 +117,70 @@ def _load_checkpoint(path: str, arch: str, trust_pickle: bool = False):
             return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
         parts = [f"{label}: {short(keys)}" for label, keys in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched)) if keys]
-        raise ScaleCertError(f"{path} does not fit --arch {arch}: " + "; ".join(parts))
+        raise ModelError(f"{path} does not fit --arch {arch}: " + "; ".join(parts))
     model.load_state_dict(state, strict=False)
     return model.eval(), record if isinstance(record, dict) else None
 
 
 def load_model(path: str, arch: str | None = None, input_size: tuple[int, int, int] | None = None,
-               trust_pickle: bool = False, pretrained: bool = False) -> LoadedModel:
+               trust_pickle: bool = False, pretrained: bool = False, mean=None, std=None,
+               resize: int | str | None = None) -> LoadedModel:
+    """The model and how its input is prepared: the arch's preprocessing with --arch (for a
+    whole-model file too: the arch names its input, never ignored), else ImageNet's mean/std, short
+    side 256 and a centre crop for 224 inputs; `mean`, `std`, `resize` (short side, or "none": straight
+    to the input size) override either. Export prints what it assumed (describe_input)."""
+    loaded = _load_model(path, arch, input_size, trust_pickle, pretrained)
+    pre = loaded.preprocess
+    if arch is not None and loaded.kind != "torch":  # a whole-model file with --arch: the arch's input
+        pre = REGISTRY[arch].preprocess if input_size is None else replace(REGISTRY[arch].preprocess,
+                                                                          input_size=tuple(input_size))
+    channels = pre.input_size[0]
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None:
+            if len(values) != channels or (name == "std" and min(values) <= 0):
+                raise ModelError(f"--{name} {','.join(map(str, values))}: expected {channels} "
+                                 f"{'positive ' if name == 'std' else ''}numbers, one per input channel")
+            pre = replace(pre, **{name: tuple(float(v) for v in values)})
+    if channels != len(pre.mean) and mean is None and std is None:  # a grey model without --mean/--std
+        pre = replace(pre, mean=(float(np.mean(pre.mean)),) * channels, std=(float(np.mean(pre.std)),) * channels)
+    if resize is not None:
+        pre = replace(pre, resize_short=None if str(resize).lower() in ("none", "0") else int(resize))
+    if pre.resize_short is not None and pre.resize_short < min(pre.input_size[1:]):
+        raise ModelError(f"--resize {pre.resize_short}: the short side must be at least the input's "
+                         f"{min(pre.input_size[1:])} pixels (the crop is taken from it)")
+    return replace(loaded, preprocess=pre)
+
+
+def describe_input(pre: Preprocess, given: set) -> str:
+    """The one line export prints about how images become the input, saying what was assumed."""
+    c, h, w = pre.input_size
+    resize = (f"short side resized to {pre.resize_short}, centre crop {h}x{w}" if pre.resize_short else
+              f"resized to {h}x{w}")
+    assumed = [name for name in ("mean", "std", "resize") if name not in given]
+    return (f"input: {'RGB' if c == 3 else 'grey' if c == 1 else f'{c}-channel'} {h}x{w}, {resize}, mean "
+            f"{list(pre.mean)}, std {list(pre.std)}" + (f" (assumed: {', '.join(assumed)}; set --{' / --'.join(assumed)} "
+                                                        "if your model was trained otherwise)" if assumed else ""))
+
+
+def _load_model(path: str, arch: str | None, input_size, trust_pickle: bool, pretrained: bool) -> LoadedModel:
     if arch is not None and arch not in REGISTRY:
-        raise ScaleCertError(f"unknown --arch {arch!r}; known: {', '.join(sorted(REGISTRY))}")
+        raise ModelError(f"unknown --arch {arch!r}; known: {', '.join(sorted(REGISTRY))}")
     if pretrained:
         if arch is None or REGISTRY[arch].pretrained_path is None:
             with_weights = [n for n, a in REGISTRY.items() if a.pretrained_path is not None]
-            raise ScaleCertError(f"--pretrained needs --arch with shipped weights: {', '.join(with_weights)}")
+            raise ModelError(f"--pretrained needs --arch with shipped weights: {', '.join(with_weights)}")
         try:
             path = REGISTRY[arch].pretrained_path()
         except FileNotFoundError as exc:
-            raise ScaleCertError(str(exc)) from None
+            raise ModelError(str(exc)) from None
     if path is None:
-        raise ScaleCertError("no model file given (pass MODEL, or --arch NAME --pretrained)")
+        raise ModelError("no model file given (pass MODEL, or --arch NAME --pretrained)")
     if not os.path.exists(path):
-        raise ScaleCertError(f"{path}: no such file")
+        raise ModelError(f"{path}: no such file")
     if os.path.isdir(path):
-        raise ScaleCertError(f"{path}: is a directory, expected a model file")
+        raise ModelError(f"{path}: is a directory, expected a model file")
     if os.path.getsize(path) == 0:
-        raise ScaleCertError(f"{path}: empty file")
+        raise ModelError(f"{path}: empty file")
 
     def with_size(pre: Preprocess) -> Preprocess:
         return pre if input_size is None else replace(pre, input_size=tuple(input_size))
@@ -151,12 +194,12 @@ def load_model(path: str, arch: str | None = None, input_size: tuple[int, int, i
         try:
             program = torch.export.load(path)
         except Exception as exc:  # noqa: BLE001
-            raise ScaleCertError(f"{path}: cannot read torch.export archive ({type(exc).__name__})") from None
+            raise ModelError(f"{path}: cannot read torch.export archive ({type(exc).__name__})") from None
         size = input_size
         if size is None and program.example_inputs:
             size = tuple(program.example_inputs[0][0].shape[1:])
         if size is None:
-            raise ScaleCertError(f"{path}: archive holds no example input; pass --input-size")
+            raise ModelError(f"{path}: archive holds no example input; pass --input-size")
         return LoadedModel("exported", program, _default_preprocess(size), arch, path)
     if any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names):
         import torch
@@ -164,7 +207,7 @@ def load_model(path: str, arch: str | None = None, input_size: tuple[int, int, i
         try:
             module = torch.jit.load(path, map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001
-            raise ScaleCertError(f"{path}: cannot read TorchScript archive ({type(exc).__name__})") from None
+            raise ModelError(f"{path}: cannot read TorchScript archive ({type(exc).__name__})") from None
         return LoadedModel("torchscript", module, _default_preprocess(input_size or (3, 224, 224)), arch, path)
     if arch is not None:
         model, record = _load_checkpoint(path, arch, trust_pickle)
@@ -179,12 +222,12 @@ def _load_pickled_module(path, input_size, trust_pickle) -> LoadedModel:
         _safe_load(path)
     except _PickledObjects:
         if not trust_pickle:
-            raise ScaleCertError(f"{path}: {PICKLE_REFUSED} and use --arch") from None
+            raise ModelError(f"{path}: {PICKLE_REFUSED} and use --arch") from None
         module = _unpickle(path)
     else:
-        raise ScaleCertError(f"{path}: a state_dict checkpoint; pass --arch NAME to say which architecture it fits")
+        raise ModelError(f"{path}: a state_dict checkpoint; pass --arch NAME to say which architecture it fits")
     if not isinstance(module, torch.nn.Module):
-        raise ScaleCertError(f"{path}: unpickled a {type(module).__name__}, not an nn.Module")
+        raise ModelError(f"{path}: unpickled a {type(module).__name__}, not an nn.Module")
     return LoadedModel("torch", module.eval(), _default_preprocess(input_size or (3, 224, 224)), None, path)
 
 
@@ -195,13 +238,13 @@ def _load_onnx(path: str, input_size) -> LoadedModel:
         model = onnx.load(path)
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001
-        raise ScaleCertError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+        raise ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
     graph_inputs = [i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
     if len(graph_inputs) != 1 or len(model.graph.output) != 1:
-        raise ScaleCertError(f"{path}: expected one image input and one logits output")
+        raise ModelError(f"{path}: expected one image input and one logits output")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in graph_inputs[0].type.tensor_type.shape.dim]
     if input_size is None:
         if len(dims) != 4 or None in dims[1:]:
-            raise ScaleCertError(f"{path}: input shape {dims} is not static NCHW; pass --input-size")
+            raise ModelError(f"{path}: input shape {dims} is not static NCHW; pass --input-size")
         input_size = tuple(dims[1:])
     return LoadedModel("onnx", model, _default_preprocess(input_size), None, path)

@@ -60,12 +60,35 @@ def choose_stride(spec: str, window_hw, feature_hw, budget: int) -> int:
     return max(feature_hw)
 
 
+def budget_stride(model: ir.Model, layer: Layer, window_hw, budget: float, window_budget: int, filled: bool) -> int:
+    """The smallest stride whose plan costs at most `budget` full-model forwards per image (the prefix,
+    then the base and every window through the suffix, the occlusion counted in) with at most
+    `window_budget` windows; the largest stride when none does. MACs estimated from the graph."""
+    from scalecert.export.stats import graph_stats, prefix_macs_by_value
+
+    full = max(1, graph_stats(model)["macs"])
+    prefix = prefix_macs_by_value(model).get(layer.name, 0)
+    row = max(0, full - prefix) + occlusion_macs(layer, filled and layer.index > 0)
+    feature_hw = layer.shape[1:]
+    for stride in range(1, max(feature_hw) + 1):
+        n = geometry.count_windows(window_hw, stride, feature_hw)
+        if n <= window_budget and (prefix + (1 + n) * row) / full <= budget:
+            return stride
+    return max(feature_hw)
+
+
 def plan_split(model: ir.Model, image_hw, patch_hw, layer_spec: str, stride_spec: str, window_budget: int,
-               max_growth: float) -> SplitPlan:
+               max_growth: float, budget: float | None = None, filled: bool = False) -> SplitPlan:
+    """The geometric split (no calibration images): the layer by `choose_layer`; the stride as given,
+    else the smallest within `budget` full forwards per image (and `window_budget` windows), else
+    (budget None) the smallest with at most `window_budget` windows."""
     layer = choose_layer(list_layers(model), layer_spec, patch_hw, image_hw, max_growth, model=model)
     feature_hw = layer.shape[1:]
     window_hw = geometry.window_size(patch_hw, image_hw, (layer.rf.y, layer.rf.x), feature_hw)
-    stride = choose_stride(stride_spec, window_hw, feature_hw, window_budget)
+    if stride_spec == "auto" and budget is not None:
+        stride = budget_stride(model, layer, window_hw, budget, window_budget, filled)
+    else:
+        stride = choose_stride(stride_spec, window_hw, feature_hw, window_budget)
     return SplitPlan(layer, tuple(patch_hw), tuple(image_hw), tuple(window_hw), stride,
                      geometry.window_family(window_hw, stride, feature_hw))
 

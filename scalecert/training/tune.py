@@ -275,6 +275,7 @@ def _save(path: str, payload: dict) -> None:
     import torch
 
     tmp = path + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(payload, tmp)
     os.replace(tmp, path)
 
