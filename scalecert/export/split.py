@@ -120,7 +120,8 @@ class OcclusionSuffix(ir.passes.InPlacePass):
 
         rects = op("Reshape", [windows_in, add_constant(graph, "window_rects_shape", np.array([0, -1, 4], np.int64))],
                    "window_rects")  # (B, R, 4)
-        y0, x0, y1, x1 = op("Split", [rects], "window_bounds", n_out=4, axis=2, num_outputs=4)  # (B, R, 1) each
+        y0, x0, y1, x1 = op("Split", [rects], "window_bounds", n_out=4, axis=2,  # (B, R, 1) each; before opset 18
+                            **({"num_outputs": 4} if opset >= 18 else {}))  # the outputs' count says equal parts
         rows = add_constant(graph, "window_rows", np.arange(fh, dtype=np.int64).reshape(1, 1, fh))
         cols = add_constant(graph, "window_cols", np.arange(fw, dtype=np.int64).reshape(1, 1, fw))
         one = add_constant(graph, "mask_one", np.array(1.0, np.float32))
