@@ -893,27 +893,26 @@ def campaign(seed: int, graphs: int, refuse_share: float = 0.25) -> list[Case]:
 # --- mutations for the negative controls ---------------------------------------------------------------
 
 
-def strip_conv_dilations(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The pass ignores Conv dilations."""
+def _strip_attribute(model: onnx.ModelProto, op_type: str, name: str, keep_outputs: int | None = None):
     model = copy.deepcopy(model)
     for node in model.graph.node:
-        if node.op_type == "Conv":
-            keep = [a for a in node.attribute if a.name != "dilations"]
+        if node.op_type == op_type:
+            keep = [a for a in node.attribute if a.name != name]
             del node.attribute[:]
             node.attribute.extend(keep)
+            if keep_outputs is not None:
+                del node.output[keep_outputs:]
     return model
+
+
+def strip_conv_dilations(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The pass ignores Conv dilations."""
+    return _strip_attribute(model, "Conv", "dilations")
 
 
 def strip_bn_training(model: onnx.ModelProto) -> onnx.ModelProto:
     """The pass ignores BatchNormalization's training_mode."""
-    model = copy.deepcopy(model)
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization":
-            keep = [a for a in node.attribute if a.name != "training_mode"]
-            del node.attribute[:]
-            node.attribute.extend(keep)
-            del node.output[1:]
-    return model
+    return _strip_attribute(model, "BatchNormalization", "training_mode", keep_outputs=1)
 
 
 def unclamp_slice_starts(model: onnx.ModelProto) -> onnx.ModelProto:
