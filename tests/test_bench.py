@@ -8,7 +8,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from conftest import cifar_files, export, run_cli
+from conftest import cifar_files, in_process, run_cli
 from scalecert.core import geometry
 from scalecert.evaluation.baseline import PixelMaskingBaseline, mask_set, mask_stride
 from scalecert.export.loading import load_model
@@ -50,21 +50,21 @@ def test_identity_prefix_certifies_exactly_the_baseline_images(tiny_identity_bun
     assert len({r.label for r in ours}) > 1
 
 
-def test_bench_end_to_end_report_schema(tmp_path_factory, tiny_checkpoint):
+def test_bench_end_to_end_report_schema(tmp_path_factory, tiny_pruned_bundle, tiny_checkpoint, capsys):
+    """The command (in this process) on tiny_pruned_bundle (relu, stride 3, calibrated gate): a
+    sweep of rates and strides, both baselines, the report file, the plot and --json."""
     data = tmp_path_factory.mktemp("bench_data")
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         os.makedirs(data / cls)
         for i in range(3):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / cls / f"{i}.png")
-    bundle = export(tmp_path_factory, "benchb", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5",
-                    "--layer", "relu", "--stride", "3", "--calib", str(data))
     report_path, plot_path = str(data / "report.json"), str(data / "plot.png")
-    proc = run_cli("scalecert", "bench", bundle, "--data", str(data), "--prune-rate", "0,0.3", "--stride", "3,6",
-                   "--baseline", "--baseline-engine", "both", "--model", tiny_checkpoint, "--arch", "resnet20-cifar",
-                   "--report", report_path, "--plot", plot_path, "--json")
-    assert proc.returncode == 0, proc.stderr
+    in_process("bench", tiny_pruned_bundle, "--data", str(data), "--prune-rate", "0,0.3", "--stride", "3,6",
+               "--baseline", "--baseline-engine", "both", "--model", tiny_checkpoint, "--arch", "resnet20-cifar",
+               "--report", report_path, "--plot", plot_path, "--json")
     report = json.load(open(report_path))
+    assert json.loads(capsys.readouterr().out) == report
     assert report["schema"] == "scalecert-bench/1"
     assert len(report["configs"]) == 4 and set(report["baseline"]) == {"torch", "ort"}
     keys = {"images", "clean_accuracy", "certified_accuracy", "false_alert_rate", "accuracy_non_alerted",

@@ -96,8 +96,7 @@ def test_bench_sweeps_precisions(built, tmp_path, photo_dir):
     with open(data / "labels.csv", "w") as f:
         f.write("file,index\n" + "".join(f"{name}.png,{i}\n" for i, name in enumerate(PHOTOS)))
     report_path = str(tmp_path / "report.json")
-    run_cli("scalecert", "bench", built, "--data", str(data), "--precision", "fp32,int8", "--report", report_path,
-            "--json", check=True)
+    in_process("bench", built, "--data", str(data), "--precision", "fp32,int8", "-o", report_path, "--quiet")
     report = json.load(open(report_path))
     assert [c["precision"] for c in report["configs"]] == ["fp32", "int8"]
     assert all(c["images"] == 4 for c in report["configs"])

@@ -16,7 +16,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import R20, cifar_files, export
+from conftest import R20, export, real_cifar_files
 from scalecert.bundle import Bundle
 from scalecert.bundle import manifest as manifest_io
 from scalecert.core.margin import delta_from_spread, measure_logit_spread
@@ -39,7 +39,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not _cuda_ep(), reason="needs 
 @pytest.fixture(scope="module")
 def gpu_bundle(tmp_path_factory, request):
     """$SCALECERT_GPU_BUNDLE (a bundle exported elsewhere: no torch needed here), else ResNet-20
-    exported from ../shared, else the seeded random ResNet-20 (conftest's tiny_checkpoint)."""
+    exported from ../shared, else the seeded random ResNet-20 (a copy of conftest's tiny_bundle)."""
     given = os.environ.get("SCALECERT_GPU_BUNDLE")
     if given:
         out = str(tmp_path_factory.mktemp("gpu") / "bundle")
@@ -48,15 +48,16 @@ def gpu_bundle(tmp_path_factory, request):
     pytest.importorskip("torch", reason="exporting a bundle needs torch; or set SCALECERT_GPU_BUNDLE")
     if os.path.exists(R20):
         return export(tmp_path_factory, "gpu-r20", R20, "--arch", "resnet20-cifar", "--patch", "5")
-    return export(tmp_path_factory, "gpu-tiny", request.getfixturevalue("tiny_checkpoint"), "--arch", "resnet20-cifar",
-                  "--patch", "5")
+    out = str(tmp_path_factory.mktemp("gpu") / "bundle")  # tiny_bundle, copied: the tests build into it
+    shutil.copytree(request.getfixturevalue("tiny_bundle"), out)
+    return out
 
 
 @pytest.fixture(scope="module")
 def pixels(gpu_bundle):
     spec = manifest_io.read(gpu_bundle)["input"]
     try:
-        return np.stack([load_image(p, spec) for p in cifar_files(5)])
+        return np.stack([load_image(p, spec) for p in real_cifar_files(5)])
     except pytest.skip.Exception:
         _, h, w = spec["input_size"]
         return np.random.default_rng(0).integers(0, 256, (40, h, w, 3), dtype=np.uint8)

@@ -20,7 +20,7 @@ from scalecert.core.decision import top2_margin
 import attack_harness as attack
 from scalecert.runtime import Certifier
 from scalecert.runtime.recovery import Recoverer
-from test_soundness import POSITIONS_5x5_32, _report, _target_data, _trained_tiny_cnn
+from test_soundness import POSITIONS_5x5_32, _report, _target_data
 
 
 # -- geometry -------------------------------------------------------------------------------------
@@ -74,14 +74,15 @@ def test_pair_rows_zero_the_union_and_single_rows_are_unchanged(tiny_bundle):
 
 # -- a tiny CNN (the one tests/test_soundness.py trains) exported for recovery ---------------------
 @pytest.fixture(scope="module")
-def tiny_recovery(tmp_path_factory):
-    """(bundle, TorchReference, images, labels, names): the tiny CNN of test_soundness (same seed,
-    same data), exported with --stride 8 (16 windows, 136 pairs) and --mode recover."""
+def tiny_recovery(tmp_path_factory, trained_tiny_cnn):
+    """(bundle, TorchReference, images, labels, names): the tiny CNN of test_soundness (the same
+    trained model, conftest's trained_tiny_cnn), exported with --stride 8 (16 windows, 136 pairs)
+    and --mode recover."""
 
     from scalecert.export.loading import load_model
     from scalecert.training.reference import TorchReference
 
-    path = _trained_tiny_cnn(tmp_path_factory, "tinycnn-rec")
+    path = trained_tiny_cnn
     bundle = export(tmp_path_factory, "tinycnn-recovery", path, "--input-size", "3x32x32", "--patch", "5",
                     "--layer", "auto", "--stride", "8", "--mode", "recover")
     reference = TorchReference(load_model(path, input_size=(3, 32, 32)), bundle)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import cifar_files, run_cli
+from conftest import cifar_files, in_process, run_cli
 from scalecert.core import geometry
 from scalecert.evaluation.baseline import PatchCleanserBaseline, mask_set, rect_masked_batch
 from scalecert.export.loading import load_model
@@ -123,7 +123,7 @@ def test_identity_prefix_recovers_and_certifies_as_patchcleanser(tiny_identity_b
             assert (a.label, a.case, a.certified) == (b.verdict.label, b.verdict.case, b.certified)
 
 
-def test_bench_recover_report(tmp_path, tiny_bundle, tiny_checkpoint, photo_dir):
+def test_bench_recover_report(tmp_path, tiny_bundle, tiny_checkpoint, photo_dir, capsys):
     from PIL import Image
 
     data = tmp_path / "data"
@@ -131,10 +131,10 @@ def test_bench_recover_report(tmp_path, tiny_bundle, tiny_checkpoint, photo_dir)
         os.makedirs(data / f"c{k}")
         Image.open(os.path.join(photo_dir, name)).convert("RGB").resize((32, 32)).save(data / f"c{k}" / "a.png")
     report_path = tmp_path / "r.json"
-    proc = run_cli("scalecert", "bench", tiny_bundle, "--mode", "recover", "--data", data, "--baseline",
-                   "--baseline-engine", "both", "--model", tiny_checkpoint, "--arch", "resnet20-cifar",
-                   "--timing-images", "1", "--threads", "1", "-o", report_path)
-    assert proc.returncode == 0, proc.stderr
+    in_process("bench", tiny_bundle, "--mode", "recover", "--data", data, "--baseline",  # the report, in this process
+               "--baseline-engine", "both", "--model", tiny_checkpoint, "--arch", "resnet20-cifar",
+               "--timing-images", "1", "--threads", "1", "-o", report_path)
+    stdout = capsys.readouterr().out
     report = json.loads(report_path.read_text())
     assert report["mode"] == "recover" and set(report["baseline"]) == {"torch", "ort"}
     for row in [*report["recovery"].values(), *report["baseline"].values()]:
@@ -144,7 +144,7 @@ def test_bench_recover_report(tmp_path, tiny_bundle, tiny_checkpoint, photo_dir)
         assert row["fast_path_ms"]["n"] == row["certification_ms"]["n"] == 1  # --timing-images 1
     assert report["baseline"]["torch"]["recovered_accuracy"] == report["baseline"]["ort"]["recovered_accuracy"]
     assert set(report["ratios"]) == {"vs_torch", "vs_ort"}
-    assert "certification" in proc.stdout and "PatchCleanser torch" in proc.stdout
+    assert "certification" in stdout and "PatchCleanser torch" in stdout
 
     bad = run_cli("scalecert", "bench", tiny_bundle, "--mode", "recover", "--data", data, "--precision", "int8")
     assert bad.returncode != 0 and "--mode recover takes no" in bad.stderr and "Traceback" not in bad.stderr

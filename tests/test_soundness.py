@@ -19,7 +19,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, cifar_files, export, in_process, need, skimage_photos
+from conftest import CIFAR_TEST, CIFAR_TRAIN, R20, export, in_process, need, real_cifar_files, skimage_photos
 from scalecert.core import geometry
 import attack_harness as attack
 from scalecert.runtime import Certifier
@@ -114,7 +114,7 @@ def _train_data():
 def _target_data():
     """CIFAR-10 test images when ../shared has them, else photo crops (the test never skips)."""
     if os.path.isdir(CIFAR_TEST):
-        files = cifar_files(6)
+        files = real_cifar_files(6)
         images, labels = _read(files)
         return images, labels, [os.path.relpath(f, CIFAR_TEST) for f in files]
     images, labels = _crops(skimage_photos(), 15, seed=2)
@@ -148,13 +148,14 @@ def _trained_tiny_cnn(tmp_path_factory, folder: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(bundle, TorchReference, images, labels, names) for a tiny CNN trained for ~300 steps."""
+def tiny(tmp_path_factory, trained_tiny_cnn):
+    """(bundle, TorchReference, images, labels, names) for a tiny CNN trained for ~300 steps
+    (conftest's trained_tiny_cnn: _trained_tiny_cnn, once per run)."""
 
     from scalecert.export.loading import load_model
     from scalecert.training.reference import TorchReference
 
-    path = _trained_tiny_cnn(tmp_path_factory, "tinycnn")
+    path = trained_tiny_cnn
     bundle = export(tmp_path_factory, "tinycnn-bundle", path, "--input-size", "3x32x32", "--patch", "5",
                     "--layer", "auto")
     reference = TorchReference(load_model(path, input_size=(3, 32, 32)), bundle)
@@ -193,7 +194,7 @@ def test_tiny_cnn_attacked_everywhere_never_certified_wrong(tiny):
 
 # -- (ii) pretrained ResNet-20, dense gates ------------------------------------------------------
 def _cifar_targets(per_class: int):
-    files = cifar_files(per_class)
+    files = real_cifar_files(per_class)
     images, labels = _read(files)
     return images, labels, [os.path.relpath(f, CIFAR_TEST) for f in files]
 

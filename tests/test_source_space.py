@@ -90,9 +90,11 @@ def test_computed_reach_matches_perturbation_scan(sources, spec_name, source):
     print(f"\n[scan {spec_name} {source}] rows {rows[0]} cols {rows[1]} pixels {px}")
 
 
+@pytest.mark.slow
 def test_imagenet_photos_at_native_size_scan_inside_the_reach():
     """ImageNet sample photos (../shared) at their own sizes through the EfficientNet preprocessing:
-    every 7th row and column, and single pixels, change nothing outside the computed reach."""
+    every 7th row and column, and single pixels, change nothing outside the computed reach. (The
+    default run scans scikit-image's photos at native and other sizes the same way, above.)"""
     from conftest import IMAGENET as IMAGENET_DIR
     from conftest import need
 
@@ -144,22 +146,39 @@ def test_cropped_region_is_unconstrained_and_reported(sources):
 
 
 # -- attacks in source pixels through the real runtime ---------------------------------------------
-@pytest.fixture(scope="module")
-def cifar_sources(tmp_path_factory) -> dict[str, str]:
-    """CIFAR-10 test photos (../shared) resized and cropped to other sizes and aspect ratios, as
-    PNG files: what a CIFAR-style bundle sees from a camera that is not 32x32."""
-    from conftest import cifar_files
-
-    folder = tmp_path_factory.mktemp("cifar-sources")
+def _resized_sources(files: list[str], folder) -> dict[str, str]:
+    """32x32 CIFAR-shaped images resized and cropped to other sizes and aspect ratios, as PNG files:
+    what a CIFAR-style bundle sees from a camera that is not 32x32."""
     shapes = [(64, 64), (72, 96), (56, 40), (24, 28), (48, 48), (96, 128)]
     out = {}
-    for k, path in enumerate(cifar_files(1, offset=3)):
+    for k, path in enumerate(files):
         h, w = shapes[k % len(shapes)]
         img = Image.open(path).convert("RGB")
         img = img.crop((2, 2, 30, 26)) if (h, w) == (24, 28) else img.resize((w, h), Image.BILINEAR)
         out[f"{os.path.basename(os.path.dirname(path))}-{h}x{w}"] = str(folder / f"{k}-{h}x{w}.png")
         img.save(out[f"{os.path.basename(os.path.dirname(path))}-{h}x{w}"])
     return out
+
+
+@pytest.fixture(scope="module")
+def cifar_sources(tmp_path_factory) -> dict[str, str]:
+    """The generated CIFAR-shaped filler (conftest.cifar_files), one per class, at other sizes."""
+    from conftest import cifar_files
+
+    return _resized_sources(cifar_files(1, offset=3), tmp_path_factory.mktemp("cifar-sources"))
+
+
+@pytest.fixture(scope="module")
+def real_cifar_sources(tmp_path_factory) -> dict[str, str]:
+    """CIFAR-10 test photos (../shared), one per class, at other sizes (for the pretrained ResNet-20)."""
+    from conftest import real_cifar_files
+
+    return _resized_sources(real_cifar_files(1, offset=3), tmp_path_factory.mktemp("real-cifar-sources"))
+
+
+# the random-weight ResNet-20 on generated images; the pretrained one on real CIFAR-10 under -m slow
+CIFAR_ATTACKS = [("tiny_bundle", "cifar_sources"),
+                 pytest.param("r20_bundle", "real_cifar_sources", marks=pytest.mark.slow)]
 
 
 def _attack_sources(bundle, sources, names, rng_seed=0, per_edge=6, random=12):
@@ -205,23 +224,27 @@ def test_source_patches_at_the_bound_never_certified_wrong_tiny(tiny_bundle, sou
     assert t["attacked"] == t["certified_same"] + t["uncertified_same"] + t["alert"]
 
 
-def test_source_patches_at_the_bound_never_certified_wrong_resnet20(r20_bundle, cifar_sources):
-    tally, n, counts = _attack_sources(r20_bundle, cifar_sources, list(cifar_sources), per_edge=4, random=6)
-    _report("resnet20 source-space", tally, counts)
+@pytest.mark.parametrize("bundle_fixture, sources_fixture", CIFAR_ATTACKS)
+def test_source_patches_at_the_bound_never_certified_wrong_resnet20(bundle_fixture, sources_fixture, request):
+    bundle, cifar_sources = request.getfixturevalue(bundle_fixture), request.getfixturevalue(sources_fixture)
+    tally, n, counts = _attack_sources(bundle, cifar_sources, list(cifar_sources), per_edge=4, random=6)
+    _report(f"{bundle_fixture} source-space", tally, counts)
     assert n >= 2, counts
     t = tally.totals()
     assert t["violations"] == 0, tally.violations[:2]
     assert t["alert"] > 0, "no source patch raised an alert: the attacks are too weak to mean anything"
 
 
-def test_negative_control_whole_source_donor_is_counted(r20_bundle, cifar_sources):
+@pytest.mark.parametrize("bundle_fixture, sources_fixture", CIFAR_ATTACKS)
+def test_negative_control_whole_source_donor_is_counted(bundle_fixture, sources_fixture, request):
     """The harness does count violations: a 'patch' as large as the source (another photo) is
     far past the bound and turns some certified label into another, certified."""
     from scalecert.runtime import Certifier
 
-    sources, names = cifar_sources, list(cifar_sources)
+    sources = request.getfixturevalue(sources_fixture)
+    names = list(sources)
     tally = attack.Tally()
-    with Certifier.load(r20_bundle, threads=1) as cert:
+    with Certifier.load(request.getfixturevalue(bundle_fixture), threads=1) as cert:
         for name in names:
             result = cert.certify(sources[name])
             if result.status != "certified":

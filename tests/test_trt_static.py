@@ -343,7 +343,11 @@ def test_build_engines_needs_tensorrt_and_a_gpu(tiny_bundle, tmp_path):
         # the suffix's ONNX pass and support check ran before the GPU was needed; nothing for the prefix
         assert os.path.isfile(os.path.join(work, "suffix.fp32.trt.onnx"))
         assert not os.path.exists(os.path.join(work, "prefix.fp32.trt.onnx"))
-        pytest.skip(f"needs TensorRT and an NVIDIA GPU: {message}")
+        import importlib.util
+
+        # with TensorRT installed only a missing GPU excuses the refusal
+        assert importlib.util.find_spec("tensorrt") is None or "CUDA" in message or "GPU" in message, message
+        return  # what a machine without TensorRT or a GPU can check: the one-line refusal, after the suffix's pass
     assert os.path.isfile(os.path.join(work, entry["suffix"])) and "prefix" not in entry
     assert entry["profiles"]["suffix"]["windows"]["max"] == [64, 8] and entry["precision"] == "fp32"  # pairs fit
 

@@ -54,17 +54,17 @@ def test_checkpoint_is_a_plain_state_dict_with_its_record(tuned, tiny_checkpoint
     assert not torch.equal(data["state_dict"]["conv1.weight"], start["conv1.weight"]), "tuning changed nothing"
 
 
-def test_tune_keeps_its_input_when_training_hurts(tuned, tmp_path, photo_folder):
+def test_tune_keeps_its_input_when_training_hurts(tuned, tmp_path, photo_folder, capsys):
     """A learning rate that wrecks the weights: validation runs before the first epoch, no epoch
     beats the input, and the output holds the input's weights unchanged (one line says so)."""
     import torch
 
     out = str(tmp_path / "hurt.pt")
-    proc = run_cli("scalecert", "tune", tuned, "--data", photo_folder, "--epochs", "1", "--lr", "1000", "-o", out,
-                   *[a for a in TUNE_ARGS if a != "--quiet"])
-    assert proc.returncode == 0, proc.stderr
-    assert "no epoch beat the input on validation" in proc.stdout
-    assert "warning: 3 validation images are too few" in proc.stdout
+    in_process("tune", tuned, "--data", photo_folder, "--epochs", "1", "--lr", "1000", "-o", out,
+               *[a for a in TUNE_ARGS if a != "--quiet"])
+    said = capsys.readouterr().out
+    assert "no epoch beat the input on validation" in said
+    assert "warning: 3 validation images are too few" in said
     kept = torch.load(out, map_location="cpu", weights_only=True)
     start = torch.load(tuned, map_location="cpu", weights_only=True)["state_dict"]
     assert kept["scalecert_tune"]["epoch"] == 0
@@ -113,7 +113,7 @@ def test_tuned_checkpoint_exports_with_its_gate_and_certifies(tuned, tmp_path, p
     assert result.status in ("certified", "alert") and result.windows_total == len(windows)
 
 
-def test_resume_continues_from_the_last_epoch(tmp_path, photo_folder, tiny_checkpoint):
+def test_resume_continues_from_the_last_epoch(tmp_path, photo_folder, tiny_checkpoint, capsys):
     import torch
 
     out = str(tmp_path / "r.pt")
@@ -122,9 +122,10 @@ def test_resume_continues_from_the_last_epoch(tmp_path, photo_folder, tiny_check
                    "--resume", *TUNE_ARGS)
     lines = proc.stderr.strip().splitlines()  # epochs changed the schedule: refused
     assert proc.returncode == 2 and len(lines) == 1 and "r.pt.last: was written with other settings" in lines[0], proc.stderr
-    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out,
-                   "--resume", *[a for a in TUNE_ARGS if a != "--quiet"], check=True)
-    assert "resumed" in proc.stdout
+    capsys.readouterr()
+    in_process("tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "-o", out,
+               "--resume", *[a for a in TUNE_ARGS if a != "--quiet"])
+    assert "resumed" in capsys.readouterr().out
     last = torch.load(out + ".last", weights_only=True)
     assert last["epoch"] == 1 and len(last["history"]) == 2
 

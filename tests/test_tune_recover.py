@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import in_process, run_cli
 from test_tune import TUNE_ARGS, photo_folder  # noqa: F401  (the module-scoped fixture)
 
 
@@ -44,17 +44,15 @@ def test_recover_copies_zero_one_window_and_unions_of_two_distinct_windows(tiny_
 
 @pytest.mark.slow
 def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hurts(tmp_path, photo_folder,
-                                                                                   tiny_checkpoint):
+                                                                                   tiny_checkpoint, capsys):
     """One epoch that learns on three rows per image (clean, one window, two windows) and validates
     certified recovery; then an epoch at a learning rate that wrecks the weights keeps its input."""
     import torch
 
     args = [a for a in TUNE_ARGS if a != "--quiet"]
     out = str(tmp_path / "recover.pt")
-    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "--for", "recover",
-                   "-o", out, *args)
-    assert proc.returncode == 0, proc.stderr
-    assert "certified recovery" in proc.stdout
+    in_process("tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "--for", "recover", "-o", out, *args)
+    assert "certified recovery" in capsys.readouterr().out
     record = torch.load(out + ".last", map_location="cpu", weights_only=True)
     trained = record["history"][-1]
     assert trained["rows_per_image"] == pytest.approx(3.0)  # the clean image, one window, a pair
@@ -62,16 +60,14 @@ def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hur
     assert record["settings"]["target"] == "recover"
 
     bundle = tmp_path / "recover.scalecert"  # export reads the target: a recovery bundle by default
-    proc = run_cli("scalecert-export", out, "--arch", "resnet20-cifar", "-o", str(bundle), "--quiet")
-    assert proc.returncode == 0, proc.stderr
+    in_process("export", out, "--arch", "resnet20-cifar", "-o", str(bundle), "--quiet")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["decision"]["mode"] == "recover"
 
     hurt = str(tmp_path / "hurt.pt")
-    proc = run_cli("scalecert", "tune", out, "--data", photo_folder, "--epochs", "1", "--for", "recover",
-                   "--lr", "1000", "-o", hurt, *args)
-    assert proc.returncode == 0, proc.stderr
-    assert "no epoch beat the input on validation" in proc.stdout
+    in_process("tune", out, "--data", photo_folder, "--epochs", "1", "--for", "recover", "--lr", "1000", "-o", hurt,
+               *args)
+    assert "no epoch beat the input on validation" in capsys.readouterr().out
     kept = torch.load(hurt, map_location="cpu", weights_only=True)
     start = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
     assert kept["scalecert_tune"]["epoch"] == 0
