@@ -106,8 +106,9 @@ def test_int8_below_the_floor_is_refused_unless_accepted(tmp_path, tiny_bundle, 
     """The variant is compared with fp32 on the calibration images (base and every window); below
     the agreement floor (here raised to 100% so that any flip counts) build refuses in one line and
     leaves the bundle as it was, after trying every float step; --accept-loss keeps it and says so."""
-    bundle = str(tmp_path / "b")
-    shutil.copytree(tiny_bundle, bundle)
+    from scalecert.compile.variants import derive
+
+    bundle = derive(tiny_bundle, str(tmp_path / "b"), stride=1)  # every window position: some int8 flip to see
     before = open(os.path.join(bundle, "manifest.json")).read()
     proc = run_cli("scalecert", "build", bundle, "--precision", "int8", "--calib", photo_dir, "--min-agreement", "1")
     lines = proc.stderr.strip().splitlines()

@@ -259,8 +259,8 @@ FAILURES = {
     # output paths
     "output-exists": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("already exists", "--force"),
                           setup=_existing_bundle),
-    "output-parent-missing": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("cannot write there",),
-                                  output=lambda d: d / "no" / "such" / "b"),
+    "output-under-a-file": Case(lambda f, d: [f["model.onnx"], "--patch", "5"], ("is a file, not a folder",),
+                                output=lambda d: d / "no" / "such" / "b", setup=lambda d: (d / "no").write_text("x")),
 }
 
 SUCCESSES = {

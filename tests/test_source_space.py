@@ -272,7 +272,7 @@ def test_certify_reports_source_patch_and_refuses_uncoverable(tiny_bundle, sourc
     assert "source patch HxW" in table.stdout and "of 240x320" in table.stdout
     ok = run_cli("scalecert", "certify", tiny_bundle, files[0], "--json", "--source-patch", "20x30")
     assert ok.returncode == 0 and json.loads(ok.stdout)["source"]["requested_patch"] == [20, 30]
-    for bad, words in (("2x", "expected N, HxW or P%"), ("50%", "export with --patch"), ("999", "does not fit")):
+    for bad, words in (("2x", "expected N, HxW or P%"), ("50%", "needs a bundle exported for"), ("999", "does not fit")):
         proc = run_cli("scalecert", "certify", tiny_bundle, *files, "--source-patch", bad)
         assert proc.returncode != 0 and proc.stdout == "", (bad, proc.stdout)
         lines = proc.stderr.strip().splitlines()

@@ -160,8 +160,8 @@ BAD_INPUT = {  # case -> (arguments, expected message fragment); MODEL, DATA and
                      "nope: no such directory"),
     "unknown arch": (["MODEL", "--arch", "resnet21", "--data", "DATA", "-o", "TMP/o.pt"],
                      "unknown --arch 'resnet21'; known: efficientnet-lite0"),
-    "unwritable output": (["MODEL", "--arch", "resnet20-cifar", "--data", "DATA", "-o", "TMP/no-such-dir/o.pt"],
-                          "o.pt: cannot write there"),
+    "output under a file": (["MODEL", "--arch", "resnet20-cifar", "--data", "DATA", "-o", "MODEL/o.pt"],
+                            "is a file, not a folder"),
     "no model": (["--arch", "resnet20-cifar", "--data", "DATA", "-o", "TMP/o.pt"], "no model file given"),
     "onnx model": (["ONNX", "--arch", "resnet20-cifar", "--data", "DATA", "-o", "TMP/o.pt"],
                    "tune needs a state_dict checkpoint with --arch"),
@@ -173,7 +173,8 @@ def test_bad_input_is_one_line(case, tmp_path, photo_folder, tiny_checkpoint):
     template, expected = BAD_INPUT[case]
     onnx_model = _valid_onnx(tmp_path / "m.onnx") if "ONNX" in template else None
     named = {"MODEL": tiny_checkpoint, "DATA": photo_folder, "ONNX": onnx_model}
-    args = [named.get(a, str(tmp_path) + a[3:] if a.startswith("TMP/") else a) for a in template]
+    args = [named.get(a, str(tmp_path) + a[3:] if a.startswith("TMP/") else
+                      tiny_checkpoint + a[5:] if a.startswith("MODEL/") else a) for a in template]
     proc = run_cli("scalecert", "tune", *args)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

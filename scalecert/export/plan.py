@@ -60,10 +60,12 @@ def choose_stride(spec: str, window_hw, feature_hw, budget: int) -> int:
     return max(feature_hw)
 
 
-def budget_stride(model: ir.Model, layer: Layer, window_hw, budget: float, window_budget: int, filled: bool) -> int:
+def budget_stride(model: ir.Model, layer: Layer, window_hw, budget: float, window_budget: int,
+                  filled: bool) -> int | None:
     """The smallest stride whose plan costs at most `budget` full-model forwards per image (the prefix,
     then the base and every window through the suffix, the occlusion counted in) with at most
-    `window_budget` windows; the largest stride when none does. MACs estimated from the graph."""
+    `window_budget` windows; None when none does (a model too small for the estimate: its occlusion
+    outweighs its convolutions). MACs estimated from the graph."""
     from scalecert.export.stats import graph_stats, prefix_macs_by_value
 
     full = max(1, graph_stats(model)["macs"])
@@ -74,7 +76,7 @@ def budget_stride(model: ir.Model, layer: Layer, window_hw, budget: float, windo
         n = geometry.count_windows(window_hw, stride, feature_hw)
         if n <= window_budget and (prefix + (1 + n) * row) / full <= budget:
             return stride
-    return max(feature_hw)
+    return None
 
 
 def plan_split(model: ir.Model, image_hw, patch_hw, layer_spec: str, stride_spec: str, window_budget: int,
@@ -85,9 +87,10 @@ def plan_split(model: ir.Model, image_hw, patch_hw, layer_spec: str, stride_spec
     layer = choose_layer(list_layers(model), layer_spec, patch_hw, image_hw, max_growth, model=model)
     feature_hw = layer.shape[1:]
     window_hw = geometry.window_size(patch_hw, image_hw, (layer.rf.y, layer.rf.x), feature_hw)
+    stride = None
     if stride_spec == "auto" and budget is not None:
         stride = budget_stride(model, layer, window_hw, budget, window_budget, filled)
-    else:
+    if stride is None:
         stride = choose_stride(stride_spec, window_hw, feature_hw, window_budget)
     return SplitPlan(layer, tuple(patch_hw), tuple(image_hw), tuple(window_hw), stride,
                      geometry.window_family(window_hw, stride, feature_hw))
