@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import MISSING, dataclass, field, fields
 
 from scalecert.errors import BundleError
 
@@ -15,7 +16,44 @@ PRECISIONS = ("fp32", "fp16", "int8")  # the variants a bundle can hold (`scalec
 FP32_FILES = {"prefix": "prefix.onnx", "suffix": "suffix.onnx"}
 MODES = ("detect", "recover")  # manifest["decision"]["mode"]: what `scalecert certify` does by default
 DEFAULT_MODE = "detect"  # manifests written before recovery existed have no mode: they detect
-REQUIRED = ("schema_version", "input", "threat_model", "layer", "windows", "sin", "tensors", "files", "margin")
+
+
+@dataclass
+class Manifest:
+    """Every top-level field of manifest.json (schema 1), typed: the one home of the schema. Export
+    builds one (export/record.py); `build` and derived bundles add `precisions`, `engines`,
+    `doctor`, `derived_from`; code reads a bundle through bundle.Bundle. Sub-fields are documented
+    here and in docs/design.md §5."""
+
+    input: dict  # input_size [C, H, W], resize_short (None: straight to size), mean, std
+    threat_model: dict  # patch [h, w] input pixels, patch_spec, image [h, w], for_source {size, patch, patch_spec}
+    layer: dict  # name, scope, requested, shape [C, H', W'], channels_kept, receptive_field {y, x, size}, max_growth
+    windows: dict  # footprint [h, w], stride, size [h, w], count, budget, fill ("zero" | "blank")
+    sin: dict  # phi, importance, prune_rate, threshold (tau), alpha, threshold_by_rate, dead channels, ...
+    tensors: dict  # prefix/suffix input and output names; suffix windows layout, max_batch (a kept batch of 1)
+    files: dict  # {relative path: {sha256, bytes}} of every file of the bundle
+    margin: dict  # {"<backend>-<precision>": delta}: the numeric margin per engine (docs/design.md §3.6)
+    # {prefix file: {sha256, proof, check}}: the runtime opens only a proven prefix (§3.1); optional when
+    # read, so that a bundle made before it gets the one line that says to re-export (Bundle.proven_prefix)
+    locality: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # the model file: file, path, sha256, kind, arch, pretrained, batch
+    num_classes: int | None = None
+    classes: list | None = None
+    margin_measurement: dict = field(default_factory=dict)  # how each margin was measured
+    stats: dict = field(default_factory=dict)  # params and MACs of full model, prefix, suffix
+    tools: dict = field(default_factory=dict)  # tool_versions() at export
+    created: str = ""
+    plan: dict | None = None  # how the split was chosen: measured (candidates), geometric or given
+    decision: dict | None = None  # threshold T and default mode
+    probes: dict | None = None  # known-answer images and the answers per engine
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+REQUIRED = tuple(f.name for f in fields(Manifest) if f.default is MISSING and f.default_factory is MISSING) + (
+    "schema_version",)
 
 
 def sha256(path: str) -> str:
@@ -84,3 +122,19 @@ def margin_key(backend: str, precision: str) -> str:
     names a backend's known answers in manifest["probes"]["answers"] and its device probes in
     manifest["doctor"]."""
     return f"{backend}-{precision}"
+
+
+def tool_versions() -> dict:
+    """The versions that made (or measured) a bundle: scalecert and the libraries it ran on; the one
+    list the manifest and bench reports record."""
+    import importlib.metadata as md
+
+    from scalecert import __version__
+
+    versions = {"scalecert": __version__}
+    for name in ("torch", "onnx", "onnx-ir", "onnxruntime", "onnxscript", "numpy"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return versions

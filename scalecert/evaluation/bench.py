@@ -98,15 +98,9 @@ def run_baseline(baseline, x_normalised, labels, quiet: bool) -> tuple[dict, np.
 
 
 def _versions() -> dict:
-    import importlib.metadata as md
+    from scalecert.bundle.manifest import tool_versions
 
-    out = {}
-    for name in ("scalecert", "onnxruntime", "onnx", "numpy", "torch"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return out
+    return tool_versions()
 
 
 def _machine() -> dict:

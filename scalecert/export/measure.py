@@ -1,0 +1,67 @@
+"""What export measures on the finished graphs: the numeric margin, the known answers of the probe
+images, the savings of removed channels (all through ONNX Runtime CPU, as the runtime runs them)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx_ir as ir
+
+from scalecert.bundle import manifest as manifest_io
+from scalecert.export.options import Request
+from scalecert.export.plan import SplitPlan
+from scalecert.export.split import build_prefix, build_suffix
+from scalecert.export.stats import graph_stats, with_shapes
+
+
+def removal_savings(model: ir.Model, plan: SplitPlan, phi: str, stats: dict, dense_fill) -> dict:
+    channels = plan.layer.shape[0]
+    dense_prefix = graph_stats(with_shapes(build_prefix(model, plan.layer, np.ones(channels, np.float32), -1.0, phi, False)))
+    dense_suffix = graph_stats(with_shapes(build_suffix(model, plan.layer, channels, fill=dense_fill)))
+    return {"prefix_params": dense_prefix["params"] - stats["prefix"]["params"],
+            "prefix_macs": dense_prefix["macs"] - stats["prefix"]["macs"],
+            "suffix_params": dense_suffix["params"] - stats["suffix"]["params"],
+            "suffix_macs_per_window": dense_suffix["macs"] - stats["suffix"]["macs"]}
+
+
+def measure_margin(work: str, input_spec: dict, calibration, windows: np.ndarray, suffix_macs: float) -> dict:
+    """Through the same ONNX Runtime CPU pipeline the runtime will use."""
+    from scalecert.core.margin import measure_margin
+    from scalecert.runtime.images import normalize
+    from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline, window_parallel
+
+    if calibration is not None:
+        image = calibration.images[:1]
+    else:
+        _, h, w = input_spec["input_size"]
+        image = normalize(np.random.default_rng(0).integers(0, 256, (1, h, w, 3), dtype=np.uint8), input_spec)
+    with OrtCpuPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
+                        window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
+        return measure_margin(pipeline, image, windows)
+
+
+def check_pixels(request: Request) -> np.ndarray:
+    """The image the locality check patches: the first calibration image, else a synthetic one."""
+    from scalecert.runtime import probes
+    from scalecert.runtime.images import load_image
+
+    if request.calibration_items:
+        return load_image(request.calibration_items[0][0], request.input_spec)
+    return probes.synthetic_images(request.image_hw, 1)[0]
+
+
+def known_answers(work: str, manifest: dict, request: Request) -> dict:
+    """Probe images (up to half from the calibration set, the rest seeded synthetic) and the ONNX
+    Runtime CPU fp32 answers for them, which `scalecert doctor` compares on the target."""
+    from scalecert.bundle import Bundle
+    from scalecert.runtime import probes
+    from scalecert.runtime.certifier import Certifier
+    from scalecert.runtime.images import load_image
+
+    real = [load_image(path, request.input_spec) for path, _ in (request.calibration_items or [])[:probes.COUNT // 2]]
+    synthetic = probes.synthetic_images(request.image_hw, probes.COUNT - len(real))
+    names = probes.write_images(work, np.concatenate([np.stack(real), synthetic]) if real else synthetic)
+    bundle = Bundle(work, {**manifest, "probes": {"images": names}})
+    with Certifier(bundle, "ort-cpu", "fp32") as certifier:
+        recorded = probes.answers(certifier, bundle)
+    return {"images": names, "answers": {manifest_io.margin_key("ort-cpu", "fp32"): recorded}}
