@@ -111,6 +111,12 @@ def test_without_calibration_the_plan_stays_within_the_budget(tiny_bundle):
     assert m["plan"]["method"] == "geometric" and cost <= 37, (n, cost)
 
 
+def test_a_torchscript_input_size_mismatch_names_the_size(grey_model, tmp_path):
+    proc = run_cli("scalecert-export", grey_model["pt"], "--patch", "4", "-o", tmp_path / "x")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "pass --input-size 1x28x28" in lines[0], proc.stderr
+
+
 def test_a_missing_model_is_refused_before_options_are_read(tmp_path):
     with pytest.raises(Exception, match="no such file"):
         in_process("export", str(tmp_path / "none.onnx"), "--patch", "4", "-o", str(tmp_path / "o"))

@@ -208,11 +208,38 @@ def _load_model(path: str, arch: str | None, input_size, trust_pickle: bool, pre
             module = torch.jit.load(path, map_location="cpu").eval()
         except Exception as exc:  # noqa: BLE001
             raise ModelError(f"{path}: cannot read TorchScript archive ({type(exc).__name__})") from None
+        if input_size is None and arch is None:
+            input_size = _torchscript_input_size(module, path)
         return LoadedModel("torchscript", module, _default_preprocess(input_size or (3, 224, 224)), arch, path)
     if arch is not None:
         model, record = _load_checkpoint(path, arch, trust_pickle)
         return LoadedModel("torch", model, with_size(REGISTRY[arch].preprocess), arch, path, record)
     return _load_pickled_module(path, input_size, trust_pickle)
+
+
+COMMON_INPUT_SIZES = ((3, 224, 224), (3, 32, 32), (1, 28, 28), (3, 64, 64), (1, 32, 32), (3, 96, 96), (3, 128, 128),
+                      (3, 256, 256), (3, 299, 299), (3, 384, 384))
+
+
+def _torchscript_input_size(module, path: str):
+    """A TorchScript file does not say its input size: 3x224x224 when the module runs on it, else one
+    line naming the --input-size it does run on (or asking for one), before any long work."""
+    import torch
+
+    def runs(size) -> bool:
+        try:
+            with torch.no_grad():
+                out = module(torch.zeros(1, *size))
+            return isinstance(out, torch.Tensor) and out.dim() == 2
+        except Exception:  # noqa: BLE001 - a shape mismatch surfaces as several error types
+            return False
+
+    if runs(COMMON_INPUT_SIZES[0]):
+        return None
+    fits = next((size for size in COMMON_INPUT_SIZES[1:] if runs(size)), None)
+    hint = f"it runs on {'x'.join(map(str, fits))}: pass --input-size {'x'.join(map(str, fits))}" if fits else \
+        "pass --input-size CxHxW (e.g. 1x28x28 for a grey 28x28 model)"
+    raise ModelError(f"{path}: the TorchScript model does not run on the default 3x224x224 input; {hint}")
 
 
 def _load_pickled_module(path, input_size, trust_pickle) -> LoadedModel:
