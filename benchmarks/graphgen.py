@@ -177,9 +177,7 @@ def conv(b: Builder, v: str, force_dilation: bool = False, stride: tuple[int, in
     elif mode != "none":
         attrs["auto_pad"] = mode
     if mode in ("pads", "none", "VALID"):
-        for a, size in enumerate((h, w)):
-            if size + pads[a] + pads[a + 2] < (k[a] - 1) * d[a] + 1:
-                raise Reject("kernel larger than the padded input")
+        _check_fits((h, w), pads, k, d)
     if g > 1:
         attrs["group"] = g
     inputs = [v, b.const(rng.standard_normal((cout, c // g, *k)).astype(np.float32), "w")]
@@ -193,6 +191,13 @@ def conv(b: Builder, v: str, force_dilation: bool = False, stride: tuple[int, in
         | ({"Conv:group"} if g > 1 else set()) | ({"Conv:stride"} if s != [1, 1] else set()) \
         | ({"Conv:asymmetric-pads"} if pads[:2] != pads[2:] else set())
     return out
+
+
+def _check_fits(hw, pads, kernel, dilations) -> None:
+    """Reject a window (dilated kernel) larger than the padded input on either axis."""
+    for a, size in enumerate(hw):
+        if size + pads[a] + pads[a + 2] < (kernel[a] - 1) * dilations[a] + 1:
+            raise Reject("window larger than the padded input")
 
 
 def pool(b: Builder, v: str, op: str | None = None, stride: tuple[int, int] | None = None) -> str:
@@ -218,9 +223,7 @@ def pool(b: Builder, v: str, op: str | None = None, stride: tuple[int, int] | No
     elif mode != "none":
         attrs["auto_pad"] = mode
     if mode in ("pads", "none", "VALID"):
-        for a, size in enumerate((h, w)):
-            if size + pads[a] + pads[a + 2] < (k[a] - 1) * d[a] + 1:
-                raise Reject("window larger than the padded input")
+        _check_fits((h, w), pads, k, d)
     ceil = _chance(rng, 0.4)
     edge = False
     if ceil and mode != "SAME_UPPER" and mode != "SAME_LOWER":
