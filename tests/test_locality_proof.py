@@ -203,3 +203,78 @@ def test_a_model_with_tied_logits_never_certifies(tmp_path_factory):
     with Certifier.load(bundle) as certifier:
         result = certifier.certify(np.full((32, 32, 3), 128, np.uint8))
     assert result.status == "uncertified" and result.base_margin < 0
+
+
+# --- reads of the image's size: the batch is no path, a count of bright pixels is ---------------------------
+
+
+def _size_reading_model(content: bool) -> onnx.ModelProto:
+    """image (N,3,16,16) -> 4x4 stride-4 Conv `feat` -> pooled logits, plus a (N, 2) term built from a
+    size read: the image's batch (Shape, start 0, end 1), or, with `content`, the number of pixels
+    above 0.5 (the second dimension of NonZero's output, a size that is a function of the pixels)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["image", "Wc"], ["feat"], kernel_shape=[4, 4], strides=[4, 4], name="embed"),
+             helper.make_node("GlobalAveragePool", ["feat"], ["pooled"]),
+             helper.make_node("Flatten", ["pooled"], ["flat"]),
+             helper.make_node("Gemm", ["flat", "W", "b"], ["head"])]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 4, 4)).astype(np.float32), "Wc"),
+             numpy_helper.from_array(rng.standard_normal((4, 2)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.zeros(2, np.float32), "b"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([[0.25, -0.25]], np.float32), "term")]
+    if content:
+        nodes += [helper.make_node("Greater", ["image", "half"], ["bright"]),
+                  helper.make_node("NonZero", ["bright"], ["where"]),
+                  helper.make_node("Shape", ["where"], ["count"], start=1, end=2, name="count_bright")]
+        inits.append(numpy_helper.from_array(np.array(0.5, np.float32), "half"))
+        rows = "count"
+    else:
+        nodes.append(helper.make_node("Shape", ["image"], ["rows"], start=0, end=1, name="batch_size"))
+        rows = "rows"
+    nodes += [helper.make_node("Concat", [rows, "two"], ["term_shape"], axis=0),
+              helper.make_node("Expand", ["term", "term_shape"], ["terms"])]
+    if content:  # (count, 2) -> summed to (1, 2): the logits move with the number of bright pixels
+        nodes += [helper.make_node("ReduceSum", ["terms", "axis0"], ["extra"], keepdims=1)]
+        inits.append(numpy_helper.from_array(np.array([0], np.int64), "axis0"))
+    else:
+        nodes.append(helper.make_node("Identity", ["terms"], ["extra"]))
+    nodes.append(helper.make_node("Add", ["head", "extra"], ["logits"]))
+    graph = helper.make_graph(nodes, "size-read", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model, full_check=True)
+    return onnx.shape_inference.infer_shapes(model, data_prop=True)
+
+
+@pytest.mark.parametrize("content", [False, True], ids=["batch-read", "pixel-count-read"])
+def test_a_size_read_is_a_path_only_when_pixels_set_it(content):
+    """The batch size the class token of a ViT expands to carries no pixel, so the embedding stays a
+    cut; a NonZero count of bright pixels does carry them (a patch changes it), so the same layer is
+    not a cut and the geometric plan falls back to the image."""
+    import onnx_ir as ir
+
+    from scalecert.export.layers import list_layers
+
+    model = ir.from_proto(_size_reading_model(content))
+    feat = [layer for layer in list_layers(model) if layer.name == "feat"][0]
+    assert feat.usable is not content
+
+
+def test_the_suffix_reads_the_batch_of_its_own_rows(tmp_path):
+    """Cut at the embedding of the batch-reading model: the suffix file reads only `features` and
+    `windows`, and its base logits are the whole model's, row for row, at a batch of 3."""
+    import onnxruntime as ort
+
+    source = tmp_path / "batch_read.onnx"
+    onnx.save(_size_reading_model(False), source)
+    bundle = str(tmp_path / "bundle")
+    run_cli("scalecert-export", source, "--patch", "4x4", "--layer", "feat", "--stride", "1", "-o", bundle, "--quiet", check=True)
+    suffix = onnx.load(os.path.join(bundle, "suffix.onnx"))
+    assert [i.name for i in suffix.graph.input if i.name not in {t.name for t in suffix.graph.initializer}] == ["features", "windows"]
+    images = np.random.default_rng(1).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    whole = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"]).run(None, {"image": images})[0]
+    prefix = ort.InferenceSession(os.path.join(bundle, "prefix.onnx"), providers=["CPUExecutionProvider"])
+    features = prefix.run(["features"], {prefix.get_inputs()[0].name: images})[0]
+    rest = ort.InferenceSession(os.path.join(bundle, "suffix.onnx"), providers=["CPUExecutionProvider"])
+    logits = rest.run(None, {"features": features, "windows": np.zeros((3, 4), np.int64)})[0]
+    np.testing.assert_allclose(logits, whole, rtol=1e-5, atol=1e-5)

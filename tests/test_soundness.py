@@ -394,3 +394,43 @@ def test_threshold_negative_control_is_caught(tiny):
                                pgd_positions=24, pgd_steps=10, pgd_views=0, seed=3)
     _report("negative at T=0.5: no windows", out)
     assert out["total"]["violations"] > 0
+
+
+# -- (v) a ViT split at its patch embedding: the class token reads the batch size, not pixels -----
+@pytest.fixture(scope="module")
+def vit_split(tmp_path_factory):
+    """(bundle, TorchReference, photos) for the ViT look-alike of tests/zoo.py saved as a torch.export
+    archive, cut at its patch embedding (8x8 tokens of 8x8 pixels, 36 windows of 3x3 tokens)."""
+    import zoo
+    from PIL import Image
+
+    from scalecert.export.loading import load_model
+    from scalecert.runtime.images import resize_to_input
+    from scalecert.training.reference import TorchReference
+
+    root = tmp_path_factory.mktemp("vit-split")
+    model = zoo.build("vit")
+    path = zoo.save_formats(model, str(root), ["pt2"])["pt2"]
+    bundle = export(tmp_path_factory, "vit-split", path, "--patch", "2%")
+    certifier = _load(bundle)
+    assert certifier.manifest["layer"]["receptive_field"]["size"] == [8, 8]
+    spec = certifier.manifest["input"]
+    photos = np.stack([resize_to_input(Image.fromarray(a).convert("RGB"), spec) for a in skimage_photos().values()])
+    loaded = load_model(path)
+    loaded.kind, loaded.model = "torch", model  # the archive's program is fixed at batch 1: trace the module
+    return bundle, TorchReference(loaded, bundle), photos
+
+
+def test_vit_patch_embedding_split_attacked_everywhere_never_certified_wrong(vit_split):
+    """Every 10x10 patch position of a certified photo, noise, extreme and donor contents, PGD through
+    the torch reference at a subset, on the ViT whose suffix expands its class token to the batch
+    of its own occluded rows (export/split.py::OcclusionSuffix)."""
+    bundle, reference, photos = vit_split
+    certifier = _load(bundle)
+    out = attack.attack_images(certifier, photos, max_images=1, donor_pool=photos,
+                               contents=("noise", "extreme", "donor", "pgd"), reference=reference,
+                               pgd_positions=8, pgd_steps=8, pgd_views=2, seed=2)
+    _report("vit", out)
+    assert out["positions_per_image"] == 55 * 55
+    _assert_sound(out, min_images=1, min_attacked=3 * 55 * 55)
+    assert out["total"]["alert"] > 0, "no attack raised an alert: the attacks are too weak to mean anything"

@@ -140,6 +140,21 @@ def test_base_label_is_torch_top1(zoo_exports, zoo_files, photos, case):
     assert labels == logits.argmax(1).tolist()
 
 
+PATCH_EMBEDDINGS = {"vit": 8, "convnext": 4}  # the stride of the look-alikes' s x s, stride-s stem
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in PATCH_EMBEDDINGS], ids="-".join)
+def test_patch_embedding_is_the_cut(zoo_exports, case):
+    """A ViT or ConvNeXt splits at its patch embedding in every format, although the model reads the
+    image's batch size (the class token's expand, an as_strided's indices): such a read is no path
+    from the pixels, and the suffix reads its own rows' count instead."""
+    layer = zoo_exports[case]["manifest"]["layer"]
+    stride = PATCH_EMBEDDINGS[case[0]]
+    side = zoo.INPUT[1] // stride
+    assert layer["shape"][1:] == [side, side], layer["name"]
+    assert layer["receptive_field"]["size"] == [stride, stride]
+
+
 def test_zoo_table(zoo_exports, capsys):
     rows = [("family", "format", "outcome", "layer", "windows", "seconds")]
     for (family, fmt), got in zoo_exports.items():

@@ -83,16 +83,29 @@ def _not_a_feature_map(model: ir.Model, spec: str) -> str | None:
     return f"{named[-1].name} is not a spatial (N, C, H, W) feature map of the image"
 
 
-PATCH_EMBEDDING_GROWTH = 4.0  # the growth a patch embedding may have: all of it is the token grid's rounding
+PATCH_EMBEDDING_SHARE = 0.25  # the most of its token map one window of a patch embedding may cover
 
 
 def patch_embedding(layer: Layer) -> bool:
     """A non-overlapping patch embedding (a ViT's stride-s, s x s convolution on the image): each
-    position sees exactly its own s x s pixels. Its footprint outgrows the patch's share only by
-    rounding to the token grid (a 32-pixel patch touches 3 of 16-pixel tokens), not by a receptive
-    field spreading, so it is the most local layer there is and the geometric rule admits it."""
+    position sees exactly its own s x s pixels."""
     rf = layer.rf
     return isinstance(rf, RF) and rf.y[0] > 1 and rf.x[0] > 1 and rf.size() == (rf.y[0], rf.x[0])
+
+
+def admitted(layer: Layer, patch_hw, image_hw, max_growth: float) -> bool:
+    """A layer the plan may cut at: usable, a map of more than one row and column, and a window
+    covering at most `max_growth` times the share of the map that the patch covers of the image.
+    A patch embedding is admitted by a share instead (its window at most PATCH_EMBEDDING_SHARE of
+    the token map): its footprint outgrows the patch only by rounding to the model's own tokens (a
+    32-pixel patch touches 3 of 16-pixel tokens), not by a receptive field spreading, so no layer of
+    the model, the image's pixel windows at the same budget included, hides less per window."""
+    if not layer.usable or layer.shape[1] < 2 or layer.shape[2] < 2:
+        return False
+    if patch_embedding(layer):
+        win = geometry.window_size(patch_hw, image_hw, (layer.rf.y, layer.rf.x), layer.shape[1:])
+        return win[0] * win[1] <= PATCH_EMBEDDING_SHARE * layer.shape[1] * layer.shape[2]
+    return _layer_ratio(layer, patch_hw, image_hw) <= max_growth
 
 
 def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth: float = 2.0,
@@ -102,8 +115,7 @@ def choose_layer(layers: list[Layer], spec: str, patch_hw, image_hw, max_growth:
     windows (a cheaper suffix), but their footprints grow relative to the map, so each window hides
     more of the evidence and certified accuracy falls; the growth bound trades the two."""
     if spec == "auto":
-        fits = [l for l in layers if l.usable and l.shape[1] > 1 and l.shape[2] > 1
-                and _layer_ratio(l, patch_hw, image_hw) <= (PATCH_EMBEDDING_GROWTH if patch_embedding(l) else max_growth)]
+        fits = [l for l in layers if admitted(l, patch_hw, image_hw, max_growth)]
         return fits[-1] if fits else layers[0]
     by_name = [l for l in layers if l.name == spec]
     if not by_name:

@@ -481,11 +481,45 @@ def _captured(node: ir.Node) -> list[ir.Value]:
     return out
 
 
+BATCH = "batch"  # a dimension read by shape_read: the number of rows of the call
+
+
+def shape_read(node: ir.Node, batch) -> list | None:
+    """What a Shape node reads, when that is a function of the batch size alone: per dimension read,
+    its static size or BATCH (the image's symbolic first dimension `batch`); None for any other node
+    or dimension (unknown or another symbol). A ViT reads the batch size of the image to expand its
+    class token; such a read carries no pixel, so it is no path from the image (the suffix reads the
+    batch of its own rows instead, export/split.py::OcclusionSuffix)."""
+    if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or set(node.attributes) - {"start", "end"}:
+        return None
+    source = node.inputs[0]
+    if source is None or source.shape is None:
+        return None
+    dims = list(source.shape)
+    rank = len(dims)
+    start, end = _int(node, "start", 0), _int(node, "end", rank)
+    start, end = (min(max(v + rank if v < 0 else v, 0), rank) for v in (start, end))
+    read = []
+    for dim in dims[start:end]:
+        if isinstance(dim, int):
+            read.append(dim)
+        elif batch is not None and not isinstance(batch, int) and dim.value is not None and dim == batch:
+            read.append(BATCH)
+        else:
+            return None
+    return read
+
+
 def depends_on_image_without(graph: ir.Graph, blocked: ir.Value, target: ir.Value) -> bool:
     """Does `target` still depend on the image when every use of `blocked` is cut? Subgraphs count
-    with every outer value they read."""
-    dependent = {graph.inputs[0]}
+    with every outer value they read; a Shape node that reads only static sizes and the batch size
+    (shape_read) does not."""
+    image = graph.inputs[0]
+    batch = image.shape[0] if image.shape is not None and len(image.shape) else None
+    dependent = {image}
     for node in graph:
+        if shape_read(node, batch) is not None:
+            continue
         reads = list(node.inputs) + _captured(node)
         if any(v is not None and v is not blocked and v in dependent for v in reads):
             dependent.update(node.outputs)

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from scalecert.errors import ScaleCertError
 from scalecert.export.channels import RemoveDeadChannels, SliceSuffixInputs
 from scalecert.export.layers import Layer
+from scalecert.export.receptive import BATCH, shape_read
 from scalecert.graph import add_constant, finish, run_passes, value_named
 
 
@@ -149,12 +150,45 @@ class OcclusionSuffix(ir.passes.InPlacePass):
 
         for node, index in list(feature.uses()):
             node.replace_input_with(index, masked)
+        self._read_own_batch(graph, masked, op, opset)
         old_inputs = list(graph.inputs)
         graph.inputs.clear()
         graph.inputs.extend([features_in, windows_in])
         graph.extend(nodes)
         self.old_inputs = old_inputs
         return ir.passes.PassResult(model, modified=True)
+
+
+    @staticmethod
+    def _read_own_batch(graph: ir.Graph, masked: ir.Value, op, opset: int) -> None:
+        """Shape reads of the image and of prefix values (receptive.py::shape_read: static sizes and
+        the batch) become the same sizes with the batch of the suffix's own rows, so nothing of the
+        prefix is left for the suffix to read. The suffix runs the rest of the model on a batch of
+        occluded rows, so their count is the batch that the model's computation meant."""
+        image = graph.inputs[0]
+        batch = image.shape[0] if image.shape is not None and len(image.shape) else None
+        prefix_side, reads = {image}, []
+        for node in graph:
+            read = shape_read(node, batch)
+            if read is not None:
+                if node.inputs[0] in prefix_side:
+                    reads.append((node, read))
+            elif any(v is not None and v in prefix_side for v in node.inputs):
+                prefix_side.update(node.outputs)
+        def rows(count):
+            if opset >= 15:
+                return op("Shape", [masked], f"rows_{count}", start=0, end=1)
+            return op("Slice", [op("Shape", [masked], f"occluded_shape_{count}"),
+                                add_constant(graph, f"rows_start_{count}", np.array([0], np.int64)),
+                                add_constant(graph, f"rows_end_{count}", np.array([1], np.int64))], f"rows_{count}")
+
+        for count, (node, read) in enumerate(reads):
+            parts = [rows(count) if dim == BATCH else
+                     add_constant(graph, f"static_size_{count}_{i}", np.array([dim], np.int64))
+                     for i, dim in enumerate(read)]
+            sizes = (parts[0] if len(parts) == 1 else op("Concat", parts, f"read_sizes_{count}", axis=0)) if parts else \
+                add_constant(graph, f"static_size_{count}", np.zeros(0, np.int64))
+            node.outputs[0].replace_all_uses_with(sizes)
 
 
 def check_fill(fill: np.ndarray, shape) -> np.ndarray:
