@@ -8,6 +8,13 @@ that folder first on PYTHONPATH, in the same virtual environment, the two trees 
 by model. Random-weight checkpoints are written for the archs without pip-shipped weights; the
 CIFAR ResNets come from ../shared/models (skipped without it). Prints a table: model, seconds
 before/after, whether each exported, the cut layer, windows, and the locality check's share.
+
+    python benchmarks/export_times.py --before /tmp/old --full-size --out benchmarks/results/export_full_size.json
+
+`--full-size`: instead, tests/zoo.py's look-alikes at torchvision's sizes (ResNet-50, ConvNeXt-T,
+ViT-B/16; 3x224x224, 1000 classes, random weights) saved as a user saves them (`--formats`, default
+TorchScript, torch.export and plain `torch.onnx.export`), each exported with `--patch 2%` and no
+calibration; the after tree's seconds per stage (manifest["export_seconds"]) are printed beside.
 """
 from __future__ import annotations
 
@@ -50,6 +57,19 @@ def models(folder: str) -> list[tuple[str, list[str]]]:
     return out
 
 
+def full_size_models(folder: str, formats: list[str]) -> list[tuple[str, list[str]]]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scalecert_tests_zoo", os.path.join(ROOT, "tests", "zoo.py"))
+    zoo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(zoo)
+    out = []
+    for family in zoo.FULL_SIZE:
+        paths = zoo.save_formats(zoo.build(family), os.path.join(folder, family), formats, zoo.FULL_SIZE_INPUT)
+        out += [(f"{family} {fmt}", [paths[fmt], "--patch", "2%"]) for fmt in formats]
+    return out
+
+
 def export(tree: str, args: list[str], output: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     start = time.perf_counter()
@@ -66,6 +86,8 @@ def export(tree: str, args: list[str], output: str) -> dict:
     check = (manifest.get("locality") or {}).get("prefix.onnx", {}).get("check")
     if check:
         row["locality_check_s"] = check["seconds"]
+    if manifest.get("export_seconds"):
+        row["stages"] = manifest["export_seconds"]
     return row
 
 
@@ -74,10 +96,13 @@ def main() -> None:
     parser.add_argument("--before", required=True)
     parser.add_argument("--after", default=ROOT)
     parser.add_argument("--out")
+    parser.add_argument("--full-size", action="store_true", help="torchvision-sized look-alikes (module docstring)")
+    parser.add_argument("--formats", default="pt,pt2,onnx-fixed", help="with --full-size: tests/zoo.py FORMATS")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="scalecert-export-times-") as folder:
-        for name, model_args in models(folder):
+        cases = full_size_models(folder, args.formats.split(",")) if args.full_size else models(folder)
+        for name, model_args in cases:
             row = {"model": name}
             for label, tree in (("before", args.before), ("after", args.after)):
                 row[label] = export(tree, model_args, os.path.join(folder, f"{label}.scalecert"))
@@ -86,9 +111,12 @@ def main() -> None:
             print(f"{name:28s} before {b['seconds']:6.1f} s (exit {b['exit']})  after {a['seconds']:6.1f} s "
                   f"(exit {a['exit']}, check {a.get('locality_check_s', '-')} s)  layer {a.get('layer', a.get('error'))}  "
                   f"windows {a.get('windows', '-')}", flush=True)
+            if a.get("stages"):
+                slow = sorted(a["stages"].items(), key=lambda kv: -kv[1])[:4]
+                print("    after, slowest stages: " + ", ".join(f"{k} {v} s" for k, v in slow), flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"machine": f"{os.cpu_count()} cores", "rows": rows}, f, indent=2)
+            json.dump({"machine": f"{os.cpu_count()} cores", "before": args.before, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -66,21 +66,54 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """torchvision.models.resnet.Bottleneck (ResNet-50): 1x1, 3x3 (the stride), 1x1 to 4x the width."""
+
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(inplanes, planes, 1, bias=False), _bn(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), _bn(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, planes * 4, 1, bias=False), _bn(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False), _bn(planes * 4))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return self.relu(self.bn3(self.conv3(out)) + identity)
+
+
 class ResNetLike(nn.Module):
-    def __init__(self, width=8, num_classes=CLASSES):
+    """Stages of `blocks` blocks each, the first at `width` channels and stride 1, each next one twice
+    as wide at stride 2 (ResNet-50: Bottleneck, width 64, blocks (3, 4, 6, 3))."""
+
+    def __init__(self, width=8, num_classes=CLASSES, block=BasicBlock, blocks=(1, 1)):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = _bn(width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.layer1 = nn.Sequential(BasicBlock(width, width))
-        self.layer2 = nn.Sequential(BasicBlock(width, 2 * width, 2))
+        inplanes, expansion = width, getattr(block, "expansion", 1)
+        for stage, count in enumerate(blocks):
+            planes = width * 2 ** stage
+            layers = []
+            for i in range(count):
+                layers.append(block(inplanes, planes, 2 if stage and not i else 1))
+                inplanes = planes * expansion
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*layers))
+        self.stages = len(blocks)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(2 * width, num_classes)
+        self.fc = nn.Linear(inplanes, num_classes)
 
     def forward(self, x):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
+        for stage in range(self.stages):
+            x = getattr(self, f"layer{stage + 1}")(x)
         x = self.avgpool(x)
         x = x.view(x.size(0), -1)  # the classic head; torchvision now writes torch.flatten(x, 1)
         return self.fc(x)
@@ -283,16 +316,19 @@ class CNBlock(nn.Module):
 
 
 class ConvNeXtLike(nn.Module):
-    def __init__(self, num_classes=CLASSES):
+    """A 4x4 stride-4 stem with LayerNorm2d, then stages of CNBlocks of `dims` channels, `depths`
+    blocks each, joined by LayerNorm2d and a 2x2 stride-2 conv (ConvNeXt-T: (96, 192, 384, 768), (3, 3, 9, 3))."""
+
+    def __init__(self, num_classes=CLASSES, dims=(8, 16), depths=(1, 1)):
         super().__init__()
-        self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(3, 8, 4, 4), LayerNorm2d(8, eps=1e-6)),
-            nn.Sequential(CNBlock(8)),
-            nn.Sequential(LayerNorm2d(8, eps=1e-6), nn.Conv2d(8, 16, 2, 2)),
-            nn.Sequential(CNBlock(16)),
-        )
+        stages = [nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0], eps=1e-6))]
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            if i:
+                stages.append(nn.Sequential(LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], dim, 2, 2)))
+            stages.append(nn.Sequential(*[CNBlock(dim) for _ in range(depth)]))
+        self.features = nn.Sequential(*stages)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(LayerNorm2d(16, eps=1e-6), nn.Flatten(1), nn.Linear(16, num_classes))
+        self.classifier = nn.Sequential(LayerNorm2d(dims[-1], eps=1e-6), nn.Flatten(1), nn.Linear(dims[-1], num_classes))
 
     def forward(self, x):
         return self.classifier(self.avgpool(self.features(x)))
@@ -323,7 +359,7 @@ class EncoderBlock(nn.Module):
 
 
 class ViTLike(nn.Module):
-    def __init__(self, image=64, patch=8, dim=32, heads=4, depth=2, num_classes=CLASSES):
+    def __init__(self, image=64, patch=8, dim=32, heads=4, depth=2, num_classes=CLASSES, mlp_dim=None):
         super().__init__()
         self.patch_size, self.hidden_dim = patch, dim
         self.conv_proj = nn.Conv2d(3, dim, patch, patch)
@@ -331,7 +367,7 @@ class ViTLike(nn.Module):
         self.class_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embedding = nn.Parameter(torch.empty(1, seq, dim).normal_(std=0.02))
         self.dropout = nn.Dropout(0.0)
-        self.layers = nn.Sequential(*[EncoderBlock(heads, dim, 2 * dim) for _ in range(depth)])
+        self.layers = nn.Sequential(*[EncoderBlock(heads, dim, mlp_dim or 2 * dim) for _ in range(depth)])
         self.ln = nn.LayerNorm(dim, eps=1e-6)
         self.heads = nn.Sequential(nn.Linear(dim, num_classes))
 
@@ -359,6 +395,14 @@ FAMILIES = {
     "vit": ViTLike,
 }
 
+# torchvision's sizes, at 3x224x224 and 1000 classes (benchmarks/export_times.py --full-size)
+FULL_SIZE = {
+    "resnet50": lambda: ResNetLike(64, 1000, Bottleneck, (3, 4, 6, 3)),
+    "convnext_tiny": lambda: ConvNeXtLike(1000, (96, 192, 384, 768), (3, 3, 9, 3)),
+    "vit_b_16": lambda: ViTLike(224, 16, 768, 12, 12, 1000, mlp_dim=3072),
+}
+FULL_SIZE_INPUT = (3, 224, 224)
+
 
 def build(family: str, seed: int = 0) -> nn.Module:
     """The look-alike in eval mode: seeded random weights, random BatchNorm statistics and affine
@@ -366,7 +410,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
     differ by more than rounding (top-1 comparisons then mean something)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = FAMILIES[family]()
+        model = (FAMILIES.get(family) or FULL_SIZE[family])()
         with torch.no_grad():
             for module in model.modules():
                 if isinstance(module, nn.BatchNorm2d):
@@ -381,10 +425,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def save_formats(model: nn.Module, folder: str, formats=FORMATS) -> dict[str, str]:
+def save_formats(model: nn.Module, folder: str, formats=FORMATS, input_chw=INPUT) -> dict[str, str]:
     """Write `model` in each of `formats` into `folder`; returns {format: path}."""
     os.makedirs(folder, exist_ok=True)
-    example = torch.rand(1, *INPUT, generator=torch.Generator().manual_seed(1))
+    example = torch.rand(1, *input_chw, generator=torch.Generator().manual_seed(1))
     paths = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -46,6 +46,7 @@ class Manifest:
     plan: dict | None = None  # how the split was chosen: measured (candidates), geometric or given
     decision: dict | None = None  # threshold T and default mode
     probes: dict | None = None  # known-answer images and the answers per engine
+    export_seconds: dict = field(default_factory=dict)  # seconds per export stage: where the time went
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 
 import numpy as np
 
@@ -45,16 +46,31 @@ from scalecert.graph import save_checked
 __all__ = ["ExportOptions", "Request", "export_bundle", "check_request", "choose_plan", "label_fit", "source_sized_patch"]
 
 
+class StageSeconds(dict):
+    """Seconds per export stage, for manifest["export_seconds"]: where an export's time goes."""
+
+    def __init__(self):
+        super().__init__()
+        self.last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self[stage] = round(self.get(stage, 0.0) + now - self.last, 2)
+        self.last = now
+
+
 def export_bundle(opts: ExportOptions) -> str:
     """Export a model to a bundle at opts.output; returns its path. Raises ScaleCertError (one
     line) on bad input before writing anything; the bundle appears complete or not at all."""
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started, seconds = datetime.datetime.now(datetime.timezone.utc), StageSeconds()
     loaded = load_model(opts.model, opts.arch, opts.input_size, opts.trust_pickle, opts.pretrained, opts.mean, opts.std,
                         opts.resize)
     given = {name for name in ("mean", "std", "resize") if getattr(opts, name) is not None}
     opts.say(describe_input(loaded.preprocess, given | ({"mean", "std", "resize"} if loaded.arch else set())))
     request = check_request(opts, loaded)
+    seconds.lap("load")
     model, program = to_onnx(loaded)
+    seconds.lap("to_onnx")
     if loaded.batch_note:
         opts.say(loaded.batch_note)
     num_classes, classes = model_classes(opts.classes, model, loaded)
@@ -67,8 +83,10 @@ def export_bundle(opts: ExportOptions) -> str:
     if calibration is not None and calibration.labelled and num_classes:
         check_calibration_labels(model, calibration, num_classes, opts.calib)
         opts.say("calibrating the SIN gate (channel importances, threshold)")
+    seconds.lap("calibration_images")
     with staging(request.output) as work:
         plan, plan_record = choose_plan(opts, request, model, program, calibration)
+        seconds.lap("plan")
         opts.say(plan.describe())
         importance = channel_importance(model, program, plan.layer, calibration, request.record, opts.phi,
                                         float(opts.channel_prune), work)
@@ -87,17 +105,22 @@ def export_bundle(opts: ExportOptions) -> str:
                 opts.fill = "zero"
                 if plan.layer.index:
                     opts.say("--fill blank: a blank image's features are 0 at this layer, the same as --fill zero")
+        seconds.lap("sin_importance")
         suffix = build_suffix(model, plan.layer, kept_channels, np.flatnonzero(live) if removable else None, fill)
         save_checked(suffix, os.path.join(work, "suffix.onnx"))
+        seconds.lap("suffix")
         rate = str(plan_record["chosen"]["prune_rate"]) if plan_record.get("chosen") else opts.prune_rate
         gate = choose_gate(importance, calibration, request.record, live, rate, opts.phi)
         for note in gate.notes:
             opts.say(note)
         prefix = build_prefix(model, plan.layer, importance.alpha, gate.threshold, opts.phi, remove_dead=removable)
         save_checked(prefix, os.path.join(work, "prefix.onnx"))
+        seconds.lap("gate_and_prefix")
         stats = {"full": graph_stats(model), "prefix": graph_stats(with_shapes(prefix)),
                  "suffix": graph_stats(with_shapes(suffix))}
+        seconds.lap("stats")
         margin = measure_margin(work, request.input_spec, calibration, plan.windows, stats["suffix"]["macs"])
+        seconds.lap("margin")
         opts.say(f"numeric margin: largest logit spread across batch compositions {margin['spread']:g} "
                  f"-> delta {margin['delta']:g} (ONNX Runtime CPU, fp32)")
         sin_info = {"phi": opts.phi, "importance": importance.note}
@@ -118,7 +141,10 @@ def export_bundle(opts: ExportOptions) -> str:
         manifest = record.to_json()
         manifest["locality"] = {"prefix.onnx": confirm_locality(work, manifest, "prefix.onnx", check_pixels(request),
                                                                 say=opts.say)}
+        seconds.lap("locality")
         manifest["probes"] = known_answers(work, manifest, request)
+        seconds.lap("probes")
+        manifest["export_seconds"] = dict(seconds)
         manifest["files"] = manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx", *manifest["probes"]["images"]])
         manifest_io.write(work, manifest)
     return request.output
