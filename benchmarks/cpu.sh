@@ -18,18 +18,18 @@ scalecert-export "$SHARED/models/resnet20-cifar10.th" --arch resnet20-cifar --pa
 scalecert build "$WORK/r20" --precision int8 --calib "$SHARED/data/cifar10-train" --calib-limit 128 --quiet
 scalecert bench "$WORK/r20" --force --data "$SHARED/data/cifar10-test" --limit 1000 --precision fp32,int8 \
   --prune-rate 0,0.1,0.3 --stride 3,5 --baseline --baseline-engine both \
-  --report "$OUT/cpu_resnet20.json" --plot "$OUT/cpu_resnet20.png"
+  -o "$OUT/cpu_resnet20.json" --plot "$OUT/cpu_resnet20.png"
 
 scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 \
   --calib "$SHARED/data/imagenet-sample/images" --calib-limit 128 --prune-rate 0 -o "$WORK/eff" --quiet
 scalecert build "$WORK/eff" --precision int8 --calib "$SHARED/data/imagenet-sample/images" --calib-limit 64 --quiet
 scalecert bench "$WORK/eff" --force --data "$SHARED/data/imagenet-sample/images" --labels "$SHARED/data/imagenet-sample/labels.csv" \
   --limit 50 --seed 0 --precision fp32,int8 --prune-rate 0,0.3 --stride 5,8 --baseline --baseline-engine both \
-  --report "$OUT/cpu_effnet.json" --plot "$OUT/cpu_effnet.png"
+  -o "$OUT/cpu_effnet.json" --plot "$OUT/cpu_effnet.png"
 
 # the same model with the superficial layer at the input (identity prefix): windows = baseline masks
 scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 --layer image --stride 33 -o "$WORK/eff-id" --quiet
 scalecert bench "$WORK/eff-id" --force --data "$SHARED/data/imagenet-sample/images" --labels "$SHARED/data/imagenet-sample/labels.csv" \
   --limit 50 --seed 0 --baseline --baseline-engine both \
-  --report "$OUT/cpu_effnet_identity.json"
+  -o "$OUT/cpu_effnet_identity.json"
 echo "reports in $OUT/cpu_resnet20.json, $OUT/cpu_effnet.json, $OUT/cpu_effnet_identity.json"

@@ -20,7 +20,7 @@ if [ -n "${CALIB:-}" ]; then
   scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 --calib "$CALIB" -o "$WORK/eff" --force
   scalecert build "$WORK/eff" --precision int8 --calib "$CALIB"
   scalecert bench "$WORK/eff" --data "$TEST" ${TEST_LABELS:+--labels "$TEST_LABELS"} --precision fp32,int8 --threshold $THRESHOLDS --baseline \
-    --baseline-engine both --threads 2 --report "$OUT/defaults_effnet.json" --plot "$OUT/defaults_effnet.png"
+    --baseline-engine both --threads 2 -o "$OUT/defaults_effnet.json" --plot "$OUT/defaults_effnet.png"
   # the same-engine ratio, both sides in one process taking turns (bench runs baselines one after the other)
   python benchmarks/same_engine.py "$WORK/eff" --data "$TEST" --threads 2 --out "$OUT/same_engine_effnet.json"
 fi
@@ -33,4 +33,4 @@ scalecert-export "$WORK/r20-tuned.pt" --arch resnet20-cifar -o "$WORK/r20" --for
 scalecert build "$WORK/r20" --precision int8 --calib "$SHARED/data/cifar10-train"
 scalecert bench "$WORK/r20" --data "$SHARED/data/cifar10-test" --limit 1000 --precision fp32,int8 \
   --threshold $THRESHOLDS --baseline --baseline-engine both --model "$SHARED/models/resnet20-cifar10.th" \
-  --arch resnet20-cifar --report "$OUT/defaults_resnet20.json" --plot "$OUT/defaults_resnet20.png"
+  --arch resnet20-cifar -o "$OUT/defaults_resnet20.json" --plot "$OUT/defaults_resnet20.png"

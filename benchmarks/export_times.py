@@ -74,7 +74,8 @@ def export(tree: str, args: list[str], output: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.path.abspath(tree)}
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", "import sys; from scalecert.cli import export_main; sys.exit(export_main())",
-                           *args, "-o", output, "--force"], capture_output=True, text=True, env=env)
+                           *args, "-o", output, "--force"], capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(output))  # not this checkout: `python -c` puts the cwd first on sys.path
     seconds = time.perf_counter() - start
     row = {"seconds": round(seconds, 1), "exit": proc.returncode}
     if proc.returncode:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Certified recovery benchmark (issue 13; not CI, hours of a 2-core CPU at LIMIT=1000): the issue's
 # must-show table.
-#   1. ResNet-20, CIFAR-10, 5x5 patch: `scalecert tune --for recover` with its defaults (6 epochs,
+#   1. ResNet-20, CIFAR-10, 5x5 patch: `scalecert tune --mode recover` with its defaults (6 epochs,
 #      lr 0.01, --stride auto: 36 feature windows after conv1) against PatchCleanser in pixel space
 #      on the same network tuned the same way for its 36 pixel masks (--layer image): only the layer
 #      differs; one `bench --mode recover` run, same images; plus the vanilla model's accuracy on
@@ -28,7 +28,7 @@ FEATURE=${FEATURE:-$WORK/r20-recover-feature.pt}
 PIXEL=${PIXEL:-$WORK/r20-recover-pixel.pt}
 train() {  # OUTPUT LAYER: the same settings for both families
   [ -f "$1" ] || scalecert tune "$R20" --arch resnet20-cifar --data "$SHARED/data/cifar10-train" --patch 5 \
-    --layer "$2" --for recover --limit "$TRAIN_LIMIT" --threads "$THREADS" ${TUNE_FLAGS:-} -o "$1"
+    --layer "$2" --mode recover --limit "$TRAIN_LIMIT" --threads "$THREADS" ${TUNE_FLAGS:-} -o "$1"
 }
 if [[ $PARTS == *" r20 "* ]]; then
   train "$FEATURE" relu
@@ -38,11 +38,11 @@ if [[ $PARTS == *" r20 "* ]]; then
   scalecert-export "$FEATURE" --arch resnet20-cifar -o "$WORK/r20-recover.scalecert" --force --quiet
   scalecert bench "$WORK/r20-recover.scalecert" --mode recover "${TEST[@]}" --timing-images "$TIMING" \
     --baseline --baseline-engine both --model "$PIXEL" --arch resnet20-cifar --force \
-    --report "$OUT/recovery_resnet20.json"
+    -o "$OUT/recovery_resnet20.json"
   # vanilla: its accuracy on the same images (detection bench: the un-occluded label is the same)
   scalecert-export "$R20" --arch resnet20-cifar --patch 5 --layer relu --stride 5 --prune-rate 0 \
     -o "$WORK/r20-vanilla.scalecert" --force --quiet
-  scalecert bench "$WORK/r20-vanilla.scalecert" "${TEST[@]}" --force --report "$OUT/recovery_resnet20_vanilla.json"
+  scalecert bench "$WORK/r20-vanilla.scalecert" "${TEST[@]}" --force -o "$OUT/recovery_resnet20_vanilla.json"
   echo "reports: $OUT/recovery_resnet20.json, $OUT/recovery_resnet20_vanilla.json"
 fi
 [[ $PARTS == *" eff "* ]] || exit 0
@@ -56,5 +56,5 @@ scalecert-export --arch efficientnet-lite0 --pretrained --patch 32 --calib "$WOR
   --mode recover -o "$WORK/effnet-recover.scalecert" --force --quiet
 scalecert bench "$WORK/effnet-recover.scalecert" --mode recover --data "$WORK/imagenet-test" \
   --labels "$SHARED/data/imagenet-sample/labels.csv" --threads "$THREADS" --timing-images "${EFF_TIMING:-10}" \
-  --baseline --baseline-engine both --force --report "$OUT/recovery_effnet.json"
+  --baseline --baseline-engine both --force -o "$OUT/recovery_effnet.json"
 echo "report: $OUT/recovery_effnet.json"

@@ -19,15 +19,15 @@ VANILLA=(--model "$SHARED/models/resnet20-cifar10.th" --arch resnet20-cifar)
 
 # SIN: the rate it was tuned at (0.7) and lower ones, same tuned weights
 scalecert-export "$TUNED" --arch resnet20-cifar -o "$WORK/tuned" --force --quiet
-scalecert bench "$WORK/tuned" --force "${TEST[@]}" --prune-rate 0,0.3,0.5,0.7 --stride 3,5 --report "$OUT/tuned_sin.json"
+scalecert bench "$WORK/tuned" --force "${TEST[@]}" --prune-rate 0,0.3,0.5,0.7 --stride 3,5 -o "$OUT/tuned_sin.json"
 
 # speed: no gate, fp32 and int8, strides 3..10, against the vanilla model's baseline and the tuned model's
 scalecert-export "$TUNED" --arch resnet20-cifar --prune-rate 0 -o "$WORK/tuned-dense" --force --quiet
 scalecert build "$WORK/tuned-dense" --precision int8 --calib "$SHARED/data/cifar10-train" --calib-limit 128 --quiet
 scalecert bench "$WORK/tuned-dense" --force "${TEST[@]}" --precision fp32,int8 --stride 3,5,8,10 \
-  --baseline --baseline-engine both "${VANILLA[@]}" --report "$OUT/tuned_speed.json"
+  --baseline --baseline-engine both "${VANILLA[@]}" -o "$OUT/tuned_speed.json"
 scalecert bench "$WORK/tuned-dense" --force "${TEST[@]}" --stride 5 --baseline --baseline-engine both \
-  --report "$OUT/tuned_own_baseline.json"
+  -o "$OUT/tuned_own_baseline.json"
 python - "$OUT" <<'PY'
 import json, sys
 out = sys.argv[1]

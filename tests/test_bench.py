@@ -62,7 +62,7 @@ def test_bench_end_to_end_report_schema(tmp_path_factory, tiny_pruned_bundle, ti
     report_path, plot_path = str(data / "report.json"), str(data / "plot.png")
     in_process("bench", tiny_pruned_bundle, "--data", str(data), "--prune-rate", "0,0.3", "--stride", "3,6",
                "--baseline", "--baseline-engine", "both", "--model", tiny_checkpoint, "--arch", "resnet20-cifar",
-               "--report", report_path, "--plot", plot_path, "--json")
+               "-o", report_path, "--plot", plot_path, "--json")
     report = json.load(open(report_path))
     assert json.loads(capsys.readouterr().out) == report
     assert report["schema"] == "scalecert-bench/1"

@@ -36,7 +36,7 @@ def test_ray_rows_equal_the_local_run(local_rows, tiny_bundle, data_dir, tmp_pat
 
     out = str(tmp_path / "ray.jsonl")
     with pytest.raises(SystemExit) as exited:
-        in_process("certify", tiny_bundle, data_dir, "--out", out, "--threads", "1", "--quiet", "--ray",
+        in_process("certify", tiny_bundle, "--data", data_dir, "-o", out, "--threads", "1", "--quiet", "--ray",
                    "--workers", "2")
     assert exited.value.code == 1
     got = rows(out)

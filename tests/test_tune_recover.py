@@ -51,7 +51,7 @@ def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hur
 
     args = [a for a in TUNE_ARGS if a != "--quiet"]
     out = str(tmp_path / "recover.pt")
-    in_process("tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "--for", "recover", "-o", out, *args)
+    in_process("tune", tiny_checkpoint, "--data", photo_folder, "--epochs", "1", "--mode", "recover", "-o", out, *args)
     assert "certified recovery" in capsys.readouterr().out
     record = torch.load(out + ".last", map_location="cpu", weights_only=True)
     trained = record["history"][-1]
@@ -65,7 +65,7 @@ def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hur
     assert manifest["decision"]["mode"] == "recover"
 
     hurt = str(tmp_path / "hurt.pt")
-    in_process("tune", out, "--data", photo_folder, "--epochs", "1", "--for", "recover", "--lr", "1000", "-o", hurt,
+    in_process("tune", out, "--data", photo_folder, "--epochs", "1", "--mode", "recover", "--lr", "1000", "-o", hurt,
                *args)
     assert "no epoch beat the input on validation" in capsys.readouterr().out
     kept = torch.load(hurt, map_location="cpu", weights_only=True)
@@ -75,9 +75,9 @@ def test_tune_for_recovery_trains_on_pairs_and_keeps_its_input_when_training_hur
 
 
 def test_unknown_target_is_one_line(tmp_path, photo_folder, tiny_checkpoint):
-    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--for", "both",
+    proc = run_cli("scalecert", "tune", tiny_checkpoint, "--data", photo_folder, "--mode", "both",
                    "-o", str(tmp_path / "x.pt"), *TUNE_ARGS)
-    assert proc.returncode != 0 and "--for" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode != 0 and "--mode" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_recovery_defaults_hold_pairs_to_patchcleansers_count():

@@ -201,6 +201,32 @@ def test_kept_batch_runs_one_row_per_call(zoo_exports, tmp_path):
     assert together.shape == (5, 10) and together.tobytes() == alone.tobytes()
 
 
+def test_kept_batch_bundle_builds_int8_and_certifies(zoo_exports, photos, tmp_path):
+    """int8 calibration feeds a kept suffix one window per call (compile/build.py::suffix_feeds), the
+    variant's margin is measured, and the int8 bundle certifies the photos with fp32's base labels."""
+    import shutil
+
+    from scalecert.compile.build import build
+    from scalecert.runtime.certifier import Certifier
+
+    bundle = str(tmp_path / "kept")
+    shutil.copytree(zoo_exports[("convnext", "onnx-fixed")]["bundle"], bundle)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    from PIL import Image
+    for i, (name, image) in enumerate(photos.items()):
+        for flip in range(4):  # 16 calibration images: 4 held back to judge the variant
+            Image.fromarray(np.ascontiguousarray(np.rot90(image, flip))).save(calib / f"{name}-{flip}.png")
+    manifest = build(bundle, "int8", calib=str(calib), accept_loss=True, say=lambda line: None)
+    assert manifest["tensors"]["suffix"]["max_batch"] == 1 and "ort-cpu-int8" in manifest["margin"]
+    images = np.stack(list(photos.values()))
+    labels = {}
+    for precision in ("fp32", "int8"):
+        with Certifier.load(bundle, "ort-cpu", precision=precision) as certifier:
+            labels[precision] = [certifier.certify(image).label for image in images]
+    assert labels["int8"] == labels["fp32"]
+
+
 # --- the batch pass on the other exporter, and what it refuses -------------------------------------------------
 
 

@@ -84,6 +84,12 @@ class Bundle:
         return "windows" in self.manifest.get("tensors", {}).get("suffix", {})
 
     @property
+    def suffix_max_rows(self) -> int | None:
+        """Rows one suffix call takes: 1 for a model whose fixed batch of 1 was kept at export
+        (export/batch.py), None for a symbolic batch."""
+        return self.manifest["tensors"]["suffix"].get("max_batch")
+
+    @property
     def suffix_macs(self) -> float:
         return self.manifest.get("stats", {}).get("suffix", {}).get("macs") or 0
 

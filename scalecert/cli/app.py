@@ -47,7 +47,8 @@ class OneLineCommand(OneLineErrors, DialectCommand):
 
 # The library names a bad value in its own words ("threshold 1.5: ..."); the CLI names the flag.
 FLAGS = {"threshold": "--threshold", "patch": "--patch", "source patch": "--source-patch", "mode": "--mode",
-         "batch": "--batch", "stride": "--stride", "source size": "--for-source"}
+         "batch": "--batch", "stride": "--stride", "source size": "--for-source",
+         "output": "-o/--output"}
 
 
 def user_message(exc: ScaleCertError) -> str:

@@ -37,16 +37,19 @@ def calibration_images(calib: str | None, limit: int, input_spec: dict) -> np.nd
     return normalize(np.stack([load_image(path, input_spec) for path, _ in items]), input_spec)
 
 
-def suffix_feeds(pipeline, images: np.ndarray, windows: np.ndarray, per_image: int = 8, seed: int = 0) -> list[dict]:
-    """Suffix calibration inputs: each image's gated features with the empty window and a few others."""
+def suffix_feeds(pipeline, images: np.ndarray, windows: np.ndarray, per_image: int = 8, seed: int = 0,
+                 max_rows: int | None = None) -> list[dict]:
+    """Suffix calibration inputs: each image's gated features with the empty window and a few others,
+    at most `max_rows` windows a feed (a suffix that kept its fixed batch takes one)."""
     rng = np.random.default_rng(seed)
     feeds = []
     for lo in range(0, len(images), 16):
         features, _ = pipeline.prefix(images[lo:lo + 16])
         for i in range(len(features)):
             picked = windows[rng.choice(len(windows), min(per_image - 1, len(windows)), replace=False)]
-            feeds.append({"features": features[i:i + 1],
-                          "windows": np.concatenate([np.zeros((1, 4), np.int64), picked])})
+            rows = np.concatenate([np.zeros((1, 4), np.int64), picked])
+            step = max_rows or len(rows)
+            feeds += [{"features": features[i:i + 1], "windows": rows[r:r + step]} for r in range(0, len(rows), step)]
     return feeds
 
 
@@ -119,7 +122,8 @@ def build(bundle_dir: str, precision: str = "fp32", calib: str | None = None, ba
             from scalecert.compile.tensorrt import build_engines
 
             files = staged.files(precision)
-            entry = build_engines(bundle_dir, work, precision, files["suffix"], max_windows, workspace_mb)
+            entry = build_engines(bundle_dir, work, precision, files["suffix"], min(max_windows, staged.suffix_max_rows or max_windows),
+                                  workspace_mb)
             manifest.setdefault("engines", {})[f"trt-{precision}"] = entry
             say(f"TensorRT {entry['tensorrt']} suffix engine for {entry['gpu']}: {entry['suffix']}")
         with pipelines.open_pipeline(staged, backend, precision) as pipeline:
@@ -151,7 +155,7 @@ def _make_variant(staged: Bundle, precision: str, images: np.ndarray, windows: n
     with pipelines.open_pipeline(staged, "ort-cpu", "fp32") as fp32:
         ref = _window_logits(fp32, held, windows)
         if precision == "int8":
-            feeds_for = {"suffix": suffix_feeds(fp32, fit, windows),
+            feeds_for = {"suffix": suffix_feeds(fp32, fit, windows, max_rows=staged.suffix_max_rows),
                          "prefix": [{"image": fit[i:i + 16]} for i in range(0, len(fit), 16)]}
     if precision == "fp16":
         for part in ("prefix", "suffix"):

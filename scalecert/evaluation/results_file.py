@@ -1,4 +1,4 @@
-"""Per-image results of a whole data folder (`certify DIR --out FILE`): one row per image, written
+"""Per-image results of a whole data folder (`certify BUNDLE --data DIR -o FILE`): one row per image, written
 so that no run ever leaves a half-written output and a rerun resumes where the last one stopped.
 
 A row is `certify --json`'s object plus `path` (the image's path relative to the data folder: the
@@ -30,7 +30,7 @@ import hashlib
 import json
 import os
 
-from scalecert.errors import ScaleCertError
+from scalecert.errors import OptionError, ScaleCertError
 
 FORMATS = (".jsonl", ".parquet")
 
@@ -38,7 +38,7 @@ FORMATS = (".jsonl", ".parquet")
 def output_format(path: str) -> str:
     ext = os.path.splitext(path)[1].lower()
     if ext not in FORMATS:
-        raise ScaleCertError(f"--out {path}: expected a .jsonl or .parquet file name")
+        raise OptionError(f"output {path}: expected a .jsonl or .parquet file name")
     return ext
 
 
@@ -113,7 +113,7 @@ def _require_pyarrow(path: str):
         import pyarrow  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise ScaleCertError(f"--out {path}: Parquet output needs pyarrow: pip install 'scalecert[ray]' "
+        raise OptionError(f"output {path}: Parquet output needs pyarrow: pip install 'scalecert[ray]' "
                              "(or write .jsonl)") from None
     return pyarrow
 
@@ -124,7 +124,7 @@ def _read_jsonl(path: str) -> tuple[list[dict], int]:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
-        raise ScaleCertError(f"--out {path}: cannot read it to resume ({exc.strerror or exc})") from None
+        raise OptionError(f"output {path}: cannot read it to resume ({exc.strerror or exc})") from None
     complete, newline, _torn = data.rpartition(b"\n")  # after the last newline: a killed run's torn line
     rows = []
     for number, line in enumerate(complete.split(b"\n") if newline else [], 1):
@@ -135,26 +135,26 @@ def _read_jsonl(path: str) -> tuple[list[dict], int]:
             if not isinstance(row, dict) or not isinstance(row.get("path"), str):
                 raise ValueError
         except ValueError:
-            raise ScaleCertError(f"--out {path}:{number}: not a scalecert results row; refusing to append to it "
+            raise OptionError(f"output {path}:{number}: not a scalecert results row; refusing to append to it "
                                  "(name a new file)") from None
         rows.append(row)
     return rows, len(complete) + len(newline)
 
 
 class ResultsFile:
-    """The output of one `certify DIR --out FILE` run: `done` (path -> row: earlier runs' rows, the
+    """The output of one `certify BUNDLE --data DIR -o FILE` run: `done` (path -> row: earlier runs' rows, the
     last per path, then this run's), `add(row)` (False for an image this run already wrote),
     `replaced` (rows of this run that replace an earlier one), `close()` (the atomic final write)."""
 
     def __init__(self, path: str):
         self.path, self.format = path, output_format(path)
         if os.path.isdir(path):
-            raise ScaleCertError(f"--out {path}: is a folder, expected a .jsonl or .parquet file name")
+            raise OptionError(f"output {path}: is a folder, expected a .jsonl or .parquet file name")
         if os.path.lexists(path) and (not os.path.isfile(path) or os.path.islink(path)):
-            raise ScaleCertError(f"--out {path}: already exists and is not a plain file; refusing to write to it")
+            raise OptionError(f"output {path}: already exists and is not a plain file; refusing to write to it")
         parent = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            raise ScaleCertError(f"--out {path}: cannot write there ({parent} is not a writable folder)")
+            raise OptionError(f"output {path}: cannot write there ({parent} is not a writable folder)")
         self.journal = path if self.format == ".jsonl" else os.path.join(
             parent, f".{os.path.basename(path)}.partial.jsonl")
         earlier: list[dict] = []
@@ -164,10 +164,10 @@ class ResultsFile:
                 try:
                     earlier = pa.parquet.read_table(path).to_pylist()
                 except (OSError, pa.ArrowException) as exc:
-                    raise ScaleCertError(f"--out {path}: not a readable Parquet file ({str(exc)[:80]}); "
+                    raise OptionError(f"output {path}: not a readable Parquet file ({str(exc)[:80]}); "
                                          "refusing to replace it (name a new file)") from None
                 if earlier and "path" not in earlier[0]:
-                    raise ScaleCertError(f"--out {path}: a Parquet file without a path column is no scalecert "
+                    raise OptionError(f"output {path}: a Parquet file without a path column is no scalecert "
                                          "results file; refusing to replace it")
         good, journal_rows = 0, []
         if os.path.exists(self.journal):
@@ -186,7 +186,7 @@ class ResultsFile:
                 os.truncate(self.journal, self._good)  # drop the torn line of a killed run before appending
             return open(self.journal, "a", encoding="utf-8")
         except OSError as exc:
-            raise ScaleCertError(f"--out {self.journal}: cannot write ({exc.strerror or exc})") from None
+            raise ScaleCertError(f"{self.journal}: cannot write ({exc.strerror or exc})") from None
 
     def add(self, row: dict) -> bool:
         """Append the row; a row for an image of an earlier run replaces that run's row."""

@@ -1,0 +1,102 @@
+"""Your own model without --calib (issue 26): a look-alike of tests/zoo.py saved as a user saves it,
+exported with the defaults (`scalecert-export F --patch 2%`: no calibration, the budget-bound
+geometric plan), then `scalecert bench` against the ONNX Runtime pixel baseline on 20 held-out
+photos, threads pinned. Not CI.
+
+    python benchmarks/own_model.py --families mobilenet_v3,vit --out-dir benchmarks/results
+
+Per family: the cut layer, windows, and the bench report (`own_model_<family>_like_bench.json`):
+latency per image of the bundle and of the baseline's 37 forwards, as ratios. The photos are the
+last 20 of ../shared/data/imagenet-sample (never used by the export, which calibrates on nothing),
+else scikit-image's photos flipped and rotated; the labels are the look-alike's own top-1 (random
+weights: only the latency and the certified rate mean anything).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.environ.get("SCALECERT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
+def _zoo():
+    spec = importlib.util.spec_from_file_location("scalecert_tests_zoo", os.path.join(ROOT, "tests", "zoo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def held_out_photos(n: int = 20) -> list:
+    from PIL import Image
+
+    folder = os.path.join(SHARED, "data", "imagenet-sample", "images")
+    if os.path.isdir(folder):
+        names = sorted(os.listdir(folder))[-n:]
+        return [Image.open(os.path.join(folder, name)).convert("RGB") for name in names]
+    from skimage import data
+
+    base = [Image.fromarray(getattr(data, name)()).convert("RGB") for name in ("chelsea", "coffee", "rocket", "astronaut")]
+    return [image.rotate(90 * (i // 4)).transpose(Image.FLIP_LEFT_RIGHT) if i % 2 else image.rotate(90 * (i // 4))
+            for i, image in enumerate(base * (n // len(base) + 1))][:n]
+
+
+def write_data(folder: str, model, spec: dict) -> str:
+    import torch
+
+    from scalecert.runtime.images import normalize, resize_to_input
+
+    os.makedirs(folder, exist_ok=True)
+    images = [resize_to_input(photo, spec) for photo in held_out_photos()]
+    with torch.no_grad():
+        labels = model(torch.from_numpy(normalize(np.stack(images), spec))).argmax(1).tolist()
+    from PIL import Image
+
+    with open(os.path.join(folder, "labels.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "index"])
+        for i, (image, label) in enumerate(zip(images, labels)):
+            Image.fromarray(image).save(os.path.join(folder, f"{i:02d}.png"))
+            writer.writerow([f"{i:02d}.png", label])
+    return folder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", default="mobilenet_v3,vit")
+    parser.add_argument("--format", default="onnx-dynamic", help="tests/zoo.py FORMATS")
+    parser.add_argument("--threads", default="2")
+    parser.add_argument("--out-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    args = parser.parse_args()
+    zoo = _zoo()
+    bin_dir = os.path.dirname(sys.executable)
+    with tempfile.TemporaryDirectory(prefix="scalecert-own-model-") as work:
+        for family in args.families.split(","):
+            model = zoo.build(family)
+            path = zoo.save_formats(model, os.path.join(work, family), [args.format])[args.format]
+            bundle = os.path.join(work, f"{family}.scalecert")
+            subprocess.run([os.path.join(bin_dir, "scalecert-export"), path, "--patch", "2%", "-o", bundle, "--quiet"],
+                           check=True)
+            with open(os.path.join(bundle, "manifest.json")) as f:
+                manifest = json.load(f)
+            data = write_data(os.path.join(work, f"{family}-data"), model, manifest["input"])
+            report = os.path.join(args.out_dir, f"own_model_{family}_like_bench.json")
+            subprocess.run([os.path.join(bin_dir, "scalecert"), "bench", bundle, "--data", data, "--baseline",
+                            "--baseline-engine", "ort", "--model", path, "--threads", args.threads, "-o", report,
+                            "--force", "--quiet"], check=True)
+            with open(report) as f:
+                ratios = json.load(f)["ratios"]
+            print(f"{family}: layer {manifest['layer']['name']} {manifest['layer']['shape']}, "
+                  f"{manifest['windows']['count']} windows, vs the ORT pixel baseline {json.dumps(ratios)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
