@@ -694,15 +694,21 @@ def make_symbolic(proto: onnx.ModelProto) -> onnx.ModelProto:
 # --- the witness ----------------------------------------------------------------------------------------------
 
 
-def _session(proto: onnx.ModelProto, folder: str, name: str, reference: bool):
+def _model_source(proto: onnx.ModelProto, folder: str, name: str):
+    """What ONNX Runtime opens: the serialized bytes, or a file with external data beyond protobuf's 2 GB."""
+    if proto.ByteSize() < 1_500_000_000:
+        return proto.SerializeToString()
+    path = os.path.join(folder, name)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    onnx.save_model(copy, path, save_as_external_data=True)
+    return path
+
+
+def _session(source, reference: bool):
     from scalecert.runtime.pipelines.onnxruntime import load_session
 
-    path = os.path.join(folder, name)
-    if not os.path.exists(path):
-        copy = onnx.ModelProto()
-        copy.CopyFrom(proto)
-        onnx.save_model(copy, path, save_as_external_data=copy.ByteSize() > 1_500_000_000)
-    return load_session(path, "cpu", reference=reference)
+    return load_session(source, "cpu", reference=reference)
 
 
 def _outputs(session, images: np.ndarray, batch: int) -> list[np.ndarray]:
@@ -748,9 +754,10 @@ def check(original: onnx.ModelProto, rewritten: onnx.ModelProto, input_chw, batc
     spread = 0.0
     with tempfile.TemporaryDirectory(prefix=".scalecert-batch-") as folder:
         try:
-            expected = _outputs(_session(original, folder, "original.onnx", True), images, 1)
+            expected = _outputs(_session(_model_source(original, folder, "original.onnx"), True), images, 1)
+            rewritten_source = _model_source(rewritten, folder, "rewritten.onnx")
             for reference in (True, False):
-                session = _session(rewritten, folder, "rewritten.onnx", reference)
+                session = _session(rewritten_source, reference)
                 setting = "op by op" if reference else "optimised"
                 alone = _outputs(session, images, 1)
                 if reference:

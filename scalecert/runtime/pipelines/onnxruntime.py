@@ -43,9 +43,10 @@ def require_cuda_provider() -> None:
         raise BackendError(NO_CUDA)
 
 
-def load_session(path: str, device: str = "cpu", threads: int | None = None, spin: bool = True, device_id: int = 0,
+def load_session(path, device: str = "cpu", threads: int | None = None, spin: bool = True, device_id: int = 0,
                  reference: bool = False):
-    """An InferenceSession on the CPU or CUDA execution provider, or one line saying why not.
+    """An InferenceSession on the CPU or CUDA execution provider (`path`: a file, or a serialized
+    model's bytes), or one line saying why not.
 
     CPU: `threads` intra-op threads (default every core; windows arrive in batches, so inter-op
     parallelism buys nothing); without `spin` idle workers do not busy-wait on cores another
@@ -72,12 +73,13 @@ def load_session(path: str, device: str = "cpu", threads: int | None = None, spi
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
+    where = path if isinstance(path, str) else "the serialized model"  # `path` may be a model's bytes
     try:
         session = ort.InferenceSession(path, options, providers=providers)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types
-        raise BackendError(f"{path}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
+        raise BackendError(f"{where}: ONNX Runtime cannot load it ({str(exc).splitlines()[0][:160]})") from None
     if device == "cuda" and "CUDAExecutionProvider" not in session.get_providers():
-        raise BackendError(f"{path}: ONNX Runtime fell back to the CPU (CUDA libraries or GPU unusable); "
+        raise BackendError(f"{where}: ONNX Runtime fell back to the CPU (CUDA libraries or GPU unusable); "
                              "check the CUDA/cuDNN versions onnxruntime-gpu needs")
     return session
 
