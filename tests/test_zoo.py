@@ -253,6 +253,26 @@ def test_legacy_exporter_fixed_batch_is_made_symbolic(legacy_files, family):
     assert dims[0].dim_param == "batch"
 
 
+@pytest.mark.parametrize("family", list(PATCH_EMBEDDINGS))
+def test_legacy_exporter_files_split_at_the_patch_embedding(legacy_files, photos, tmp_path_factory, family):
+    """The legacy exporter reads the batch size as Shape(image) then Gather 0 (opset 17, no start/end):
+    that read is rewritten too, the cut is the patch embedding, and the base labels are torch's."""
+    import torch
+
+    from scalecert.runtime.certifier import Certifier
+    from scalecert.runtime.images import normalize
+
+    bundle = export(tmp_path_factory, f"legacy-{family}", legacy_files[family], "--patch", PATCH)
+    with open(os.path.join(bundle, "manifest.json")) as f:
+        manifest = json.load(f)
+    assert manifest["layer"]["receptive_field"]["size"] == [PATCH_EMBEDDINGS[family]] * 2
+    images = np.stack(list(photos.values()))
+    with torch.no_grad():
+        expected = zoo.build(family)(torch.from_numpy(normalize(images, manifest["input"]))).argmax(1).tolist()
+    with Certifier.load(bundle, "ort-cpu") as certifier:
+        assert [r.label for r in certifier.certify_batch(images)] == expected
+
+
 def test_the_witness_refuses_a_rewrite_that_mixes_images(legacy_files):
     """Negative control: the legacy ViT's query reshape [L, 1, E] -> [L, 4, 8] with the batch merged
     into L ([-1, 4, 8]: 65N rows) instead of the heads ([65, -1, 8]) still runs at batch 3, and mixes
