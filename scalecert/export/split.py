@@ -175,15 +175,16 @@ class OcclusionSuffix(ir.passes.InPlacePass):
                     reads.append((node, read))
             elif any(v is not None and v in prefix_side for v in node.inputs):
                 prefix_side.update(node.outputs)
-        def rows(count):
+
+        def rows(tag):
             if opset >= 15:
-                return op("Shape", [masked], f"rows_{count}", start=0, end=1)
-            return op("Slice", [op("Shape", [masked], f"occluded_shape_{count}"),
-                                add_constant(graph, f"rows_start_{count}", np.array([0], np.int64)),
-                                add_constant(graph, f"rows_end_{count}", np.array([1], np.int64))], f"rows_{count}")
+                return op("Shape", [masked], f"rows_{tag}", start=0, end=1)
+            return op("Slice", [op("Shape", [masked], f"occluded_shape_{tag}"),
+                                add_constant(graph, f"rows_start_{tag}", np.array([0], np.int64)),
+                                add_constant(graph, f"rows_end_{tag}", np.array([1], np.int64))], f"rows_{tag}")
 
         for count, (node, read) in enumerate(reads):
-            parts = [rows(count) if dim == BATCH else
+            parts = [rows(f"{count}_{i}") if dim == BATCH else
                      add_constant(graph, f"static_size_{count}_{i}", np.array([dim], np.int64))
                      for i, dim in enumerate(read)]
             sizes = (parts[0] if len(parts) == 1 else op("Concat", parts, f"read_sizes_{count}", axis=0)) if parts else \
