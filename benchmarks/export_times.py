@@ -58,11 +58,9 @@ def models(folder: str) -> list[tuple[str, list[str]]]:
 
 
 def full_size_models(folder: str, formats: list[str]) -> list[tuple[str, list[str]]]:
-    import importlib.util
+    from zoo import tests_module  # benchmarks/zoo.py: this folder is first on sys.path
 
-    spec = importlib.util.spec_from_file_location("scalecert_tests_zoo", os.path.join(ROOT, "tests", "zoo.py"))
-    zoo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(zoo)
+    zoo = tests_module("zoo")
     out = []
     for family in zoo.FULL_SIZE:
         paths = zoo.save_formats(zoo.build(family), os.path.join(folder, family), formats, zoo.FULL_SIZE_INPUT)

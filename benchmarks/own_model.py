@@ -16,24 +16,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("SCALECERT_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
-
-
-def _zoo():
-    spec = importlib.util.spec_from_file_location("scalecert_tests_zoo", os.path.join(ROOT, "tests", "zoo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def held_out_photos(n: int = 20) -> list:
@@ -50,17 +40,14 @@ def held_out_photos(n: int = 20) -> list:
             for i, image in enumerate(base * (n // len(base) + 1))][:n]
 
 
-def write_data(folder: str, model, spec: dict, count: int) -> str:
-    import torch
+def write_data(folder: str, spec: dict, classes: int, count: int) -> str:
+    from PIL import Image
 
-    from scalecert.runtime.images import normalize, resize_to_input
+    from scalecert.runtime.images import resize_to_input
 
     os.makedirs(folder, exist_ok=True)
     images = [resize_to_input(photo, spec) for photo in held_out_photos(count)]
-    with torch.no_grad():
-        classes = model(torch.from_numpy(normalize(np.stack(images[:1]), spec))).shape[1]
     labels = [i % classes for i in range(len(images))]  # random weights: a label is only what bench needs to run
-    from PIL import Image
 
     with open(os.path.join(folder, "labels.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -81,19 +68,20 @@ def main() -> None:
     parser.add_argument("--layer", default="auto", help="scalecert-export --layer (auto: the default); another "
                         "value is a comparison and adds it to the report's name")
     args = parser.parse_args()
-    zoo = _zoo()
+    from zoo import tests_module  # benchmarks/zoo.py: this folder is first on sys.path
+
+    zoo = tests_module("zoo")
     bin_dir = os.path.dirname(sys.executable)
     with tempfile.TemporaryDirectory(prefix="scalecert-own-model-") as work:
         for family in args.families.split(","):
-            model = zoo.build(family)  # a tests/zoo.py family, or one of its FULL_SIZE models (3x224x224)
-            input_chw = zoo.FULL_SIZE_INPUT if family in zoo.FULL_SIZE else zoo.INPUT
-            path = zoo.save_formats(model, os.path.join(work, family), [args.format], input_chw)[args.format]
+            input_chw = zoo.FULL_SIZE_INPUT if family in zoo.FULL_SIZE else zoo.INPUT  # a FULL_SIZE model: 3x224x224
+            path = zoo.save_formats(zoo.build(family), os.path.join(work, family), [args.format], input_chw)[args.format]
             bundle = os.path.join(work, f"{family}.scalecert")
             subprocess.run([os.path.join(bin_dir, "scalecert-export"), path, "--patch", "2%", "--layer", args.layer,
                             "-o", bundle, "--quiet"], check=True)
             with open(os.path.join(bundle, "manifest.json")) as f:
                 manifest = json.load(f)
-            data = write_data(os.path.join(work, f"{family}-data"), model, manifest["input"], args.images)
+            data = write_data(os.path.join(work, f"{family}-data"), manifest["input"], manifest["num_classes"], args.images)
             suffix = "" if args.layer == "auto" else f"_layer_{args.layer}"
             report = os.path.join(args.out_dir, f"own_model_{family}_like{suffix}_bench.json")
             proc = subprocess.run([os.path.join(bin_dir, "scalecert"), "bench", bundle, "--data", data, "--baseline",

@@ -30,7 +30,9 @@ sys.path.insert(0, ROOT)
 TORCHVISION = ("resnet18", "mobilenet_v3_small", "efficientnet_b0", "regnet_y_400mf", "convnext_tiny", "vit_b_16")
 
 
-def _tests_module(name: str):
+def tests_module(name: str):
+    """A module of tests/ (`zoo`: the look-alikes), loaded by path: `import zoo` from a script in
+    this folder would find this file. benchmarks/own_model.py and export_times.py load it here too."""
     spec = importlib.util.spec_from_file_location(f"scalecert_tests_{name}", os.path.join(ROOT, "tests", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -104,7 +106,7 @@ def main() -> int:
     parser.add_argument("--torchvision", default=",".join(TORCHVISION),
                         help="torchvision model names to add when torchvision imports ('' for none)")
     args = parser.parse_args()
-    zoo = _tests_module("zoo")
+    zoo = tests_module("zoo")
     formats = args.formats.split(",") if args.formats else list(zoo.FORMATS)
     families = args.families.split(",") if args.families else list(zoo.FAMILIES)
     models = [(f, zoo.build(f), zoo.INPUT) for f in families]

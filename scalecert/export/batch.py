@@ -705,12 +705,6 @@ def _model_source(proto: onnx.ModelProto, folder: str, name: str):
     return path
 
 
-def _session(source, reference: bool):
-    from scalecert.runtime.pipelines.onnxruntime import load_session
-
-    return load_session(source, "cpu", reference=reference)
-
-
 def _outputs(session, images: np.ndarray, batch: int) -> list[np.ndarray]:
     """Each output for the images one at a time (batch 1, rows concatenated) or all at once."""
     name = session.get_inputs()[0].name
@@ -745,6 +739,8 @@ def check(original: onnx.ModelProto, rewritten: onnx.ModelProto, input_chw, batc
        round differently at another batch size (seen: 1.5e-8 on a CIFAR ResNet, 2.4e-7 on a
        TransformerEncoder ViT), within TOLERANCE of the largest logit; the runtime's numeric margin
        (docs/design.md §3.6) is measured over exactly such batch compositions."""
+    from scalecert.runtime.pipelines.onnxruntime import load_session
+
     rng = np.random.default_rng(0)
     images = rng.standard_normal((batch, *input_chw)).astype(np.float32)
     others = images.copy()
@@ -754,10 +750,10 @@ def check(original: onnx.ModelProto, rewritten: onnx.ModelProto, input_chw, batc
     spread = 0.0
     with tempfile.TemporaryDirectory(prefix=".scalecert-batch-") as folder:
         try:
-            expected = _outputs(_session(_model_source(original, folder, "original.onnx"), True), images, 1)
+            expected = _outputs(load_session(_model_source(original, folder, "original.onnx"), "cpu", reference=True), images, 1)
             rewritten_source = _model_source(rewritten, folder, "rewritten.onnx")
             for reference in (True, False):
-                session = _session(rewritten_source, reference)
+                session = load_session(rewritten_source, "cpu", reference=reference)
                 setting = "op by op" if reference else "optimised"
                 alone = _outputs(session, images, 1)
                 if reference:

@@ -510,17 +510,27 @@ def shape_read(node: ir.Node, batch) -> list | None:
     return read
 
 
-def depends_on_image_without(graph: ir.Graph, blocked: ir.Value, target: ir.Value) -> bool:
-    """Does `target` still depend on the image when every use of `blocked` is cut? Subgraphs count
-    with every outer value they read; a Shape node that reads only static sizes and the batch size
-    (shape_read) does not."""
+def image_batch(graph: ir.Graph):
+    """The image's first dimension (the batch: a symbolic dimension, or an int when fixed), or None."""
     image = graph.inputs[0]
-    batch = image.shape[0] if image.shape is not None and len(image.shape) else None
-    dependent = {image}
+    return image.shape[0] if image.shape is not None and len(image.shape) else None
+
+
+def image_dependent(graph: ir.Graph, blocked: ir.Value | None = None) -> set:
+    """The values that depend on the image when every use of `blocked` is cut. Subgraphs count with
+    every outer value they read; a Shape node that reads only static sizes and the batch size
+    (shape_read) does not."""
+    batch = image_batch(graph)
+    dependent = {graph.inputs[0]}
     for node in graph:
         if shape_read(node, batch) is not None:
             continue
         reads = list(node.inputs) + _captured(node)
         if any(v is not None and v is not blocked and v in dependent for v in reads):
             dependent.update(node.outputs)
-    return target in dependent
+    return dependent
+
+
+def depends_on_image_without(graph: ir.Graph, blocked: ir.Value, target: ir.Value) -> bool:
+    """Does `target` still depend on the image when every use of `blocked` is cut?"""
+    return target in image_dependent(graph, blocked)

@@ -18,7 +18,7 @@ import onnx_ir as ir
 from scalecert.errors import ScaleCertError
 from scalecert.export.channels import RemoveDeadChannels, SliceSuffixInputs
 from scalecert.export.layers import Layer
-from scalecert.export.receptive import BATCH, shape_read
+from scalecert.export.receptive import BATCH, image_batch, image_dependent, shape_read
 from scalecert.graph import add_constant, finish, run_passes, value_named
 
 
@@ -165,16 +165,9 @@ class OcclusionSuffix(ir.passes.InPlacePass):
         the batch) become the same sizes with the batch of the suffix's own rows, so nothing of the
         prefix is left for the suffix to read. The suffix runs the rest of the model on a batch of
         occluded rows, so their count is the batch that the model's computation meant."""
-        image = graph.inputs[0]
-        batch = image.shape[0] if image.shape is not None and len(image.shape) else None
-        prefix_side, reads = {image}, []
-        for node in graph:
-            read = shape_read(node, batch)
-            if read is not None:
-                if node.inputs[0] in prefix_side:
-                    reads.append((node, read))
-            elif any(v is not None and v in prefix_side for v in node.inputs):
-                prefix_side.update(node.outputs)
+        batch, prefix_side = image_batch(graph), image_dependent(graph)  # the features' uses already read `masked`
+        reads = [(node, read) for node in graph
+                 if (read := shape_read(node, batch)) is not None and node.inputs[0] in prefix_side]
 
         def rows(tag):
             if opset >= 15:
