@@ -237,6 +237,22 @@ def legacy_files(zoo_files, tmp_path_factory) -> dict:
     return {f: zoo.save_formats(zoo_files[(f, None)], str(root / f), ["onnx-legacy"])["onnx-legacy"] for f in zoo.FAMILIES}
 
 
+def test_shape_inference_without_the_weights_infers_the_same(legacy_files):
+    """scalecert.graph.infer_shapes (the weights not serialised) gives what onnx's shape inference
+    with data propagation gives on the whole file (the legacy ViT: shapes computed by Shape ->
+    Gather -> Concat at run time), and the same weights."""
+    import onnx
+
+    from scalecert.graph import WEIGHT_BYTES, infer_shapes
+
+    original = onnx.load(legacy_files["vit"])
+    assert any(len(t.raw_data) > WEIGHT_BYTES for t in original.graph.initializer)
+    ours = infer_shapes(original)
+    theirs = onnx.shape_inference.infer_shapes(original, strict_mode=False, data_prop=True)
+    assert len(ours.graph.value_info) > 50
+    assert ours.SerializeToString(deterministic=True) == theirs.SerializeToString(deterministic=True)
+
+
 @pytest.mark.parametrize("family", list(zoo.FAMILIES))
 def test_legacy_exporter_fixed_batch_is_made_symbolic(legacy_files, family):
     """Every family's legacy-exporter file (nn.MultiheadAttention unrolled through [L, N, E]

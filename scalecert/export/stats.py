@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from scalecert.graph import infer_shapes
+
 
 def _dims(value):
     if value is None or value.shape is None:
@@ -33,10 +35,7 @@ def graph_stats(model: ir.Model) -> dict:
 
 
 def with_shapes(model: ir.Model) -> ir.Model:
-    import onnx
-
-    proto = onnx.shape_inference.infer_shapes(ir.to_proto(model), data_prop=True)
-    return ir.from_proto(proto)
+    return ir.from_proto(infer_shapes(ir.to_proto(model)))
 
 
 def prefix_macs_by_value(model: ir.Model) -> dict[str, int]:

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from scalecert.errors import ModelError, ScaleCertError
 from scalecert.export import batch as batch_pass
 from scalecert.export.loading import LoadedModel
+from scalecert.graph import infer_shapes
 
 OPSET = 18
 MADE_SYMBOLIC = f"fixed batch 1 made symbolic (checked batch 1 and {batch_pass.CHECK_BATCH} bit for bit)"
@@ -361,7 +362,7 @@ def to_onnx(loaded: LoadedModel):
         if fixed:
             proto = _symbolic_batch(proto, loaded)
     try:
-        proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
+        proto = infer_shapes(proto)
     except Exception as exc:  # noqa: BLE001
         raise ModelError(f"{loaded.source}: ONNX shape inference failed: {str(exc).splitlines()[0][:160]}") from None
     model = ir.from_proto(proto)

@@ -44,9 +44,10 @@ def require_cuda_provider() -> None:
 
 
 def load_session(path, device: str = "cpu", threads: int | None = None, spin: bool = True, device_id: int = 0,
-                 reference: bool = False):
+                 reference: bool = False, weights: dict | None = None):
     """An InferenceSession on the CPU or CUDA execution provider (`path`: a file, or a serialized
-    model's bytes), or one line saying why not.
+    model's bytes; `weights`: {name: array} for initializers the bytes declare as external data,
+    scalecert.graph.without_weights), or one line saying why not.
 
     CPU: `threads` intra-op threads (default every core; windows arrive in batches, so inter-op
     parallelism buys nothing); without `spin` idle workers do not busy-wait on cores another
@@ -62,6 +63,8 @@ def load_session(path, device: str = "cpu", threads: int | None = None, spin: bo
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference else
                                         ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
     options.log_severity_level = 3
+    if weights:
+        options.add_external_initializers(list(weights), [ort.OrtValue.ortvalue_from_numpy(a) for a in weights.values()])
     if device == "cuda":
         require_cuda_provider()
         providers = [("CUDAExecutionProvider", {"device_id": str(device_id), "cudnn_conv_algo_search": "HEURISTIC",
