@@ -13,7 +13,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import bits, in_process, run_cli
+from conftest import bits, export, in_process, run_cli
 from scalecert.bundle import Bundle
 from scalecert.bundle import manifest as manifest_io
 from scalecert.errors import ScaleCertError
@@ -86,6 +86,35 @@ def test_export_stores_hashed_probe_images_with_answers(tiny_bundle):
     assert all(name in bundle.manifest["files"] for name in bundle.probe_images)
     answers = bundle.probe_answers("ort-cpu", "fp32")
     assert len(answers) == probes.COUNT and len(answers[0]["window_labels"]) == len(bundle.windows())
+
+
+def test_the_full_samples_unless_suffix_rows_are_expensive():
+    """export/measure.py::check_sample: a ResNet-50 cut after its maxpool (~4 GMACs a row, 36
+    windows) keeps the full margin and 4 probe images; a ViT-B/16 at its patch embedding (16 GMACs
+    a row) gets the reduced sample and 2 (docs/design.md §3.6)."""
+    from scalecert.export.measure import check_sample
+
+    resnet = check_sample(4e9, 36)
+    assert resnet.every_row and resnet.probe_images == probes.COUNT and resnet.describe() is None
+    vit = check_sample(16.06e9, 36)
+    assert not vit.every_row and vit.probe_images == probes.FEWEST and "2 probe images" in vit.describe()
+
+
+def test_reduced_sample_bundle_records_it_and_passes_doctor(tmp_path_factory, tiny_checkpoint, monkeypatch):
+    """With every suffix counted expensive, export records the reduced margin sample (every row run
+    twice) and 2 probe images; doctor's spread and known-answer probes pass on it."""
+    from scalecert.export import measure
+
+    monkeypatch.setattr(measure, "FULL_CHECKS_MACS", 0.0)
+    out = export(tmp_path_factory, "reduced-sample", tiny_checkpoint, "--arch", "resnet20-cifar", "--patch", "5")
+    bundle = Bundle.open(out)
+    record = bundle.manifest["margin_measurement"]["ort-cpu-fp32"]
+    assert record["every_row"] is False
+    assert record["rows_evaluated"] == 2 * record["windows_sampled"] == 2 * (1 + min(63, len(bundle.windows())))
+    assert len(bundle.probe_images) == probes.FEWEST == len(bundle.probe_answers("ort-cpu", "fp32"))
+    rc, report = _doctor(out)
+    assert rc == 0, [c for c in report["checks"] if c["ok"] is False]
+    assert _checks(report)["known answer"]["data"]["images"] == probes.FEWEST
 
 
 def test_non_local_prefix_fails_the_proof_and_the_locality_probe(non_local_bundle):

@@ -249,6 +249,37 @@ def test_same_window_same_logits_across_batches(tiny_bundle):
     assert delta_from_spread(spread) <= cert.delta, f"spread {spread:g} here, but the bundle's delta is {cert.delta:g}"
 
 
+class _RoundsAt:
+    """A suffix whose logits move by `bump` at one batch size and one position in the batch (an engine
+    that rounds by batch composition), exact everywhere else; bump 0 is the exact engine."""
+
+    def __init__(self, size: int, position: int, bump: float = 1e-3):
+        self.size, self.position, self.bump = size, position, bump
+
+    def __call__(self, features, windows):
+        logits = np.stack([np.sin(np.arange(5.0) + w.sum()) for w in windows]).astype(np.float32)
+        if len(windows) == self.size and self.position < len(windows):
+            logits[self.position] += np.float32(self.bump)
+        return logits
+
+
+@pytest.mark.parametrize("every_row", [True, False])
+def test_margin_samples_every_position_of_every_batch_size(every_row):
+    """The margin's sample (docs/design.md §3.6), full and reduced: an engine that rounds differently
+    at any one (batch size, position) pair, the reference batch's included, shows a spread; the exact
+    engine shows none (the negative control)."""
+    from scalecert.core.margin import BATCH_SIZES, margin_sample, measure_logit_spread, rows_evaluated
+
+    sample = margin_sample(np.arange(36 * 4, dtype=np.int64).reshape(36, 4))
+    assert measure_logit_spread(_RoundsAt(1, 0, 0.0), None, sample, every_row=every_row) == 0.0
+    pairs = [(size, p) for size in (*BATCH_SIZES, len(sample)) for p in range(size)]
+    caught = [measure_logit_spread(_RoundsAt(size, p), None, sample, every_row=every_row) > 0 for size, p in pairs]
+    assert all(caught), [pair for pair, hit in zip(pairs, caught) if not hit]
+    calls = []
+    measure_logit_spread(lambda f, w: calls.append(len(w)) or _RoundsAt(0, 0)(f, w), None, sample, every_row=every_row)
+    assert sum(calls) == rows_evaluated(len(sample), every_row) == (5 * 37 if every_row else 2 * 37)
+
+
 def _has_cuda_provider() -> bool:
     import onnxruntime as ort
 

@@ -33,7 +33,7 @@ from scalecert.export.channels import dead_channel_plan
 from scalecert.export.labels import check_calibration_labels, label_fit, model_classes
 from scalecert.export.loading import describe_input, load_model
 from scalecert.export.locality import confirm as confirm_locality
-from scalecert.export.measure import check_pixels, known_answers, measure_margin, removal_savings
+from scalecert.export.measure import check_pixels, check_sample, known_answers, measure_margin, removal_savings
 from scalecert.export.options import ExportOptions, Request
 from scalecert.export.planning import choose_plan
 from scalecert.export.record import manifest_for
@@ -119,7 +119,11 @@ def export_bundle(opts: ExportOptions) -> str:
         stats = {"full": graph_stats(model), "prefix": graph_stats(with_shapes(prefix)),
                  "suffix": graph_stats(with_shapes(suffix))}
         seconds.lap("stats")
-        margin = measure_margin(work, request.input_spec, calibration, plan.windows, stats["suffix"]["macs"])
+        sample = check_sample(stats["suffix"]["macs"], len(plan.windows))
+        if sample.describe():
+            opts.say(sample.describe())
+        margin = measure_margin(work, request.input_spec, calibration, plan.windows, stats["suffix"]["macs"],
+                                sample.every_row)
         seconds.lap("margin")
         opts.say(f"numeric margin: largest logit spread across batch compositions {margin['spread']:g} "
                  f"-> delta {margin['delta']:g} (ONNX Runtime CPU, fp32)")
@@ -142,7 +146,7 @@ def export_bundle(opts: ExportOptions) -> str:
         manifest["locality"] = {"prefix.onnx": confirm_locality(work, manifest, "prefix.onnx", check_pixels(request),
                                                                 say=opts.say)}
         seconds.lap("locality")
-        manifest["probes"] = known_answers(work, manifest, request)
+        manifest["probes"] = known_answers(work, manifest, request, sample.probe_images)
         seconds.lap("probes")
         manifest["export_seconds"] = dict(seconds)
         manifest["files"] = manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx", *manifest["probes"]["images"]])

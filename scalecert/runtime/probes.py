@@ -39,6 +39,7 @@ from scalecert.runtime.locality import BATCH, check_locality
 
 PROBE_DIR = "probes"
 COUNT = 4  # images: up to half from the calibration set, the rest seeded synthetic
+FEWEST = 2  # where a suffix row is expensive (export/measure.py::check_sample)
 LOCALITY_POSITIONS = 64
 LOCALITY_BATCH = BATCH
 LATENCY_RUNS = 5
