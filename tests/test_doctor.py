@@ -86,6 +86,7 @@ def test_export_stores_hashed_probe_images_with_answers(tiny_bundle):
     assert all(name in bundle.manifest["files"] for name in bundle.probe_images)
     answers = bundle.probe_answers("ort-cpu", "fp32")
     assert len(answers) == probes.COUNT and len(answers[0]["window_labels"]) == len(bundle.windows())
+    assert bundle.manifest["probes"]["rows_from_margin"] == 1 + len(bundle.windows())  # windows <= 63
 
 
 def test_the_full_samples_unless_suffix_rows_are_expensive():
@@ -112,6 +113,8 @@ def test_reduced_sample_bundle_records_it_and_passes_doctor(tmp_path_factory, ti
     assert record["every_row"] is False
     assert record["rows_evaluated"] == 2 * record["windows_sampled"] == 2 * (1 + min(63, len(bundle.windows())))
     assert len(bundle.probe_images) == probes.FEWEST == len(bundle.probe_answers("ort-cpu", "fp32"))
+    # probe image 0's rows are the margin's reference run on it, replayed call for call
+    assert bundle.manifest["probes"]["rows_from_margin"] == 1 + len(bundle.windows())
     rc, report = _doctor(out)
     assert rc == 0, [c for c in report["checks"] if c["ok"] is False]
     assert _checks(report)["known answer"]["data"]["images"] == probes.FEWEST

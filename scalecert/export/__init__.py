@@ -11,7 +11,7 @@
   build_suffix      the occluding suffix, dead channels removed           (split.py, channels.py)
   choose_gate       pruning rate and static threshold tau                 (calibrate.py)
   build_prefix      the gated prefix                                      (split.py)
-  measure_margin    the numeric margin on ONNX Runtime CPU                (measure.py, core/margin.py)
+  measure_margin    the numeric margin on ONNX Runtime CPU, probe image 0 (measure.py, core/margin.py)
   manifest_for      every choice, statistic, hash and tool version        (record.py; schema: bundle/manifest.py)
   confirm_locality  the saved prefix proven local and checked by patching  (locality.py)
   known_answers     the probe images and their answers                     (measure.py)
@@ -33,7 +33,7 @@ from scalecert.export.channels import dead_channel_plan
 from scalecert.export.labels import check_calibration_labels, label_fit, model_classes
 from scalecert.export.loading import describe_input, load_model
 from scalecert.export.locality import confirm as confirm_locality
-from scalecert.export.measure import check_pixels, check_sample, known_answers, measure_margin, removal_savings
+from scalecert.export.measure import check_sample, known_answers, measure_margin, removal_savings, write_probe_images
 from scalecert.export.options import ExportOptions, Request
 from scalecert.export.planning import choose_plan
 from scalecert.export.record import manifest_for
@@ -42,6 +42,7 @@ from scalecert.export.split import build_prefix, build_suffix
 from scalecert.export.stats import graph_stats, with_shapes
 from scalecert.export.to_onnx import to_onnx
 from scalecert.graph import save_checked
+from scalecert.runtime.images import load_image
 
 __all__ = ["ExportOptions", "Request", "export_bundle", "check_request", "choose_plan", "label_fit", "source_sized_patch"]
 
@@ -122,8 +123,10 @@ def export_bundle(opts: ExportOptions) -> str:
         sample = check_sample(stats["suffix"]["macs"], len(plan.windows))
         if sample.describe():
             opts.say(sample.describe())
-        margin = measure_margin(work, request.input_spec, calibration, plan.windows, stats["suffix"]["macs"],
-                                sample.every_row)
+        probe_names = write_probe_images(work, request, sample.probe_images)
+        probe_pixels = load_image(os.path.join(work, probe_names[0]), request.input_spec)
+        margin, margin_calls = measure_margin(work, request.input_spec, probe_pixels, plan.windows,
+                                              stats["suffix"]["macs"], sample.every_row)
         seconds.lap("margin")
         opts.say(f"numeric margin: largest logit spread across batch compositions {margin['spread']:g} "
                  f"-> delta {margin['delta']:g} (ONNX Runtime CPU, fp32)")
@@ -143,10 +146,9 @@ def export_bundle(opts: ExportOptions) -> str:
         record.plan = plan_record
         record.decision = {"threshold": opts.threshold, "mode": opts.mode}
         manifest = record.to_json()
-        manifest["locality"] = {"prefix.onnx": confirm_locality(work, manifest, "prefix.onnx", check_pixels(request),
-                                                                say=opts.say)}
+        manifest["locality"] = {"prefix.onnx": confirm_locality(work, manifest, "prefix.onnx", probe_pixels, say=opts.say)}
         seconds.lap("locality")
-        manifest["probes"] = known_answers(work, manifest, request, sample.probe_images)
+        manifest["probes"] = known_answers(work, manifest, probe_names, margin_calls)
         seconds.lap("probes")
         manifest["export_seconds"] = dict(seconds)
         manifest["files"] = manifest_io.describe_files(work, ["prefix.onnx", "suffix.onnx", *manifest["probes"]["images"]])

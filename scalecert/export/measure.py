@@ -8,11 +8,16 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from scalecert.bundle import Bundle
 from scalecert.bundle import manifest as manifest_io
 from scalecert.export.options import Request
 from scalecert.export.plan import SplitPlan
 from scalecert.export.split import build_prefix, build_suffix
 from scalecert.export.stats import graph_stats, with_shapes
+from scalecert.runtime import probes
+from scalecert.runtime.certifier import Certifier
+from scalecert.runtime.images import load_image, normalize
+from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline, window_parallel
 
 
 def removal_savings(model: ir.Model, plan: SplitPlan, phi: str, stats: dict, dense_fill) -> dict:
@@ -49,7 +54,6 @@ class CheckSample:
 
 def check_sample(suffix_macs: float, windows: int) -> CheckSample:
     from scalecert.core.margin import rows_evaluated
-    from scalecert.runtime import probes
 
     full_rows = rows_evaluated(1 + min(63, windows)) + probes.COUNT * (1 + windows)
     full_macs = full_rows * float(suffix_macs)
@@ -58,45 +62,69 @@ def check_sample(suffix_macs: float, windows: int) -> CheckSample:
     return CheckSample(False, probes.FEWEST, full_macs)
 
 
-def measure_margin(work: str, input_spec: dict, calibration, windows: np.ndarray, suffix_macs: float,
-                   every_row: bool = True) -> dict:
-    """Through the same ONNX Runtime CPU pipeline the runtime will use."""
+def call_key(features: np.ndarray, windows: np.ndarray) -> tuple:
+    """A suffix call by its exact inputs (every byte, not a hash: equal keys are equal calls)."""
+    windows = np.asarray(windows, np.int64)
+    return features.dtype.str, features.shape, features.tobytes(), windows.shape, windows.tobytes()
+
+
+class RecordingPipeline(OrtCpuPipeline):
+    """Export's ONNX Runtime CPU pipeline for the margin, which keeps each suffix call's logits by
+    its exact inputs (`calls`): probe image 0's known answers repeat the margin's reference run on
+    that image call for call and take its logits (ReplayingCertifier) instead of running the same
+    rows again (7 s on a ViT-B/16)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.calls: dict = {}
+
+    def suffix(self, features, windows):
+        logits = super().suffix(features, windows)
+        self.calls[call_key(features, windows)] = logits
+        return logits
+
+
+class ReplayingCertifier(Certifier):
+    """The export's certifier of the probe images: a suffix call identical, byte for byte, to one the
+    margin made gets that call's logits, as ONNX Runtime CPU computed them there; any other runs."""
+
+    def __init__(self, bundle, calls: dict):
+        super().__init__(bundle, "ort-cpu", "fp32")
+        self.calls, self.replayed_rows = calls, 0
+
+    def window_logits(self, features, windows):
+        logits = self.calls.get(call_key(features, windows))
+        if logits is None:
+            return super().window_logits(features, windows)
+        self.replayed_rows += len(windows)
+        return logits
+
+
+def measure_margin(work: str, input_spec: dict, image: np.ndarray, windows: np.ndarray, suffix_macs: float,
+                   every_row: bool = True) -> tuple[dict, dict]:
+    """(the margin record, the suffix calls it made): measured on `image` (uint8 at network size,
+    probe image 0) through the ONNX Runtime CPU pipeline the runtime will use."""
     from scalecert.core.margin import measure_margin
-    from scalecert.runtime.images import normalize
-    from scalecert.runtime.pipelines.onnxruntime import OrtCpuPipeline, window_parallel
 
-    if calibration is not None:
-        image = calibration.images[:1]
-    else:
-        _, h, w = input_spec["input_size"]
-        image = normalize(np.random.default_rng(0).integers(0, 256, (1, h, w, 3), dtype=np.uint8), input_spec)
-    with OrtCpuPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
-                        window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
-        return measure_margin(pipeline, image, windows, every_row)
+    with RecordingPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
+                           window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
+        return measure_margin(pipeline, normalize(image, input_spec), windows, every_row), pipeline.calls
 
 
-def check_pixels(request: Request) -> np.ndarray:
-    """The image the locality check patches: the first calibration image, else a synthetic one."""
-    from scalecert.runtime import probes
-    from scalecert.runtime.images import load_image
-
-    if request.calibration_items:
-        return load_image(request.calibration_items[0][0], request.input_spec)
-    return probes.synthetic_images(request.image_hw, 1)[0]
-
-
-def known_answers(work: str, manifest: dict, request: Request, count: int) -> dict:
-    """`count` probe images (up to half from the calibration set, the rest seeded synthetic) and the ONNX
-    Runtime CPU fp32 answers for them, which `scalecert doctor` compares on the target."""
-    from scalecert.bundle import Bundle
-    from scalecert.runtime import probes
-    from scalecert.runtime.certifier import Certifier
-    from scalecert.runtime.images import load_image
-
+def write_probe_images(work: str, request: Request, count: int) -> list[str]:
+    """`count` probe images under probes/ (up to half from the calibration set, the rest seeded
+    synthetic), names relative to the bundle. The first is the image the margin is measured on and
+    the locality check patches."""
     real = [load_image(path, request.input_spec) for path, _ in (request.calibration_items or [])[:count // 2]]
     synthetic = probes.synthetic_images(request.image_hw, count - len(real))
-    names = probes.write_images(work, np.concatenate([np.stack(real), synthetic]) if real else synthetic)
+    return probes.write_images(work, np.concatenate([np.stack(real), synthetic]) if real else synthetic)
+
+
+def known_answers(work: str, manifest: dict, names: list[str], calls: dict) -> dict:
+    """The ONNX Runtime CPU fp32 answers for the probe images, which `scalecert doctor` compares on
+    the target; `rows_from_margin`: the suffix rows taken from the margin's run on probe image 0."""
     bundle = Bundle(work, {**manifest, "probes": {"images": names}})
-    with Certifier(bundle, "ort-cpu", "fp32") as certifier:
+    with ReplayingCertifier(bundle, calls) as certifier:
         recorded = probes.answers(certifier, bundle)
-    return {"images": names, "answers": {manifest_io.margin_key("ort-cpu", "fp32"): recorded}}
+    return {"images": names, "answers": {manifest_io.margin_key("ort-cpu", "fp32"): recorded},
+            "rows_from_margin": certifier.replayed_rows}
