@@ -16,6 +16,7 @@ import numpy as np
 SAFETY = 4.0  # the measurement samples batch compositions; the factor covers unseen ones
 REFERENCE_BATCH = 64  # the runtime's window batch (runtime/certifier.py, batch=64)
 BATCH_SIZES = (1, 2, 7, 16)  # each compared with the reference
+SAMPLED_WINDOWS = 63  # with the un-occluded features, one reference batch
 
 
 def measure_logit_spread(suffix_infer, features: np.ndarray, windows: np.ndarray, batch_sizes=BATCH_SIZES,
@@ -63,8 +64,8 @@ def delta_from_spread(spread: float) -> float:
 
 
 def margin_sample(windows: np.ndarray) -> np.ndarray:
-    """The rows the margin is measured on: the un-occluded features and up to 63 windows."""
-    return np.concatenate([np.zeros((1, windows.shape[1]), np.int64), windows[:63]])
+    """The rows the margin is measured on: the un-occluded features and up to SAMPLED_WINDOWS windows."""
+    return np.concatenate([np.zeros((1, windows.shape[1]), np.int64), windows[:SAMPLED_WINDOWS]])
 
 
 def measure_margin(pipeline, images: np.ndarray, windows: np.ndarray, every_row: bool = True) -> dict:

@@ -10,6 +10,7 @@ import onnx_ir as ir
 
 from scalecert.bundle import Bundle
 from scalecert.bundle import manifest as manifest_io
+from scalecert.core import margin as core_margin
 from scalecert.export.options import Request
 from scalecert.export.plan import SplitPlan
 from scalecert.export.split import build_prefix, build_suffix
@@ -53,9 +54,8 @@ class CheckSample:
 
 
 def check_sample(suffix_macs: float, windows: int) -> CheckSample:
-    from scalecert.core.margin import rows_evaluated
-
-    full_rows = rows_evaluated(1 + min(63, windows)) + probes.COUNT * (1 + windows)
+    margin_rows = core_margin.rows_evaluated(1 + min(core_margin.SAMPLED_WINDOWS, windows))
+    full_rows = margin_rows + probes.COUNT * (1 + windows)
     full_macs = full_rows * float(suffix_macs)
     if full_macs <= FULL_CHECKS_MACS:
         return CheckSample(True, probes.COUNT, full_macs)
@@ -104,11 +104,9 @@ def measure_margin(work: str, input_spec: dict, image: np.ndarray, windows: np.n
                    every_row: bool = True) -> tuple[dict, dict]:
     """(the margin record, the suffix calls it made): measured on `image` (uint8 at network size,
     probe image 0) through the ONNX Runtime CPU pipeline the runtime will use."""
-    from scalecert.core.margin import measure_margin
-
     with RecordingPipeline(os.path.join(work, "prefix.onnx"), os.path.join(work, "suffix.onnx"),
                            window_parallel=window_parallel("fp32", suffix_macs)) as pipeline:
-        return measure_margin(pipeline, normalize(image, input_spec), windows, every_row), pipeline.calls
+        return core_margin.measure_margin(pipeline, normalize(image, input_spec), windows, every_row), pipeline.calls
 
 
 def write_probe_images(work: str, request: Request, count: int) -> list[str]:
