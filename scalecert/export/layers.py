@@ -93,14 +93,19 @@ def patch_embedding(layer: Layer) -> bool:
     return isinstance(rf, RF) and rf.y[0] > 1 and rf.x[0] > 1 and rf.size() == (rf.y[0], rf.x[0])
 
 
+def cuttable(layer: Layer) -> bool:
+    """Usable, and a map of more than one row and column."""
+    return layer.usable and layer.shape[1] >= 2 and layer.shape[2] >= 2
+
+
 def admitted(layer: Layer, patch_hw, image_hw, max_growth: float) -> bool:
-    """A layer the plan may cut at: usable, a map of more than one row and column, and a window
+    """A layer the plan may cut at: cuttable, and a window
     covering at most `max_growth` times the share of the map that the patch covers of the image.
     A patch embedding is admitted by a share instead (its window at most PATCH_EMBEDDING_SHARE of
     the token map): its footprint outgrows the patch only by rounding to the model's own tokens (a
     32-pixel patch touches 3 of 16-pixel tokens), not by a receptive field spreading, so no layer of
     the model, the image's pixel windows at the same budget included, hides less per window."""
-    if not layer.usable or layer.shape[1] < 2 or layer.shape[2] < 2:
+    if not cuttable(layer):
         return False
     if patch_embedding(layer):
         win = geometry.window_size(patch_hw, image_hw, (layer.rf.y, layer.rf.x), layer.shape[1:])

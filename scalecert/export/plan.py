@@ -145,13 +145,11 @@ class Candidate:
 def candidate_layers(layers: list[Layer], patch_hw, image_hw) -> list[Layer]:
     """The image (pixel-space windows) and, per (feature resolution, footprint), the deepest usable
     cut layer (the cheapest suffix for that window geometry) whose window growth is bounded."""
-    from scalecert.export.layers import admitted
+    from scalecert.export.layers import admitted, cuttable
 
     groups: dict[tuple, Layer] = {}
     for layer in layers:
-        if layer.index and not admitted(layer, patch_hw, image_hw, MAX_LAYER_GROWTH):
-            continue
-        if not layer.usable or layer.shape[1] < 2 or layer.shape[2] < 2:
+        if not (admitted(layer, patch_hw, image_hw, MAX_LAYER_GROWTH) if layer.index else cuttable(layer)):
             continue
         window = geometry.window_size(patch_hw, image_hw, (layer.rf.y, layer.rf.x), layer.shape[1:])
         groups[(tuple(layer.shape[1:]), window)] = layer  # topological order: the last is the deepest

@@ -158,7 +158,6 @@ class OcclusionSuffix(ir.passes.InPlacePass):
         self.old_inputs = old_inputs
         return ir.passes.PassResult(model, modified=True)
 
-
     @staticmethod
     def _read_own_batch(graph: ir.Graph, masked: ir.Value, op, opset: int) -> None:
         """Shape reads of the image and of prefix values (receptive.py::shape_read: static sizes and
@@ -180,8 +179,12 @@ class OcclusionSuffix(ir.passes.InPlacePass):
             parts = [rows(f"{count}_{i}") if dim == BATCH else
                      add_constant(graph, f"static_size_{count}_{i}", np.array([dim], np.int64))
                      for i, dim in enumerate(read)]
-            sizes = (parts[0] if len(parts) == 1 else op("Concat", parts, f"read_sizes_{count}", axis=0)) if parts else \
-                add_constant(graph, f"static_size_{count}", np.zeros(0, np.int64))
+            if not parts:
+                sizes = add_constant(graph, f"static_size_{count}", np.zeros(0, np.int64))
+            elif len(parts) == 1:
+                sizes = parts[0]
+            else:
+                sizes = op("Concat", parts, f"read_sizes_{count}", axis=0)
             node.outputs[0].replace_all_uses_with(sizes)
 
 
